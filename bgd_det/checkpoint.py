@@ -1,0 +1,126 @@
+"""Compressed checkpoints: the model's ``state_dict()`` (codes + fp16 codebooks + fp32 rest) plus metadata.
+
+File layout (a plain dict, loadable with ``torch.load(weights_only=True)``)::
+
+    {"format": "bgd_det.compressed", "version": 1, "arch": str, "num_classes": int,
+     "layers": {name: {"block_size": int, "n_centroids": int}},   # quantized layers
+     "model": state_dict,   # codes uint8/int16 buffers, codebooks fp16, everything else as in the model
+     "extra": {...}}        # free-form: config yaml, metrics, progress
+
+BatchNorm running statistics are ordinary buffers of ``state_dict()`` and are kept.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .quantization.layers import PQ_LAYER_TYPES
+from .quantization.plan import LayerPlan
+from .quantization.swap import swap_in_skeleton
+from .utils.file_io import PathManager
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FORMAT", "VERSION", "compressed_state", "save_compressed", "read_compressed",
+           "load_compressed_into", "load_compressed", "atomic_save", "round_codebooks_to_fp16"]
+
+FORMAT = "bgd_det.compressed"
+VERSION = 1
+
+
+def round_codebooks_to_fp16(model: nn.Module) -> None:
+    """Round every codebook to fp16-representable values in place, so saving as fp16 is lossless."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, PQ_LAYER_TYPES):
+                m.codebook.copy_(m.codebook.half().float())
+
+
+def compressed_state(model: nn.Module, *, arch: str, num_classes: int, **extra: Any) -> Dict[str, Any]:
+    """The checkpoint dict of ``model`` (codebooks stored as fp16)."""
+    layers = {n: {"block_size": m.block_size, "n_centroids": m.n_centroids}
+              for n, m in model.named_modules() if isinstance(m, PQ_LAYER_TYPES)}
+    state = {}
+    for key, value in model.state_dict().items():
+        state[key] = value.half() if key.endswith("codebook") else value
+    return {"format": FORMAT, "version": VERSION, "arch": arch, "num_classes": int(num_classes),
+            "layers": layers, "model": state, "extra": extra}
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written ``path``."""
+    local = PathManager.get_local_path(path)
+    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+    tmp = local + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, local)
+
+
+def save_compressed(path: str, model: nn.Module, *, arch: str, num_classes: int, **extra: Any) -> None:
+    """Write ``model`` as a compressed checkpoint (atomically)."""
+    atomic_save(compressed_state(model, arch=arch, num_classes=num_classes, **extra), path)
+    logger.info("saved compressed checkpoint %s", path)
+
+
+def read_compressed(path: str) -> Dict[str, Any]:
+    """Read and validate a compressed checkpoint dict (no model built)."""
+    local = PathManager.get_local_path(path)
+    if not os.path.isfile(local):
+        raise FileNotFoundError(f"compressed checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(local, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a bgd_det compressed checkpoint (format={ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__!r}, expected {FORMAT!r})")
+    if ckpt.get("version") != VERSION:
+        raise ValueError(f"{path} has format version {ckpt.get('version')}; this bgd_det reads version {VERSION}")
+    return ckpt
+
+
+def load_compressed_into(model: nn.Module, ckpt: Dict[str, Any], *, source: str = "checkpoint") -> nn.Module:
+    """Swap codebook layers into the dense ``model`` per ``ckpt["layers"]`` and load its state."""
+    modules = dict(model.named_modules())
+    unknown = [n for n in ckpt["layers"] if n not in modules]
+    if unknown:
+        raise ValueError(f"{source}: quantized layers {unknown[:5]} do not exist in the model "
+                         f"(architecture mismatch?)")
+    plan = [LayerPlan(n, int(v["block_size"]), int(v["n_centroids"]), 0) for n, v in ckpt["layers"].items()]
+    swap_in_skeleton(model, plan)
+    state = {k: (v.float() if k.endswith("codebook") else v) for k, v in ckpt["model"].items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise ValueError(f"{source} does not match the model: {' '.join(first[:3])[:400]}") from None
+    for m in model.modules():
+        if isinstance(m, PQ_LAYER_TYPES) and m.codes.numel():
+            top = int(m.codes.long().max())
+            if top >= m.n_centroids or int(m.codes.long().min()) < 0:
+                raise ValueError(f"{source}: codes out of range [0, {m.n_centroids}) in a layer")
+    return model
+
+
+def load_compressed(path: str, *, cfg=None, device: str = "cpu") -> nn.Module:
+    """Build the architecture named in the checkpoint and load the compressed model (eval mode).
+
+    Args:
+        path: compressed checkpoint. cfg: optional config (for architectures needing more than
+            ``MODEL.ARCH``/``MODEL.NUM_CLASSES``); its ARCH/NUM_CLASSES are taken from the checkpoint.
+    """
+    from .config import get_cfg
+    from .modeling import build_model
+
+    ckpt = read_compressed(path)
+    cfg = (cfg.clone() if cfg is not None else get_cfg())
+    cfg.defrost()
+    cfg.MODEL.ARCH = ckpt["arch"]
+    cfg.MODEL.NUM_CLASSES = ckpt["num_classes"]
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg, load=False)
+    load_compressed_into(model, ckpt, source=path)
+    return model.to(device).eval()

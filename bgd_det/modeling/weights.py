@@ -1,0 +1,63 @@
+"""Loading teacher weights: torchvision's weights API or a local state dict."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict
+
+import torch
+import torchvision
+from torch import nn
+
+from ..utils.file_io import PathManager
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["load_weights", "read_state_dict"]
+
+
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """A plain state dict from ``path`` (a bare dict, or one under "model"/"state_dict"), loaded safely."""
+    local = PathManager.get_local_path(path)
+    if not os.path.isfile(local):
+        raise FileNotFoundError(f"MODEL.WEIGHTS file not found: {path}")
+    try:
+        obj = torch.load(local, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt / not a torch file
+        raise ValueError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from None
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} is not a state dict of tensors")
+    return obj
+
+
+def load_weights(model: nn.Module, arch: str, weights: str) -> nn.Module:
+    """Load ``weights`` into ``model`` in place.
+
+    Args:
+        weights: "" (keep random init), a torchvision weights enum name ("ResNet50_Weights.IMAGENET1K_V2"),
+            "DEFAULT" (the architecture's default torchvision weights), or a state-dict path.
+    """
+    if not weights:
+        logger.warning("MODEL.WEIGHTS is empty: the teacher keeps its random initialisation")
+        return model
+    if weights == "DEFAULT" or ("_Weights." in weights and not os.path.exists(weights)):
+        enum = (torchvision.models.get_model_weights(arch).DEFAULT if weights == "DEFAULT"
+                else torchvision.models.get_weight(weights))
+        state = enum.get_state_dict(progress=False)
+        source = str(enum)
+    else:
+        state = read_state_dict(weights)
+        source = weights
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # num_batches_tracked is optional in older checkpoints.
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(
+            f"weights {source} do not match MODEL.ARCH {arch!r}: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    logger.info("loaded teacher weights from %s", source)
+    return model

@@ -1,0 +1,169 @@
+"""Quantization plan: which layers to quantize, in execution order, with which block size and K.
+
+Every per-layer rule (type default block size, K, the clamp of K, skips, glob overrides) is decided here and
+nowhere else. Execution order comes from running the model with hooks, never from ``state_dict()`` order.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .layers import PQ_LAYER_TYPES, QUANTIZABLE_TYPES
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LayerPlan", "QuantRules", "execution_order", "build_plan", "OVERRIDE_KEYS"]
+
+#: keys a ``[pattern, KEY, value]`` override may set.
+OVERRIDE_KEYS = ("BLOCK_SIZE", "N_CENTROIDS", "SKIP")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer to quantize.
+
+    Attributes:
+        name: module name in the model; block_size: sub-vector size d; n_centroids: K (after clamping);
+        n_subvectors: C_out * n_blocks.
+    """
+
+    name: str
+    block_size: int
+    n_centroids: int
+    n_subvectors: int
+
+
+@dataclass
+class QuantRules:
+    """Per-type defaults and per-module overrides (from ``cfg.QUANT``).
+
+    Attributes:
+        block_size_kxk: d for convs with kernel > 1x1; block_size_1x1: d for 1x1 convs;
+        block_size_linear: d for Linear; block_size_transpose: d for ConvTranspose2d;
+        n_centroids: default K; min_subvectors_per_centroid: K is clamped to the largest power of two
+            <= n_subvectors / this (the paper's "min(K, C_out*m/4)", rounded down to a power of two so
+            codes take an integral number of bits);
+        skip: glob patterns of modules left in fp32; overrides: ``[pattern, KEY, value]`` triples.
+    """
+
+    block_size_kxk: int = 9
+    block_size_1x1: int = 4
+    block_size_linear: int = 4
+    block_size_transpose: int = 4
+    n_centroids: int = 256
+    min_subvectors_per_centroid: int = 4
+    skip: Sequence[str] = ()
+    overrides: Sequence[Sequence[Any]] = ()
+
+    @classmethod
+    def from_cfg(cls, qcfg) -> "QuantRules":
+        return cls(
+            block_size_kxk=qcfg.BLOCK_SIZE.CONV_KXK,
+            block_size_1x1=qcfg.BLOCK_SIZE.CONV_1X1,
+            block_size_linear=qcfg.BLOCK_SIZE.LINEAR,
+            block_size_transpose=qcfg.BLOCK_SIZE.CONV_TRANSPOSE,
+            n_centroids=qcfg.N_CENTROIDS,
+            min_subvectors_per_centroid=qcfg.MIN_SUBVECTORS_PER_CENTROID,
+            skip=list(qcfg.SKIP),
+            overrides=[list(o) for o in qcfg.OVERRIDES],
+        )
+
+    def default_block_size(self, module: nn.Module) -> int:
+        if isinstance(module, nn.ConvTranspose2d):
+            return self.block_size_transpose
+        if isinstance(module, nn.Conv2d):
+            return self.block_size_1x1 if tuple(module.kernel_size) == (1, 1) else self.block_size_kxk
+        return self.block_size_linear
+
+
+def execution_order(model: nn.Module, run: Callable[[nn.Module], Any],
+                    types: Iterable[type] = tuple(QUANTIZABLE_TYPES) + PQ_LAYER_TYPES) -> List[str]:
+    """Names of the modules of ``types`` in the order their forward first runs.
+
+    Args:
+        model: the model; run: calls the model on an example input (e.g. ``lambda m: m(x)``).
+    """
+    order: List[str] = []
+    handles = []
+    try:
+        for name, module in model.named_modules():
+            if isinstance(module, tuple(types)):
+                handles.append(module.register_forward_pre_hook(
+                    lambda _m, _i, name=name: order.append(name) if name not in order else None))
+        with torch.no_grad():
+            run(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def _check_patterns(patterns: Iterable[str], names: Sequence[str], what: str) -> None:
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            near = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
+            raise ValueError(
+                f"{what} pattern {pattern!r} matches no quantizable module; near matches: {near or 'none'}"
+            )
+
+
+def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> List[LayerPlan]:
+    """Apply the rules to the modules in ``order``.
+
+    Returns:
+        The layers to quantize, in execution order (skipped modules left out).
+    """
+    modules = dict(model.named_modules())
+    _check_patterns(rules.skip, order, "QUANT.SKIP")
+    for entry in rules.overrides:
+        if len(entry) != 3:
+            raise ValueError(f"QUANT.OVERRIDES entry {entry!r} must be [pattern, KEY, value]")
+        if entry[1] not in OVERRIDE_KEYS:
+            raise ValueError(f"QUANT.OVERRIDES key {entry[1]!r} unknown; allowed: {list(OVERRIDE_KEYS)}")
+    _check_patterns([o[0] for o in rules.overrides], order, "QUANT.OVERRIDES")
+
+    plan: List[LayerPlan] = []
+    for name in order:
+        module = modules[name]
+        setting: Dict[str, Any] = {
+            "BLOCK_SIZE": rules.default_block_size(module),
+            "N_CENTROIDS": rules.n_centroids,
+            "SKIP": any(fnmatch.fnmatchcase(name, p) for p in rules.skip),
+        }
+        for pattern, key, value in rules.overrides:  # later overrides win
+            if fnmatch.fnmatchcase(name, pattern):
+                setting[key] = value
+        if setting["SKIP"]:
+            continue
+        d, k = int(setting["BLOCK_SIZE"]), int(setting["N_CENTROIDS"])
+        shape = _weight_shape(module)
+        cols = math.prod(shape[1:])
+        if cols % d != 0:
+            raise ValueError(
+                f"block size {d} for {name!r} does not divide its row length {cols} (weight {tuple(shape)}); "
+                f"allowed: a divisor of {cols}, set with QUANT.OVERRIDES [[{name!r}, 'BLOCK_SIZE', d]]"
+            )
+        if k < 2 or k & (k - 1):
+            raise ValueError(f"N_CENTROIDS={k} for {name!r} must be a power of two >= 2")
+        n_sub = shape[0] * cols // d
+        cap = n_sub // max(1, rules.min_subvectors_per_centroid)
+        if cap < 2:
+            raise ValueError(f"{name!r} has only {n_sub} sub-vectors of size {d}; skip it in QUANT.SKIP")
+        clamped = min(k, 2 ** int(math.floor(math.log2(cap))))
+        if clamped != k:
+            logger.info("%s: K clamped from %d to %d (%d sub-vectors)", name, k, clamped, n_sub)
+        plan.append(LayerPlan(name, d, clamped, n_sub))
+    return plan
+
+
+def _weight_shape(module: nn.Module) -> torch.Size:
+    if isinstance(module, PQ_LAYER_TYPES):
+        return torch.Size(module.weight_shape)
+    return module.weight.shape
