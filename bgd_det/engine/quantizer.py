@@ -1,0 +1,193 @@
+"""The compression pipeline: plan -> per layer (capture -> EM -> swap -> layer-wise distillation) ->
+global finetuning -> compressed checkpoint.
+
+Per-layer progress is saved atomically after each layer, so ``resume=True`` continues after the last finished
+layer. Every layer's randomness is seeded from ``(cfg.SEED, layer index)``: an interrupted and resumed run gives
+the same codes as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..checkpoint import atomic_save, compressed_state, load_compressed_into, round_codebooks_to_fp16
+from ..quantization.capture import capture_gram, has_input_metric
+from ..quantization.plan import LayerPlan, QuantRules, build_plan, execution_order
+from ..quantization.pq import em_quantize
+from ..quantization.swap import make_pq_layer, set_module
+from ..tasks.base import Task
+from ..utils import comm
+from .finetune import bn_affine_params, codebook_params, distill
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LayerRecord", "QuantizationResult", "Quantizer", "PROGRESS_FILE"]
+
+PROGRESS_FILE = "progress.pth"
+
+
+@dataclass
+class LayerRecord:
+    """What happened to one layer (for the report)."""
+
+    name: str
+    block_size: int
+    n_centroids: int
+    n_subvectors: int
+    objective: float = 0.0
+    rel_error: float = 0.0
+    distill_loss: float = float("nan")
+    seconds: float = 0.0
+
+
+@dataclass
+class QuantizationResult:
+    student: nn.Module
+    plan: List[LayerPlan]
+    records: List[LayerRecord] = field(default_factory=list)
+    timings: Dict[str, float] = field(default_factory=dict)
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+class Quantizer:
+    """Compress ``teacher`` per ``cfg`` on ``task``'s calibration data.
+
+    Args:
+        cfg: frozen config; teacher: uncompressed model (not modified); task: data/forward/loss/eval.
+        output_dir: where progress and checkpoints go ("" = nowhere).
+        gram_reduce: optional reduction of Gram matrices across processes (distributed capture).
+        wrap: optional ``fn(student) -> module`` for distributed finetuning.
+    """
+
+    def __init__(self, cfg, teacher: nn.Module, task: Task, *, output_dir: str = "",
+                 gram_reduce: Optional[Callable] = None, wrap: Optional[Callable] = None,
+                 broadcast: Optional[Callable] = None) -> None:
+        self.cfg, self.teacher, self.task = cfg, teacher.eval(), task
+        self.output_dir = output_dir
+        self.gram_reduce, self.wrap, self.broadcast = gram_reduce, wrap, broadcast
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    # -- planning ---------------------------------------------------------------------------------------
+    def make_plan(self, model: nn.Module) -> List[LayerPlan]:
+        order = execution_order(model, self.task.example_forward)
+        return build_plan(model, order, QuantRules.from_cfg(self.cfg.QUANT))
+
+    # -- progress ---------------------------------------------------------------------------------------
+    def _progress_path(self) -> str:
+        return os.path.join(self.output_dir, PROGRESS_FILE) if self.output_dir else ""
+
+    def _save_progress(self, student: nn.Module, plan: List[LayerPlan], records: List[LayerRecord]) -> None:
+        path = self._progress_path()
+        if not path or not comm.is_main_process():
+            return
+        state = compressed_state(student, arch=self.cfg.MODEL.ARCH, num_classes=self.cfg.MODEL.NUM_CLASSES)
+        state["plan"] = [asdict(p) for p in plan]
+        state["records"] = [asdict(r) for r in records]
+        atomic_save(state, path)
+
+    def _load_progress(self, student: nn.Module, plan: List[LayerPlan]) -> List[LayerRecord]:
+        path = self._progress_path()
+        if not path or not os.path.isfile(path):
+            logger.info("no progress file at %s: starting from the first layer", path)
+            return []
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved_plan = [LayerPlan(**p) for p in state["plan"]]
+        if saved_plan != plan:
+            raise ValueError(f"{path} was written with a different plan (config changed?); "
+                             f"remove it or use another OUTPUT_DIR to start over")
+        load_compressed_into(student, state, source=path)
+        records = [LayerRecord(**r) for r in state["records"]]
+        logger.info("resumed after %d/%d layers from %s", len(records), len(plan), path)
+        return records
+
+    # -- per layer --------------------------------------------------------------------------------------
+    def quantize_layer(self, student: nn.Module, layer: LayerPlan, index: int) -> LayerRecord:
+        """Capture, EM, swap in the codebook layer, layer-wise distillation."""
+        cfg, start = self.cfg, time.perf_counter()
+        seed = cfg.SEED * 100003 + index
+        _seed_all(seed)
+        module = student.get_submodule(layer.name)
+        gram = None
+        if cfg.QUANT.METRIC == "shared" and has_input_metric(module):
+            batches = self.task.calib_batches(n_images=cfg.QUANT.CAPTURE_IMAGES,
+                                              batch_size=cfg.QUANT.CAPTURE_BATCH_SIZE, augment=False, seed=seed)
+            acc = capture_gram(student, layer.name, batches, self.task.forward, block_size=layer.block_size,
+                               rows_per_image=cfg.QUANT.CAPTURE_ROWS_PER_IMAGE, seed=seed,
+                               reduce=self.gram_reduce)
+            gram = acc.result()
+        elif cfg.QUANT.METRIC not in ("shared", "identity"):
+            raise ValueError(f"QUANT.METRIC={cfg.QUANT.METRIC!r}; allowed: 'shared', 'identity'")
+        weight = module.weight.detach()
+        result = em_quantize(weight, gram, block_size=layer.block_size, n_centroids=layer.n_centroids,
+                             n_iter=cfg.QUANT.EM_ITERS, seed=seed)
+        if self.broadcast is not None:
+            result = self.broadcast(result)
+        pq = make_pq_layer(module, layer)
+        pq.set_quantization(result.codes, result.codebook)
+        set_module(student, layer.name, pq)
+        with torch.no_grad():
+            err = (pq.decoded_weight() - weight).pow(2).sum() / weight.pow(2).sum().clamp_min(1e-12)
+        losses = distill(student, self.teacher, self.task, [pq.codebook], iters=cfg.FINETUNE.LAYER_ITERS,
+                         lr=cfg.FINETUNE.LAYER_LR, batch_size=cfg.FINETUNE.BATCH_SIZE,
+                         augment=cfg.FINETUNE.AUGMENT, seed=seed, desc=f"distill {layer.name}", wrap=self.wrap)
+        record = LayerRecord(layer.name, layer.block_size, layer.n_centroids, layer.n_subvectors,
+                             objective=result.objective, rel_error=float(err),
+                             distill_loss=losses[-1] if losses else float("nan"),
+                             seconds=time.perf_counter() - start)
+        logger.info("[%d] %s d=%d K=%d: rel. weight error %.4f%s (%.1fs)", index, layer.name, layer.block_size,
+                    layer.n_centroids, record.rel_error,
+                    f", distill loss {record.distill_loss:.4f}" if losses else "", record.seconds)
+        return record
+
+    # -- whole pipeline ---------------------------------------------------------------------------------
+    def run(self, *, resume: bool = False,
+            on_layer_done: Optional[Callable[[int, LayerRecord], None]] = None) -> QuantizationResult:
+        """Quantize every planned layer in execution order, then finetune globally.
+
+        Args:
+            resume: continue from ``OUTPUT_DIR/progress.pth`` when present.
+            on_layer_done: called after each layer's progress is saved (index, record).
+        """
+        cfg = self.cfg
+        student = copy.deepcopy(self.teacher)
+        plan = self.make_plan(student)
+        logger.info("plan: %d layers to quantize (execution order)", len(plan))
+        records = self._load_progress(student, plan) if resume else []
+        timings = {"layers": 0.0}
+        t0 = time.perf_counter()
+        for index, layer in enumerate(plan):
+            if index < len(records):
+                continue
+            records.append(self.quantize_layer(student, layer, index))
+            self._save_progress(student, plan, records)
+            if on_layer_done is not None:
+                on_layer_done(index, records[-1])
+        timings["layers"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        params = codebook_params(student)
+        if cfg.FINETUNE.BN == "affine":
+            params += bn_affine_params(student)
+        elif cfg.FINETUNE.BN != "frozen":
+            raise ValueError(f"FINETUNE.BN={cfg.FINETUNE.BN!r}; allowed: 'affine', 'frozen'")
+        _seed_all(cfg.SEED * 100003 + len(plan))
+        distill(student, self.teacher, self.task, params, iters=cfg.FINETUNE.GLOBAL_ITERS,
+                lr=cfg.FINETUNE.GLOBAL_LR, batch_size=cfg.FINETUNE.BATCH_SIZE, augment=cfg.FINETUNE.AUGMENT,
+                seed=cfg.SEED * 100003 + len(plan), desc="global finetune", wrap=self.wrap)
+        timings["global_finetune"] = time.perf_counter() - t0
+        round_codebooks_to_fp16(student)
+        student.eval()
+        for p in student.parameters():
+            p.requires_grad_(False)
+        return QuantizationResult(student, plan, records, timings)

@@ -1,0 +1,407 @@
+// Decode and fused decode-dot kernels: a portable scalar path and an AVX2/FMA path compiled with target
+// attributes (no -mavx2 for the whole file), chosen at run time. See kernels.h for the layout.
+#include "kernels.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define BGD_HAVE_AVX2 1
+#include <immintrin.h>
+#define BGD_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define BGD_HAVE_AVX2 0
+#endif
+
+namespace bgd {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------
+// Run-time choice of the instruction set.
+
+bool cpu_has_avx2() {
+#if BGD_HAVE_AVX2
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+int initial_mode() {
+  const char* env = std::getenv("BGD_SIMD");  // "scalar" forces the portable path
+  if (env != nullptr && std::strcmp(env, "scalar") == 0) return 0;
+  return cpu_has_avx2() ? 1 : 0;
+}
+
+std::atomic<int>& mode_ref() {
+  static std::atomic<int> mode{initial_mode()};
+  return mode;
+}
+
+template <typename CodeT>
+inline uint32_t code_at(const CodeT* p, int64_t i) {
+  // int16 codes are read as uint16 so that a negative code is out of range, never a negative offset.
+  return static_cast<uint32_t>(static_cast<std::make_unsigned_t<CodeT>>(p[i]));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Scalar path.
+
+template <typename CodeT, bool CHECK>
+bool decode_row_scalar(const CodeT* codes, const PQArgs& a, const float* scale_ptr, float* out) {
+  const int64_t d = a.d;
+  const uint32_t K = static_cast<uint32_t>(a.K);
+  const int64_t nfull = a.cols / d;
+  const int64_t rem = a.cols - nfull * d;
+  for (int64_t b = 0; b < nfull; ++b) {
+    const uint32_t c = code_at(codes, b);
+    if (CHECK && c >= K) return false;
+    const float* src = a.codebook + static_cast<int64_t>(c) * d;
+    float* dst = out + b * d;
+    if (scale_ptr != nullptr) {
+      const float s = *scale_ptr;
+      for (int64_t j = 0; j < d; ++j) dst[j] = src[j] * s;
+    } else {
+      std::memcpy(dst, src, sizeof(float) * d);
+    }
+  }
+  if (rem) {
+    const uint32_t c = code_at(codes, nfull);
+    if (CHECK && c >= K) return false;
+    const float* src = a.codebook + static_cast<int64_t>(c) * d;
+    const float s = scale_ptr != nullptr ? *scale_ptr : 1.0f;
+    for (int64_t j = 0; j < rem; ++j) out[nfull * d + j] = src[j] * s;
+  }
+  return true;
+}
+
+float dot_scalar(const float* w, const float* x, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) acc[k] += w[i + k] * x[i + k];
+  float s = 0;
+  for (; i < n; ++i) s += w[i] * x[i];
+  return s + ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+std::vector<float>& row_buffer(int64_t n) {
+  static thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf;
+}
+
+template <typename CodeT, bool CHECK>
+bool fused_rows_scalar(const PQArgs& a, int64_t r0, int64_t r1, const float* x, int64_t ldx, int64_t N,
+                       const float* bias, float* y, int64_t ldy) {
+  const CodeT* codes = static_cast<const CodeT*>(a.codes);
+  float* row = row_buffer(a.cols).data();
+  for (int64_t o = r0; o < r1; ++o) {
+    if (!decode_row_scalar<CodeT, CHECK>(codes + o * a.n_blocks, a, nullptr, row)) return false;
+    const float s = a.scale != nullptr ? a.scale[o] : 1.0f;
+    const float b = bias != nullptr ? bias[o] : 0.0f;
+    for (int64_t n = 0; n < N; ++n) y[n * ldy + o] = dot_scalar(row, x + n * ldx, a.cols) * s + b;
+  }
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// AVX2 + FMA path.
+
+#if BGD_HAVE_AVX2
+
+// Copy (and scale) one centroid of d floats. d >= 8: 8-float chunks, the last one shifted back to end at
+// d (overlapping stores of equal values); 4 <= d < 8: two 4-float chunks; d < 4: scalar.
+template <int D, bool SCALED>
+BGD_AVX2 inline void copy_block_avx2(const float* src, float* dst, int64_t d_rt, __m256 vs) {
+  const int64_t d = D ? D : d_rt;
+  if (d >= 8) {
+    int64_t off = 0;
+    for (; off + 8 < d; off += 8) {
+      __m256 v = _mm256_loadu_ps(src + off);
+      _mm256_storeu_ps(dst + off, SCALED ? _mm256_mul_ps(v, vs) : v);
+    }
+    __m256 v = _mm256_loadu_ps(src + d - 8);
+    _mm256_storeu_ps(dst + d - 8, SCALED ? _mm256_mul_ps(v, vs) : v);
+  } else if (d >= 4) {
+    const __m128 s4 = _mm256_castps256_ps128(vs);
+    __m128 v = _mm_loadu_ps(src);
+    _mm_storeu_ps(dst, SCALED ? _mm_mul_ps(v, s4) : v);
+    v = _mm_loadu_ps(src + d - 4);
+    _mm_storeu_ps(dst + d - 4, SCALED ? _mm_mul_ps(v, s4) : v);
+  } else {
+    const float s = _mm256_cvtss_f32(vs);
+    for (int64_t j = 0; j < d; ++j) dst[j] = SCALED ? src[j] * s : src[j];
+  }
+}
+
+template <int D, typename CodeT, bool CHECK, bool SCALED>
+BGD_AVX2 bool decode_rows_avx2(const PQArgs& a, int64_t r0, int64_t r1, float* out, int64_t ld) {
+  const int64_t d = D ? D : a.d;
+  const uint32_t K = static_cast<uint32_t>(a.K);
+  const int64_t nfull = a.cols / d;
+  const int64_t rem = a.cols - nfull * d;
+  const CodeT* codes = static_cast<const CodeT*>(a.codes);
+  const float* C = a.codebook;
+  for (int64_t o = r0; o < r1; ++o) {
+    const CodeT* rc = codes + o * a.n_blocks;
+    float* dst = out + (o - r0) * ld;
+    const float s = SCALED ? a.scale[o] : 1.0f;
+    const __m256 vs = _mm256_set1_ps(s);
+    for (int64_t b = 0; b < nfull; ++b) {
+      const uint32_t c = code_at(rc, b);
+      if (CHECK && c >= K) return false;
+      copy_block_avx2<D, SCALED>(C + static_cast<int64_t>(c) * d, dst + b * d, d, vs);
+    }
+    if (rem) {
+      const uint32_t c = code_at(rc, nfull);
+      if (CHECK && c >= K) return false;
+      const float* src = C + static_cast<int64_t>(c) * d;
+      for (int64_t j = 0; j < rem; ++j) dst[nfull * d + j] = src[j] * s;
+    }
+  }
+  return true;
+}
+
+BGD_AVX2 inline float hsum_avx2(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  __m128 sh = _mm_movehdup_ps(lo);
+  lo = _mm_add_ps(lo, sh);
+  sh = _mm_movehl_ps(sh, lo);
+  return _mm_cvtss_f32(_mm_add_ss(lo, sh));
+}
+
+// Independent accumulator chains per input: enough to hide the FMA latency when N is small.
+template <int NT>
+constexpr int chains() {
+  return NT == 1 ? 4 : (NT <= 3 ? 2 : 1);
+}
+
+// Decode-in-register dot products for d in {4, 8, 16}: each centroid is loaded once by its code and
+// multiplied into the NT inputs. A "unit" is 8 (d=4: two centroids) or 16 (d=16) floats.
+template <int D, int NT, typename CodeT, bool CHECK>
+BGD_AVX2 bool fused_rows_reg_avx2(const PQArgs& a, int64_t r0, int64_t r1, const float* x, int64_t ldx,
+                                  const float* bias, float* y, int64_t ldy) {
+  static_assert(D == 4 || D == 8 || D == 16, "register path is for d in {4, 8, 16}");
+  constexpr int U = chains<NT>();
+  constexpr int BPU = D == 4 ? 2 : 1;   // blocks per unit
+  constexpr int VPU = D == 16 ? 2 : 1;  // 8-float vectors per unit
+  constexpr int FPU = BPU * D;          // floats per unit
+  const uint32_t K = static_cast<uint32_t>(a.K);
+  const float* C = a.codebook;
+  const int64_t nunits = (a.cols / D) / BPU;
+  const CodeT* codes = static_cast<const CodeT*>(a.codes);
+  for (int64_t o = r0; o < r1; ++o) {
+    const CodeT* rc = codes + o * a.n_blocks;
+    __m256 acc[NT][U];
+    for (int n = 0; n < NT; ++n)
+      for (int k = 0; k < U; ++k) acc[n][k] = _mm256_setzero_ps();
+    int64_t u = 0;
+    for (; u + U <= nunits; u += U) {
+#pragma GCC unroll 4
+      for (int k = 0; k < U; ++k) {
+        const int64_t b = (u + k) * BPU;
+        __m256 w[VPU];
+        if (D == 4) {
+          const uint32_t c0 = code_at(rc, b), c1 = code_at(rc, b + 1);
+          if (CHECK && (c0 >= K || c1 >= K)) return false;
+          w[0] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(C + 4 * c0)),
+                                      _mm_loadu_ps(C + 4 * c1), 1);
+        } else {
+          const uint32_t c = code_at(rc, b);
+          if (CHECK && c >= K) return false;
+          for (int v = 0; v < VPU; ++v) w[v] = _mm256_loadu_ps(C + static_cast<int64_t>(c) * D + 8 * v);
+        }
+        const int64_t off = (u + k) * FPU;
+#pragma GCC unroll 8
+        for (int n = 0; n < NT; ++n)
+          for (int v = 0; v < VPU; ++v)
+            acc[n][k] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(x + n * ldx + off + 8 * v), acc[n][k]);
+      }
+    }
+    for (; u < nunits; ++u) {
+      const int64_t b = u * BPU;
+      __m256 w[VPU];
+      if (D == 4) {
+        const uint32_t c0 = code_at(rc, b), c1 = code_at(rc, b + 1);
+        if (CHECK && (c0 >= K || c1 >= K)) return false;
+        w[0] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(C + 4 * c0)),
+                                    _mm_loadu_ps(C + 4 * c1), 1);
+      } else {
+        const uint32_t c = code_at(rc, b);
+        if (CHECK && c >= K) return false;
+        for (int v = 0; v < VPU; ++v) w[v] = _mm256_loadu_ps(C + static_cast<int64_t>(c) * D + 8 * v);
+      }
+      for (int n = 0; n < NT; ++n)
+        for (int v = 0; v < VPU; ++v)
+          acc[n][0] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(x + n * ldx + u * FPU + 8 * v), acc[n][0]);
+    }
+    float res[NT];
+    for (int n = 0; n < NT; ++n) {
+      __m256 t = acc[n][0];
+      for (int k = 1; k < U; ++k) t = _mm256_add_ps(t, acc[n][k]);
+      res[n] = hsum_avx2(t);
+    }
+    // Tail: an odd d=4 block and a partial last block, scalar.
+    for (int64_t i = nunits * FPU; i < a.cols; ++i) {
+      const uint32_t c = code_at(rc, i / D);
+      if (CHECK && c >= K) return false;
+      const float w = C[static_cast<int64_t>(c) * D + i % D];
+      for (int n = 0; n < NT; ++n) res[n] += w * x[n * ldx + i];
+    }
+    const float s = a.scale != nullptr ? a.scale[o] : 1.0f;
+    const float bo = bias != nullptr ? bias[o] : 0.0f;
+    for (int n = 0; n < NT; ++n) y[n * ldy + o] = res[n] * s + bo;
+  }
+  return true;
+}
+
+// Any other d: decode the row into an L1/L2-resident buffer, then NT dot products over it.
+template <int NT, typename CodeT, bool CHECK>
+BGD_AVX2 bool fused_rows_buf_avx2(const PQArgs& a, int64_t r0, int64_t r1, const float* x, int64_t ldx,
+                                  const float* bias, float* y, int64_t ldy) {
+  constexpr int U = chains<NT>();
+  float* row = row_buffer(a.cols).data();
+  const int64_t cols = a.cols;
+  for (int64_t o = r0; o < r1; ++o) {
+    if (!decode_rows_avx2<0, CodeT, CHECK, false>(a, o, o + 1, row, cols)) return false;
+    __m256 acc[NT][U];
+    for (int n = 0; n < NT; ++n)
+      for (int k = 0; k < U; ++k) acc[n][k] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 * U <= cols; i += 8 * U) {
+#pragma GCC unroll 4
+      for (int k = 0; k < U; ++k) {
+        const __m256 w = _mm256_loadu_ps(row + i + 8 * k);
+#pragma GCC unroll 8
+        for (int n = 0; n < NT; ++n)
+          acc[n][k] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + n * ldx + i + 8 * k), acc[n][k]);
+      }
+    }
+    for (; i + 8 <= cols; i += 8) {
+      const __m256 w = _mm256_loadu_ps(row + i);
+      for (int n = 0; n < NT; ++n)
+        acc[n][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + n * ldx + i), acc[n][0]);
+    }
+    float res[NT];
+    for (int n = 0; n < NT; ++n) {
+      __m256 t = acc[n][0];
+      for (int k = 1; k < U; ++k) t = _mm256_add_ps(t, acc[n][k]);
+      res[n] = hsum_avx2(t);
+    }
+    for (; i < cols; ++i)
+      for (int n = 0; n < NT; ++n) res[n] += row[i] * x[n * ldx + i];
+    const float s = a.scale != nullptr ? a.scale[o] : 1.0f;
+    const float bo = bias != nullptr ? bias[o] : 0.0f;
+    for (int n = 0; n < NT; ++n) y[n * ldy + o] = res[n] * s + bo;
+  }
+  return true;
+}
+
+template <typename CodeT, bool CHECK, bool SCALED>
+bool decode_dispatch_d(const PQArgs& a, int64_t r0, int64_t r1, float* out, int64_t ld) {
+  switch (a.d) {
+    case 4: return decode_rows_avx2<4, CodeT, CHECK, SCALED>(a, r0, r1, out, ld);
+    case 8: return decode_rows_avx2<8, CodeT, CHECK, SCALED>(a, r0, r1, out, ld);
+    case 9: return decode_rows_avx2<9, CodeT, CHECK, SCALED>(a, r0, r1, out, ld);
+    case 16: return decode_rows_avx2<16, CodeT, CHECK, SCALED>(a, r0, r1, out, ld);
+    case 18: return decode_rows_avx2<18, CodeT, CHECK, SCALED>(a, r0, r1, out, ld);
+    default: return decode_rows_avx2<0, CodeT, CHECK, SCALED>(a, r0, r1, out, ld);
+  }
+}
+
+template <int NT, typename CodeT, bool CHECK>
+bool fused_dispatch_d(const PQArgs& a, int64_t r0, int64_t r1, const float* x, int64_t ldx,
+                      const float* bias, float* y, int64_t ldy) {
+  switch (a.d) {
+    case 4: return fused_rows_reg_avx2<4, NT, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
+    case 8: return fused_rows_reg_avx2<8, NT, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
+    case 16: return fused_rows_reg_avx2<16, NT, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
+    default: return fused_rows_buf_avx2<NT, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
+  }
+}
+
+template <typename CodeT, bool CHECK>
+bool fused_dispatch_n(const PQArgs& a, int64_t r0, int64_t r1, const float* x, int64_t ldx, int64_t N,
+                      const float* bias, float* y, int64_t ldy) {
+  switch (N) {
+    case 1: return fused_dispatch_d<1, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
+    case 2: return fused_dispatch_d<2, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
+    case 3: return fused_dispatch_d<3, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
+    case 4: return fused_dispatch_d<4, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
+    case 5: return fused_dispatch_d<5, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
+    case 6: return fused_dispatch_d<6, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
+    case 7: return fused_dispatch_d<7, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
+    default: return fused_dispatch_d<8, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
+  }
+}
+
+#endif  // BGD_HAVE_AVX2
+
+// Codes need a range check unless they are uint8 and the codebook has all 256 rows.
+bool needs_check(const PQArgs& a) { return a.codes_int16 || a.K < 256; }
+
+}  // namespace
+
+int simd_mode() { return mode_ref().load(std::memory_order_relaxed); }
+
+int set_simd_mode(int mode) {
+  if (mode >= 0) mode_ref().store(mode >= 1 && cpu_has_avx2() ? 1 : 0);
+  return simd_mode();
+}
+
+bool decode_rows(const PQArgs& a, int64_t r0, int64_t r1, float* out, int64_t ld) {
+  const bool check = needs_check(a);
+#if BGD_HAVE_AVX2
+  if (simd_mode() == 1) {
+    if (a.codes_int16) {
+      return a.scale ? decode_dispatch_d<int16_t, true, true>(a, r0, r1, out, ld)
+                     : decode_dispatch_d<int16_t, true, false>(a, r0, r1, out, ld);
+    }
+    if (check) {
+      return a.scale ? decode_dispatch_d<uint8_t, true, true>(a, r0, r1, out, ld)
+                     : decode_dispatch_d<uint8_t, true, false>(a, r0, r1, out, ld);
+    }
+    return a.scale ? decode_dispatch_d<uint8_t, false, true>(a, r0, r1, out, ld)
+                   : decode_dispatch_d<uint8_t, false, false>(a, r0, r1, out, ld);
+  }
+#endif
+  for (int64_t o = r0; o < r1; ++o) {
+    const float* s = a.scale ? a.scale + o : nullptr;
+    bool ok;
+    if (a.codes_int16) {
+      ok = decode_row_scalar<int16_t, true>(static_cast<const int16_t*>(a.codes) + o * a.n_blocks, a, s,
+                                            out + (o - r0) * ld);
+    } else if (check) {
+      ok = decode_row_scalar<uint8_t, true>(static_cast<const uint8_t*>(a.codes) + o * a.n_blocks, a, s,
+                                            out + (o - r0) * ld);
+    } else {
+      ok = decode_row_scalar<uint8_t, false>(static_cast<const uint8_t*>(a.codes) + o * a.n_blocks, a, s,
+                                             out + (o - r0) * ld);
+    }
+    if (!ok) return false;
+  }
+  return true;
+}
+
+bool fused_dot_rows(const PQArgs& a, int64_t r0, int64_t r1, const float* x, int64_t ldx, int64_t N,
+                    const float* bias, float* y, int64_t ldy) {
+  if (N < 1 || N > kMaxFusedN) return false;
+  const bool check = needs_check(a);
+#if BGD_HAVE_AVX2
+  if (simd_mode() == 1) {
+    if (a.codes_int16) return fused_dispatch_n<int16_t, true>(a, r0, r1, x, ldx, N, bias, y, ldy);
+    if (check) return fused_dispatch_n<uint8_t, true>(a, r0, r1, x, ldx, N, bias, y, ldy);
+    return fused_dispatch_n<uint8_t, false>(a, r0, r1, x, ldx, N, bias, y, ldy);
+  }
+#endif
+  if (a.codes_int16) return fused_rows_scalar<int16_t, true>(a, r0, r1, x, ldx, N, bias, y, ldy);
+  if (check) return fused_rows_scalar<uint8_t, true>(a, r0, r1, x, ldx, N, bias, y, ldy);
+  return fused_rows_scalar<uint8_t, false>(a, r0, r1, x, ldx, N, bias, y, ldy);
+}
+
+}  // namespace bgd

@@ -1,0 +1,140 @@
+"""Activation capture: Gram matrices of a layer's input sub-vectors, accumulated by hooks.
+
+For a layer with weight rows cut into sub-vectors of size d, every output position contributes, for every block
+b, one input sub-vector ``x_b`` (Tensor[d]); the quantization error of sub-vector ``(o, b)`` on the output is
+``x_b . (w - c)``. The shared metric is ``G = sum over positions and blocks of x_b x_b^T`` (Tensor[d, d]).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["input_rows", "has_input_metric", "GramAccumulator", "capture_gram", "StopForward"]
+
+
+class StopForward(Exception):
+    """Raised by a capture hook to skip the rest of the forward once the layer's input is seen."""
+
+
+def has_input_metric(module: nn.Module) -> bool:
+    """Whether the activation-aware metric applies. ConvTranspose2d is quantized with the identity metric:
+    its weight rows are input channels, so a shared Gram over output taps is a multiple of the identity for
+    non-overlapping kernels (the stride-2, 2x2 mask predictor)."""
+    return isinstance(module, (nn.Conv2d, nn.Linear))
+
+
+def input_rows(module: nn.Module, x: Tensor) -> Tensor:
+    """The rows the layer multiplies its flattened weight rows with.
+
+    Args:
+        module: Conv2d / Linear (dense or codebook layer).
+        x: the layer's input (Conv2d: Tensor[B, C_in, H, W]; Linear: Tensor[..., in]).
+
+    Returns:
+        Tensor[N, cols] with ``cols = C_in/groups * kh * kw`` (Linear: ``in``); for grouped convs every group
+        contributes its own rows.
+    """
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros":
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+            padding = 0
+        else:
+            padding = module.padding
+        if isinstance(padding, str):  # "same"/"valid"
+            padding = 0 if padding == "valid" else tuple(
+                (module.dilation[i] * (module.kernel_size[i] - 1)) // 2 for i in range(2))
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+        b, ck, length = cols.shape
+        g = module.groups
+        return cols.reshape(b, g, ck // g, length).permute(0, 1, 3, 2).reshape(-1, ck // g)
+    raise TypeError(f"no input-row rule for {type(module).__name__}")
+
+
+@dataclass
+class GramAccumulator:
+    """Streaming ``G = sum x_b x_b^T`` over sub-vectors of size ``block_size``; optionally keeps sampled rows.
+
+    Attributes:
+        gram (Tensor[d, d] float64), n_rows (sub-vectors seen), samples (Tensor[S, cols] or None).
+    """
+
+    block_size: int
+    keep_rows: int = 0
+    rows_per_call: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.gram: Optional[Tensor] = None
+        self.n_rows = 0
+        self.samples: list = []
+        self._gen = torch.Generator().manual_seed(self.seed)
+
+    def add(self, rows: Tensor) -> None:
+        """Accumulate rows Tensor[N, cols] (cols divisible by block_size)."""
+        if self.rows_per_call and rows.shape[0] > self.rows_per_call:
+            pick = torch.randperm(rows.shape[0], generator=self._gen)[: self.rows_per_call].to(rows.device)
+            rows = rows[pick]
+        z = rows.reshape(-1, self.block_size).double()
+        g = z.T @ z
+        self.gram = g if self.gram is None else self.gram + g
+        self.n_rows += z.shape[0]
+        kept = sum(s.shape[0] for s in self.samples)
+        if kept < self.keep_rows:
+            self.samples.append(rows[: self.keep_rows - kept].detach().float().cpu())
+
+    def result(self) -> Tensor:
+        """Mean Gram Tensor[d, d] float32 (mean, so its scale does not depend on the number of images)."""
+        if self.gram is None:
+            raise RuntimeError("no activations were captured (did the layer run during the forward?)")
+        return (self.gram / max(self.n_rows, 1)).float()
+
+
+def capture_gram(model: nn.Module, name: str, batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any],
+                 *, block_size: int, rows_per_image: int = 0, keep_rows: int = 0, seed: int = 0,
+                 reduce: Optional[Callable[[Tensor], Tensor]] = None) -> GramAccumulator:
+    """Run ``forward(model, batch)`` over ``batches`` and accumulate the Gram matrix of layer ``name``'s input.
+
+    The forward stops right after the layer's input is captured (the rest of the network is not run).
+
+    Args:
+        rows_per_image: random input positions kept per forward call and image (0 = all).
+        keep_rows: raw input rows Tensor[S, cols] to keep for inspection/benchmarks.
+        reduce: applied to the summed Gram before ``result()`` (e.g. a distributed all-reduce).
+    """
+    module = model.get_submodule(name)
+    acc = GramAccumulator(block_size, keep_rows=keep_rows, seed=seed)
+
+    def hook(mod: nn.Module, args: tuple) -> None:
+        x = args[0].detach()
+        rows = input_rows(mod, x)
+        n_images = x.shape[0] if x.dim() == 4 else 1
+        acc.rows_per_call = rows_per_image * n_images if rows_per_image else 0
+        acc.add(rows)
+        raise StopForward
+
+    handle = module.register_forward_pre_hook(hook)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    forward(model, batch)
+                except StopForward:
+                    pass
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if reduce is not None and acc.gram is not None:
+        acc.gram = reduce(acc.gram)
+        acc.n_rows = int(reduce(torch.tensor(float(acc.n_rows), dtype=torch.float64)))
+    return acc

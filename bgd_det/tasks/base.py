@@ -1,0 +1,58 @@
+"""Task protocol: what the quantization engine needs to know about a model family.
+
+The engine (capture -> EM -> distillation -> evaluation) is task-agnostic; a task supplies the data, the forward
+call, the distillation loss and the evaluation. Register a task under the ``task`` attribute of architecture
+builders (``build.task = "classification"``) with :data:`TASK_REGISTRY`.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator
+
+import torch
+from fvcore.common.registry import Registry
+from torch import nn
+
+__all__ = ["Task", "TASK_REGISTRY", "build_task"]
+
+TASK_REGISTRY = Registry("TASK")
+TASK_REGISTRY.__doc__ = "Task classes ``cls(cfg) -> Task``, keyed by the architecture builder's ``task`` attribute."
+
+
+class Task:
+    """Interface; see :class:`bgd_det.tasks.classification.ClassificationTask` for a complete example."""
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+
+    def example_forward(self, model: nn.Module) -> Any:
+        """Run ``model`` once on a small example input (used to trace execution order)."""
+        raise NotImplementedError
+
+    def calib_batches(self, *, n_images: int, batch_size: int, augment: bool, seed: int) -> Iterator[Any]:
+        """Batches of calibration data covering ``n_images`` images (cycling if needed), seeded."""
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, batch: Any) -> Any:
+        """Inference-mode forward of ``model`` on ``batch`` (used for activation capture)."""
+        raise NotImplementedError
+
+    def distill_loss(self, student: nn.Module, teacher: nn.Module, batch: Any) -> torch.Tensor:
+        """Label-free loss that pulls ``student`` towards ``teacher`` on ``batch`` (scalar Tensor)."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module) -> Dict[str, float]:
+        """Metrics of ``model`` on ``cfg.DATASETS.TEST``."""
+        raise NotImplementedError
+
+    #: name of the headline metric in :meth:`evaluate`'s dict (for reports).
+    main_metrics: tuple = ()
+
+
+def build_task(cfg) -> Task:
+    """The task of ``cfg.MODEL.ARCH`` (``task`` attribute of its builder; default "classification")."""
+    from ..modeling import get_arch
+
+    name = getattr(get_arch(cfg.MODEL.ARCH), "task", "classification")
+    if name not in TASK_REGISTRY:
+        raise KeyError(f"unknown task {name!r}; registered tasks: {sorted(k for k, _ in TASK_REGISTRY)}")
+    return TASK_REGISTRY.get(name)(cfg)

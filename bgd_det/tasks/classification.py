@@ -1,0 +1,84 @@
+"""Image classification task (ImageNet-style folders, top-1/top-5, KL distillation on logits)."""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Dict, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from ..data import DatasetCatalog
+from ..data.imagenet import eval_transform, train_transform
+from ..evaluation import ClassificationEvaluator, inference_on_dataset
+from ..utils import comm
+from .base import TASK_REGISTRY, Task
+
+__all__ = ["ClassificationTask", "kl_distill_loss"]
+
+
+def kl_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0):
+    """``T^2 * KL(softmax(t/T) || softmax(s/T))`` averaged over the batch; logits Tensor[B, C]."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits / t, 1), F.log_softmax(teacher_logits / t, 1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
+class ClassificationTask(Task):
+    main_metrics = ("top1", "top5")
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.device = torch.device(cfg.MODEL.DEVICE)
+        self._calib = None
+
+    def calib_dataset(self):
+        if self._calib is None:
+            self._calib = DatasetCatalog.get(self.cfg.DATASETS.CALIB)
+        return self._calib
+
+    def example_forward(self, model: nn.Module) -> Any:
+        return model(torch.zeros(1, 3, self.cfg.INPUT.CROP, self.cfg.INPUT.CROP, device=self.device))
+
+    def calib_batches(self, *, n_images: int, batch_size: int, augment: bool, seed: int) -> Iterator[Any]:
+        base = self.calib_dataset()
+        ds = base.with_transform(train_transform(self.cfg.INPUT.CROP) if augment
+                                 else eval_transform(self.cfg.INPUT.RESIZE, self.cfg.INPUT.CROP))
+        rank, world = comm.get_rank(), comm.get_world_size()
+        gen = torch.Generator().manual_seed(seed)
+        # An epoch-free stream: concatenated seeded permutations, truncated to n_images, sharded by rank.
+        order = []
+        while len(order) < n_images:
+            order += torch.randperm(len(ds), generator=gen).tolist()
+        order = order[:n_images][rank::world]
+        loader = DataLoader(Subset(ds, order), batch_size=max(1, batch_size // world), shuffle=False,
+                            num_workers=self.cfg.DATALOADER.NUM_WORKERS)
+        for images, labels in loader:
+            yield images.to(self.device), labels.to(self.device)
+
+    def forward(self, model: nn.Module, batch: Any) -> Any:
+        return model(batch[0])
+
+    def distill_loss(self, student: nn.Module, teacher: nn.Module, batch: Any) -> torch.Tensor:
+        with torch.no_grad():
+            target = teacher(batch[0])
+        return kl_distill_loss(student(batch[0]), target, self.cfg.FINETUNE.TEMPERATURE)
+
+    def test_loader(self) -> DataLoader:
+        ds = DatasetCatalog.get(self.cfg.DATASETS.TEST)
+        ds = ds.with_transform(eval_transform(self.cfg.INPUT.RESIZE, self.cfg.INPUT.CROP))
+        indices = list(range(len(ds)))
+        if self.cfg.DATASETS.TEST_MAX_IMAGES > 0:
+            indices = indices[: self.cfg.DATASETS.TEST_MAX_IMAGES]
+        indices = indices[comm.get_rank()::comm.get_world_size()]
+        return DataLoader(Subset(ds, indices), batch_size=self.cfg.TEST.BATCH_SIZE,
+                          num_workers=self.cfg.DATALOADER.NUM_WORKERS)
+
+    def evaluate(self, model: nn.Module) -> Dict[str, float]:
+        device = self.device
+        return inference_on_dataset(model, self.test_loader(), ClassificationEvaluator(),
+                                    forward=lambda m, b: m(b[0].to(device)), desc=self.cfg.DATASETS.TEST)
+
+
+TASK_REGISTRY._do_register("classification", ClassificationTask)

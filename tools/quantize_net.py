@@ -1,0 +1,26 @@
+#!/usr/bin/env python
+"""Compress a trained network with activation-aware product quantization.
+
+    python tools/quantize_net.py --config configs/ImageNet/resnet18_large_blocks.yaml [KEY VALUE ...]
+
+Writes OUTPUT_DIR/model_final.pth (compressed checkpoint), report.md/json, layer_sizes.png and log.txt.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bgd_det.engine import launch  # noqa: E402
+from bgd_det.engine.defaults import default_argument_parser, default_setup  # noqa: E402
+from bgd_det.engine.pipeline import quantize_and_report  # noqa: E402
+
+
+def main(args) -> None:
+    cfg = default_setup(args)
+    quantize_and_report(cfg, resume=args.resume)
+
+
+if __name__ == "__main__":
+    args = default_argument_parser(__doc__).parse_args()
+    launch(main, args.num_processes, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
