@@ -1,10 +1,22 @@
-"""torch.distributed helpers that are no-ops in a single process."""
+"""torch.distributed helpers that are no-ops in a single process (as detectron2's ``utils/comm.py``).
+
+Tensor collectives work under gloo (CPU) and nccl (GPU): a CPU tensor given to a helper under nccl travels through
+the current CUDA device and comes back on the CPU. Object collectives (:func:`all_gather`, :func:`gather`,
+:func:`broadcast_object`) pickle through a gloo group, so they never touch GPU memory.
+"""
 from __future__ import annotations
+
+import functools
+import os
+from typing import Any, List
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_dist", "get_rank", "get_world_size", "is_main_process", "synchronize", "all_reduce_sum"]
+__all__ = [
+    "is_dist", "get_rank", "get_world_size", "get_local_rank", "get_local_size", "is_main_process",
+    "synchronize", "all_reduce_sum", "broadcast_tensor", "all_gather", "gather", "broadcast_object",
+]
 
 
 def is_dist() -> bool:
@@ -19,17 +31,96 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_dist() else 1
 
 
+def get_local_rank() -> int:
+    """Rank of this process on its machine (``LOCAL_RANK``, set by ``launch`` and ``torchrun``)."""
+    return int(os.environ.get("LOCAL_RANK", 0)) if is_dist() else 0
+
+
+def get_local_size() -> int:
+    """Number of processes on this machine (``LOCAL_WORLD_SIZE``, set by ``launch`` and ``torchrun``)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if is_dist() else 1
+
+
 def is_main_process() -> bool:
     return get_rank() == 0
 
 
 def synchronize() -> None:
+    """Barrier over all ranks (no-op in a single process)."""
     if is_dist() and get_world_size() > 1:
         dist.barrier()
 
 
+def _collective_device(t: torch.Tensor) -> torch.device:
+    """Where ``t`` must live for the default backend (nccl only handles CUDA tensors)."""
+    if dist.get_backend() == "nccl" and t.device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return t.device
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum of ``t`` over ranks (``t`` itself in a single process)."""
+    """Sum of ``t`` over ranks, in place (``t`` itself in a single process)."""
     if is_dist() and get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dev = _collective_device(t)
+        if dev == t.device:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        else:
+            moved = t.to(dev)
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+            t.copy_(moved)
     return t
+
+
+def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite ``t`` in place with rank ``src``'s ``t`` (same shape/dtype on all ranks)."""
+    if is_dist() and get_world_size() > 1:
+        dev = _collective_device(t)
+        if dev == t.device:
+            dist.broadcast(t, src)
+        else:
+            moved = t.to(dev)
+            dist.broadcast(moved, src)
+            t.copy_(moved)
+    return t
+
+
+@functools.lru_cache()
+def _gloo_group():
+    """A gloo group over all ranks for pickled objects (the default group itself when it is gloo).
+
+    Created on first use; every rank reaches it through the same collective call, as ``new_group`` requires.
+    """
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    return dist.new_group(backend="gloo")
+
+
+def all_gather(data: Any) -> List[Any]:
+    """Every rank's picklable ``data``, in rank order, on every rank (``[data]`` in a single process)."""
+    if not is_dist() or get_world_size() == 1:
+        return [data]
+    out: List[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, data, group=_gloo_group())
+    return out
+
+
+def gather(data: Any, dst: int = 0) -> List[Any]:
+    """Every rank's picklable ``data`` in rank order on rank ``dst``; ``[]`` on the other ranks."""
+    if not is_dist() or get_world_size() == 1:
+        return [data]
+    group = _gloo_group()
+    if get_rank() == dst:
+        out: List[Any] = [None] * get_world_size()
+        dist.gather_object(data, out, dst=dst, group=group)
+        return out
+    dist.gather_object(data, None, dst=dst, group=group)
+    return []
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank (``obj`` itself in a single process)."""
+    if not is_dist() or get_world_size() == 1:
+        return obj
+    box = [obj if get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src, group=_gloo_group())
+    return box[0]
