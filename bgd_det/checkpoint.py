@@ -40,13 +40,15 @@ def round_codebooks_to_fp16(model: nn.Module) -> None:
                 m.codebook.copy_(m.codebook.half().float())
 
 
-def compressed_state(model: nn.Module, *, arch: str, num_classes: int, **extra: Any) -> Dict[str, Any]:
-    """The checkpoint dict of ``model`` (codebooks stored as fp16)."""
+def compressed_state(model: nn.Module, *, arch: str, num_classes: int, codebook_dtype: torch.dtype = torch.float16,
+                     **extra: Any) -> Dict[str, Any]:
+    """The checkpoint dict of ``model`` (codebooks stored as ``codebook_dtype``: fp16 for deployment, fp32 for
+    exact training progress)."""
     layers = {n: {"block_size": m.block_size, "n_centroids": m.n_centroids}
               for n, m in model.named_modules() if isinstance(m, PQ_LAYER_TYPES)}
     state = {}
     for key, value in model.state_dict().items():
-        state[key] = value.half() if key.endswith("codebook") else value
+        state[key] = value.to(codebook_dtype) if key.endswith("codebook") else value
     return {"format": FORMAT, "version": VERSION, "arch": arch, "num_classes": int(num_classes),
             "layers": layers, "model": state, "extra": extra}
 

@@ -58,7 +58,7 @@ def distill(student: nn.Module, teacher: nn.Module, task: Task, params: Iterable
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
     finally:
         for p, r in zip(all_params, requires):
             p.requires_grad_(r)

@@ -91,7 +91,8 @@ class Quantizer:
         path = self._progress_path()
         if not path or not comm.is_main_process():
             return
-        state = compressed_state(student, arch=self.cfg.MODEL.ARCH, num_classes=self.cfg.MODEL.NUM_CLASSES)
+        state = compressed_state(student, arch=self.cfg.MODEL.ARCH, num_classes=self.cfg.MODEL.NUM_CLASSES,
+                                 codebook_dtype=torch.float32)
         state["plan"] = [asdict(p) for p in plan]
         state["records"] = [asdict(r) for r in records]
         atomic_save(state, path)

@@ -1,0 +1,72 @@
+"""Shared fixtures: the offline assets folder, a tiny registered architecture and a tiny image dataset."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from bgd_det.modeling import ARCH_REGISTRY
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+
+
+@pytest.fixture
+def assets_dir() -> Path:
+    """``../shared/assets``; tests using it skip when it is absent."""
+    if not ASSETS.is_dir():
+        pytest.skip(f"offline assets folder {ASSETS} is absent (real data/weights tests)")
+    return ASSETS
+
+
+class TinyNet(nn.Module):
+    """A small ResNet-like classifier for fast engine tests (32x32 inputs, 10 classes)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16, 16, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn3(self.conv3(x)) + x)
+        return self.fc(x.mean((2, 3)))
+
+
+if "tiny_net" not in ARCH_REGISTRY:
+    @ARCH_REGISTRY.register()
+    def tiny_net(cfg):
+        """Tiny test architecture."""
+        return TinyNet(cfg.MODEL.NUM_CLASSES)
+
+
+@pytest.fixture
+def tiny_images(tmp_path, monkeypatch) -> Path:
+    """An ``imagenet-sample``-style folder of 20 random 40x40 images over 10 wnids under ``$BGD_DATASETS``."""
+    root = tmp_path / "datasets" / "imagenet-sample"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        arr = (rng.random((40, 40, 3)) * 255).astype("uint8")
+        Image.fromarray(arr).save(root / f"n{i % 10:08d}_img{i}.JPEG", format="PNG")
+    monkeypatch.setenv("BGD_DATASETS", str(tmp_path / "datasets"))
+    return root
+
+
+def tiny_cfg(output_dir, *extra):
+    from bgd_det.config import load_config
+
+    opts = ["MODEL.ARCH", "tiny_net", "MODEL.NUM_CLASSES", 10, "MODEL.WEIGHTS", "", "INPUT.RESIZE", 36,
+            "INPUT.CROP", 32, "QUANT.N_CENTROIDS", 16, "QUANT.EM_ITERS", 5, "QUANT.CAPTURE_IMAGES", 8,
+            "QUANT.CAPTURE_BATCH_SIZE", 4, "QUANT.SKIP", "[]", "QUANT.BLOCK_SIZE.LINEAR", 4,
+            "DATASETS.CALIB", "imagenet_sample_even", "DATASETS.TEST", "imagenet_sample_odd",
+            "FINETUNE.BATCH_SIZE", 4, "TEST.BATCH_SIZE", 5, "OUTPUT_DIR", str(output_dir), *extra]
+    return load_config("", [str(o) for o in opts])

@@ -1,0 +1,104 @@
+"""End-to-end engine on a tiny network and real image files: quantize, resume, checkpoint round trip, report."""
+import os
+
+import pytest
+import torch
+
+from bgd_det.checkpoint import load_compressed, read_compressed, save_compressed
+from bgd_det.engine.pipeline import quantize_and_report
+from bgd_det.engine.quantizer import PROGRESS_FILE, Quantizer
+from bgd_det.modeling import build_model
+from bgd_det.quantization.layers import PQ_LAYER_TYPES
+from bgd_det.tasks import build_task
+from conftest import tiny_cfg
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _codes(model):
+    return {n: (m.codes.clone(), m.codebook.detach().clone()) for n, m in model.named_modules()
+            if isinstance(m, PQ_LAYER_TYPES)}
+
+
+def test_resume_gives_same_codes_as_uninterrupted_run(tiny_images, tmp_path):
+    extra = ["FINETUNE.LAYER_ITERS", 2, "FINETUNE.GLOBAL_ITERS", 2]
+    torch.manual_seed(0)
+    teacher = build_model(tiny_cfg(tmp_path / "a", *extra))
+    full = Quantizer(tiny_cfg(tmp_path / "a", *extra), teacher, build_task(tiny_cfg(tmp_path / "a"))).run()
+
+    cfg = tiny_cfg(tmp_path / "b", *extra)
+    q = Quantizer(cfg, teacher, build_task(cfg), output_dir=cfg.OUTPUT_DIR)
+
+    def stop_after_two(index, record):
+        if index == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        q.run(on_layer_done=stop_after_two)
+    assert os.path.isfile(tmp_path / "b" / PROGRESS_FILE)
+    done = []
+    resumed = Quantizer(cfg, teacher, build_task(cfg), output_dir=cfg.OUTPUT_DIR).run(
+        resume=True, on_layer_done=lambda i, r: done.append(i))
+    assert done == [2, 3]  # layers 0 and 1 came from the progress file
+    a, b = _codes(full.student), _codes(resumed.student)
+    assert list(a) == ["conv1", "conv2", "conv3", "fc"] == list(b)
+    for name in a:
+        assert torch.equal(a[name][0], b[name][0]), name
+        assert torch.allclose(a[name][1], b[name][1], atol=1e-6), name
+
+
+def test_resume_refuses_a_different_plan(tiny_images, tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    teacher = build_model(cfg)
+    Quantizer(cfg, teacher, build_task(cfg), output_dir=cfg.OUTPUT_DIR).run()
+    other = tiny_cfg(tmp_path, "QUANT.N_CENTROIDS", 8)
+    with pytest.raises(ValueError, match="different plan"):
+        Quantizer(other, teacher, build_task(other), output_dir=other.OUTPUT_DIR).run(resume=True)
+
+
+def test_pipeline_checkpoint_roundtrip_and_report(tiny_images, tmp_path):
+    cfg = tiny_cfg(tmp_path, "FINETUNE.GLOBAL_ITERS", 2)
+    out = quantize_and_report(cfg)
+    student = out["result"].student
+    for m in student.modules():  # BN running statistics must survive the checkpoint
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    path = tmp_path / "model_rt.pth"
+    save_compressed(str(path), student, arch="tiny_net", num_classes=10)
+    raw = torch.load(path, weights_only=True)
+    assert raw["model"]["conv2.codes"].dtype == torch.uint8
+    assert raw["model"]["conv2.codebook"].dtype == torch.float16
+    reloaded = load_compressed(str(path))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(student.eval()(x), reloaded(x))
+    for name in ("report.md", "report.json", "layer_sizes.png", "model_final.pth"):
+        assert os.path.isfile(tmp_path / name), name
+    text = open(tmp_path / "report.md").read()
+    assert "| compressed" in text and "| uncompressed" in text and "top1" in text
+    assert out["metrics"]["compressed"]["n_images"] == 10
+
+
+def test_bad_checkpoints(tmp_path, tiny_images):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        read_compressed(str(bad))
+    with pytest.raises(FileNotFoundError, match="compressed checkpoint not found"):
+        read_compressed(str(tmp_path / "missing.pth"))
+    torch.save({"weight": torch.zeros(1)}, tmp_path / "plain.pth")
+    with pytest.raises(ValueError, match="not a bgd_det compressed checkpoint"):
+        read_compressed(str(tmp_path / "plain.pth"))
+    cfg = tiny_cfg(tmp_path)
+    res = Quantizer(cfg, build_model(cfg), build_task(cfg)).run()
+    save_compressed(str(tmp_path / "ok.pth"), res.student, arch="resnet18", num_classes=10)
+    with pytest.raises(ValueError, match="do not exist in the model"):
+        load_compressed(str(tmp_path / "ok.pth"))
+    # a truncated file: nothing of the original is lost, the error is one line
+    data = (tmp_path / "ok.pth").read_bytes()
+    (tmp_path / "trunc.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        read_compressed(str(tmp_path / "trunc.pth"))

@@ -1,0 +1,83 @@
+"""Plan: execution order from a traced forward, rules, errors, and the paper's sizes."""
+import pytest
+import torch
+from torch import nn
+
+from bgd_det.config import load_config
+from bgd_det.modeling import build_model
+from bgd_det.quantization.plan import QuantRules, build_plan, execution_order
+from bgd_det.quantization.size import model_size
+from bgd_det.quantization.swap import swap_in_skeleton
+
+
+class Reordered(nn.Module):
+    """Modules defined in the opposite order of execution (as torchvision's FPN runs top-down)."""
+
+    def __init__(self):
+        super().__init__()
+        self.late = nn.Linear(8, 4)
+        self.early = nn.Conv2d(3, 8, 3)
+        self.conv1x1 = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        x = self.conv1x1(self.early(x))
+        return self.late(x.mean((2, 3)))
+
+
+def run(model):
+    return model(torch.randn(1, 3, 8, 8))
+
+
+def test_execution_order_not_definition_order():
+    model = Reordered()
+    assert execution_order(model, run) == ["early", "conv1x1", "late"]
+    assert list(dict(model.named_children())) == ["late", "early", "conv1x1"]
+
+
+def test_rules_types_overrides_skip_and_clamp():
+    model = Reordered()
+    order = execution_order(model, run)
+    rules = QuantRules(block_size_kxk=9, block_size_1x1=4, block_size_linear=4, n_centroids=256,
+                       skip=["early"], overrides=[["late", "SKIP", True], ["conv*", "N_CENTROIDS", 4]])
+    plan = build_plan(model, order, rules)
+    assert [(p.name, p.block_size, p.n_centroids) for p in plan] == [("conv1x1", 4, 4)]
+    # late: 4 x 8 weights with d=8 -> 4 sub-vectors: too few for any codebook (K <= 4 / 4).
+    with pytest.raises(ValueError, match="'late' has only 4 sub-vectors of size 8; skip it"):
+        build_plan(model, order, QuantRules(skip=["early"], overrides=[["late", "BLOCK_SIZE", 8]]))
+
+
+def test_clamp_to_power_of_two():
+    model = nn.Sequential(nn.Linear(48, 10))
+    plan = build_plan(model, ["0"], QuantRules(block_size_linear=4))
+    # 10 * 12 = 120 sub-vectors -> 120/4 = 30 -> 16
+    assert plan[0].n_centroids == 16 and plan[0].n_subvectors == 120
+
+
+def test_errors_name_the_bad_value():
+    model = Reordered()
+    order = execution_order(model, run)
+    with pytest.raises(ValueError, match=r"'layer9' matches no quantizable module; near matches"):
+        build_plan(model, order, QuantRules(skip=["layer9"]))
+    with pytest.raises(ValueError, match=r"pattern 'eraly' matches no .*'early'"):
+        build_plan(model, order, QuantRules(overrides=[["eraly", "BLOCK_SIZE", 9]]))
+    with pytest.raises(ValueError, match="key 'BLOK_SIZE' unknown"):
+        build_plan(model, order, QuantRules(overrides=[["early", "BLOK_SIZE", 9]]))
+    with pytest.raises(ValueError, match="block size 5 for 'early' does not divide its row length 27"):
+        build_plan(model, order, QuantRules(overrides=[["early", "BLOCK_SIZE", 5]]))
+
+
+@pytest.mark.parametrize("config,mib,ratio", [
+    ("configs/ImageNet/resnet18_small_blocks.yaml", 1.54, 28.9),
+    ("configs/ImageNet/resnet18_large_blocks.yaml", 1.03, 43.3),
+    ("configs/ImageNet/resnet50_small_blocks.yaml", 5.09, 19.1),
+    ("configs/ImageNet/resnet50_large_blocks.yaml", 3.19, 30.6),
+])
+def test_paper_sizes(config, mib, ratio):
+    cfg = load_config(config)
+    model = build_model(cfg, load=False).eval()
+    order = execution_order(model, lambda m: m(torch.zeros(1, 3, 64, 64)))
+    plan = build_plan(model, order, QuantRules.from_cfg(cfg.QUANT))
+    assert order[0] == "conv1" and plan[0].name == "layer1.0.conv1" and plan[-1].name == "fc"
+    report = model_size(swap_in_skeleton(model, plan))
+    assert report.compressed_mib == pytest.approx(mib, abs=0.01)
+    assert report.ratio == pytest.approx(ratio, abs=0.1)
