@@ -107,15 +107,26 @@ def load_compressed_into(model: nn.Module, ckpt: Dict[str, Any], *, source: str 
     return model
 
 
-def load_compressed(path: str, *, cfg=None, device: str = "cpu") -> nn.Module:
+def load_compressed(path: str, *, cfg=None, device: str = "cpu", inference: bool = False,
+                    fold_bn: bool = False) -> nn.Module:
     """Build the architecture named in the checkpoint and load the compressed model (eval mode).
 
     Args:
         path: compressed checkpoint. cfg: optional config (for architectures needing more than
             ``MODEL.ARCH``/``MODEL.NUM_CLASSES``); its ARCH/NUM_CLASSES are taken from the checkpoint.
+        inference: return the inference model instead of the training-layer one: codebook layers that
+            run through the compiled ops and never hold a dense weight (:mod:`bgd_det.ops.inference`).
+        fold_bn: with ``inference``, fold BatchNorms that follow codebook convs into them.
     """
     from .config import get_cfg
     from .modeling import build_model
+
+    if inference:
+        from .ops.inference import load_inference
+
+        return load_inference(path, cfg=cfg, fold_bn=fold_bn).to(device)
+    if fold_bn:
+        raise ValueError("fold_bn=True needs inference=True (the training layers keep their BatchNorms)")
 
     ckpt = read_compressed(path)
     cfg = (cfg.clone() if cfg is not None else get_cfg())

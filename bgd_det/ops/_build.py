@@ -47,7 +47,10 @@ def load_library(*, verbose: bool = False) -> Optional[str]:
         load(
             name=NAME,
             sources=SOURCES,
-            extra_cflags=["-O3", "-DNDEBUG"],
+            # -fopenmp: at::parallel_for is inline and only runs in parallel when compiled with OpenMP
+            # (it binds to the libgomp that torch already loaded).
+            extra_cflags=["-O3", "-DNDEBUG", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             extra_include_paths=[_CSRC],
             with_cuda=False,
             build_directory=build_dir(),

@@ -2,6 +2,7 @@
 // attributes (no -mavx2 for the whole file), chosen at run time. See kernels.h for the layout.
 #include "kernels.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -114,6 +115,38 @@ bool fused_rows_scalar(const PQArgs& a, int64_t r0, int64_t r1, const float* x, 
 
 #if BGD_HAVE_AVX2
 
+// Eight consecutive codes with one (uint8) or two (int16) 64-bit loads, as unsigned values.
+template <typename CodeT>
+inline void load8(const CodeT* p, uint32_t (&c)[8]) {
+  if constexpr (sizeof(CodeT) == 1) {
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    for (int i = 0; i < 8; ++i) c[i] = static_cast<uint32_t>((v >> (8 * i)) & 0xffu);
+  } else {
+    uint64_t v[2];
+    std::memcpy(v, p, 16);
+    for (int i = 0; i < 8; ++i) c[i] = static_cast<uint32_t>((v[i / 4] >> (16 * (i % 4))) & 0xffffu);
+  }
+}
+
+// Largest code of a row (unsigned compare, so a negative int16 code counts as huge).
+template <typename CodeT>
+BGD_AVX2 uint32_t max_code_avx2(const CodeT* p, int64_t n) {
+  constexpr int64_t per = 32 / sizeof(CodeT);
+  __m256i m = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + per <= n; i += per) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
+    m = sizeof(CodeT) == 1 ? _mm256_max_epu8(m, v) : _mm256_max_epu16(m, v);
+  }
+  alignas(32) CodeT lanes[per];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), m);
+  uint32_t best = 0;
+  for (int64_t j = 0; j < per; ++j) best = std::max(best, code_at(lanes, j));
+  for (; i < n; ++i) best = std::max(best, code_at(p, i));
+  return best;
+}
+
 // Copy (and scale) one centroid of d floats. d >= 8: 8-float chunks, the last one shifted back to end at
 // d (overlapping stores of equal values); 4 <= d < 8: two 4-float chunks; d < 4: scalar.
 template <int D, bool SCALED>
@@ -149,18 +182,22 @@ BGD_AVX2 bool decode_rows_avx2(const PQArgs& a, int64_t r0, int64_t r1, float* o
   const float* C = a.codebook;
   for (int64_t o = r0; o < r1; ++o) {
     const CodeT* rc = codes + o * a.n_blocks;
+    if (CHECK && max_code_avx2(rc, a.n_blocks) >= K) return false;
     float* dst = out + (o - r0) * ld;
     const float s = SCALED ? a.scale[o] : 1.0f;
     const __m256 vs = _mm256_set1_ps(s);
-    for (int64_t b = 0; b < nfull; ++b) {
-      const uint32_t c = code_at(rc, b);
-      if (CHECK && c >= K) return false;
-      copy_block_avx2<D, SCALED>(C + static_cast<int64_t>(c) * d, dst + b * d, d, vs);
+    int64_t b = 0;
+    for (; b + 8 <= nfull; b += 8) {
+      uint32_t c[8];
+      load8(rc + b, c);
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i)
+        copy_block_avx2<D, SCALED>(C + static_cast<int64_t>(c[i]) * d, dst + (b + i) * d, d, vs);
     }
+    for (; b < nfull; ++b)
+      copy_block_avx2<D, SCALED>(C + static_cast<int64_t>(code_at(rc, b)) * d, dst + b * d, d, vs);
     if (rem) {
-      const uint32_t c = code_at(rc, nfull);
-      if (CHECK && c >= K) return false;
-      const float* src = C + static_cast<int64_t>(c) * d;
+      const float* src = C + static_cast<int64_t>(code_at(rc, nfull)) * d;
       for (int64_t j = 0; j < rem; ++j) dst[nfull * d + j] = src[j] * s;
     }
   }
@@ -175,88 +212,113 @@ BGD_AVX2 inline float hsum_avx2(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(lo, sh));
 }
 
-// Independent accumulator chains per input: enough to hide the FMA latency when N is small.
-template <int NT>
-constexpr int chains() {
-  return NT == 1 ? 4 : (NT <= 3 ? 2 : 1);
+// Register blocking of the fused kernel: a tile is R weight rows x NT inputs with U accumulator chains
+// each, chosen so that the accumulators, the shared input vectors and the centroids fit in 16 ymm
+// registers and >= 8 independent FMA chains hide the FMA latency when possible.
+constexpr int vecs_per_unit(int D) { return D == 16 ? 2 : 1; }
+constexpr int tile_rows(int D, int NT) {
+  return vecs_per_unit(D) == 1 ? (NT <= 2 ? 4 : NT <= 4 ? 2 : 1) : (NT == 1 ? 4 : NT == 2 ? 2 : 1);
+}
+constexpr int tile_chains(int D, int NT) {
+  return vecs_per_unit(D) == 1 ? (NT == 1 ? 2 : 1) : (NT <= 4 ? 2 : 1);
 }
 
-// Decode-in-register dot products for d in {4, 8, 16}: each centroid is loaded once by its code and
-// multiplied into the NT inputs. A "unit" is 8 (d=4: two centroids) or 16 (d=16) floats.
-template <int D, int NT, typename CodeT, bool CHECK>
-BGD_AVX2 bool fused_rows_reg_avx2(const PQArgs& a, int64_t r0, int64_t r1, const float* x, int64_t ldx,
-                                  const float* bias, float* y, int64_t ldy) {
-  static_assert(D == 4 || D == 8 || D == 16, "register path is for d in {4, 8, 16}");
-  constexpr int U = chains<NT>();
-  constexpr int BPU = D == 4 ? 2 : 1;   // blocks per unit
-  constexpr int VPU = D == 16 ? 2 : 1;  // 8-float vectors per unit
-  constexpr int FPU = BPU * D;          // floats per unit
-  const uint32_t K = static_cast<uint32_t>(a.K);
+// Centroid vectors of one unit: d=4 packs two centroids into one ymm, d=8 is one ymm, d=16 two.
+template <int D>
+BGD_AVX2 inline void unit_weights(const float* C, const uint32_t* c, __m256 (&w)[vecs_per_unit(D)]) {
+  if constexpr (D == 4) {
+    w[0] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(C + 4 * static_cast<int64_t>(c[0]))),
+                                _mm_loadu_ps(C + 4 * static_cast<int64_t>(c[1])), 1);
+  } else {
+    for (int v = 0; v < vecs_per_unit(D); ++v) w[v] = _mm256_loadu_ps(C + static_cast<int64_t>(c[0]) * D + 8 * v);
+  }
+}
+
+// Decode-in-register dot products of R rows with NT inputs, for d in {4, 8, 16}. Each centroid is loaded
+// once by its code and multiplied into the NT inputs; each input vector is loaded once per R rows. A
+// "unit" is 8 floats of a row (d=4: two centroids) or 16 (d=16); codes are read 8 at a time.
+template <int D, int NT, int R, typename CodeT>
+BGD_AVX2 void fused_tile_reg(const PQArgs& a, int64_t o, const float* x, int64_t ldx, const float* bias,
+                             float* y, int64_t ldy) {
+  constexpr int U = tile_chains(D, NT);
+  constexpr int BPU = D == 4 ? 2 : 1;  // blocks per unit
+  constexpr int VPU = vecs_per_unit(D);
+  constexpr int FPU = BPU * D;         // floats per unit
+  constexpr int G = 8 / BPU;           // units per group of 8 codes
   const float* C = a.codebook;
+  const CodeT* rc[R];
+  for (int r = 0; r < R; ++r) rc[r] = static_cast<const CodeT*>(a.codes) + (o + r) * a.n_blocks;
   const int64_t nunits = (a.cols / D) / BPU;
-  const CodeT* codes = static_cast<const CodeT*>(a.codes);
-  for (int64_t o = r0; o < r1; ++o) {
-    const CodeT* rc = codes + o * a.n_blocks;
-    __m256 acc[NT][U];
+
+  __m256 acc[R][NT][U];
+  for (int r = 0; r < R; ++r)
     for (int n = 0; n < NT; ++n)
-      for (int k = 0; k < U; ++k) acc[n][k] = _mm256_setzero_ps();
-    int64_t u = 0;
-    for (; u + U <= nunits; u += U) {
-#pragma GCC unroll 4
-      for (int k = 0; k < U; ++k) {
-        const int64_t b = (u + k) * BPU;
-        __m256 w[VPU];
-        if (D == 4) {
-          const uint32_t c0 = code_at(rc, b), c1 = code_at(rc, b + 1);
-          if (CHECK && (c0 >= K || c1 >= K)) return false;
-          w[0] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(C + 4 * c0)),
-                                      _mm_loadu_ps(C + 4 * c1), 1);
-        } else {
-          const uint32_t c = code_at(rc, b);
-          if (CHECK && c >= K) return false;
-          for (int v = 0; v < VPU; ++v) w[v] = _mm256_loadu_ps(C + static_cast<int64_t>(c) * D + 8 * v);
-        }
-        const int64_t off = (u + k) * FPU;
+      for (int k = 0; k < U; ++k) acc[r][n][k] = _mm256_setzero_ps();
+
+  int64_t u = 0;
+  for (; u + G <= nunits; u += G) {
+    uint32_t c[R][8];
+    for (int r = 0; r < R; ++r) load8(rc[r] + u * BPU, c[r]);
 #pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) {
+      const int64_t off = (u + g) * FPU;
+      __m256 xv[NT][VPU];
+      for (int n = 0; n < NT; ++n)
+        for (int v = 0; v < VPU; ++v) xv[n][v] = _mm256_loadu_ps(x + n * ldx + off + 8 * v);
+      for (int r = 0; r < R; ++r) {
+        __m256 w[VPU];
+        unit_weights<D>(C, &c[r][g * BPU], w);
         for (int n = 0; n < NT; ++n)
-          for (int v = 0; v < VPU; ++v)
-            acc[n][k] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(x + n * ldx + off + 8 * v), acc[n][k]);
+          for (int v = 0; v < VPU; ++v) {
+            const int k = (g * VPU + v) % U;
+            acc[r][n][k] = _mm256_fmadd_ps(w[v], xv[n][v], acc[r][n][k]);
+          }
       }
     }
-    for (; u < nunits; ++u) {
-      const int64_t b = u * BPU;
+  }
+  for (; u < nunits; ++u) {
+    const int64_t off = u * FPU;
+    for (int r = 0; r < R; ++r) {
+      uint32_t c[2] = {code_at(rc[r], u * BPU), BPU == 2 ? code_at(rc[r], u * BPU + 1) : 0u};
       __m256 w[VPU];
-      if (D == 4) {
-        const uint32_t c0 = code_at(rc, b), c1 = code_at(rc, b + 1);
-        if (CHECK && (c0 >= K || c1 >= K)) return false;
-        w[0] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(C + 4 * c0)),
-                                    _mm_loadu_ps(C + 4 * c1), 1);
-      } else {
-        const uint32_t c = code_at(rc, b);
-        if (CHECK && c >= K) return false;
-        for (int v = 0; v < VPU; ++v) w[v] = _mm256_loadu_ps(C + static_cast<int64_t>(c) * D + 8 * v);
-      }
+      unit_weights<D>(C, c, w);
       for (int n = 0; n < NT; ++n)
         for (int v = 0; v < VPU; ++v)
-          acc[n][0] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(x + n * ldx + u * FPU + 8 * v), acc[n][0]);
+          acc[r][n][0] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(x + n * ldx + off + 8 * v), acc[r][n][0]);
     }
+  }
+  for (int r = 0; r < R; ++r) {
     float res[NT];
     for (int n = 0; n < NT; ++n) {
-      __m256 t = acc[n][0];
-      for (int k = 1; k < U; ++k) t = _mm256_add_ps(t, acc[n][k]);
+      __m256 t = acc[r][n][0];
+      for (int k = 1; k < U; ++k) t = _mm256_add_ps(t, acc[r][n][k]);
       res[n] = hsum_avx2(t);
     }
     // Tail: an odd d=4 block and a partial last block, scalar.
     for (int64_t i = nunits * FPU; i < a.cols; ++i) {
-      const uint32_t c = code_at(rc, i / D);
-      if (CHECK && c >= K) return false;
-      const float w = C[static_cast<int64_t>(c) * D + i % D];
+      const float w = C[static_cast<int64_t>(code_at(rc[r], i / D)) * D + i % D];
       for (int n = 0; n < NT; ++n) res[n] += w * x[n * ldx + i];
     }
-    const float s = a.scale != nullptr ? a.scale[o] : 1.0f;
-    const float bo = bias != nullptr ? bias[o] : 0.0f;
-    for (int n = 0; n < NT; ++n) y[n * ldy + o] = res[n] * s + bo;
+    const float s = a.scale != nullptr ? a.scale[o + r] : 1.0f;
+    const float bo = bias != nullptr ? bias[o + r] : 0.0f;
+    for (int n = 0; n < NT; ++n) y[n * ldy + o + r] = res[n] * s + bo;
   }
+}
+
+template <int D, int NT, typename CodeT, bool CHECK>
+BGD_AVX2 bool fused_rows_reg_avx2(const PQArgs& a, int64_t r0, int64_t r1, const float* x, int64_t ldx,
+                                  const float* bias, float* y, int64_t ldy) {
+  static_assert(D == 4 || D == 8 || D == 16, "register path is for d in {4, 8, 16}");
+  constexpr int R = tile_rows(D, NT);
+  if (CHECK) {
+    const uint32_t K = static_cast<uint32_t>(a.K);
+    const CodeT* codes = static_cast<const CodeT*>(a.codes);
+    for (int64_t o = r0; o < r1; ++o)
+      if (max_code_avx2(codes + o * a.n_blocks, a.n_blocks) >= K) return false;
+  }
+  int64_t o = r0;
+  for (; o + R <= r1; o += R) fused_tile_reg<D, NT, R, CodeT>(a, o, x, ldx, bias, y, ldy);
+  for (; o < r1; ++o) fused_tile_reg<D, NT, 1, CodeT>(a, o, x, ldx, bias, y, ldy);
   return true;
 }
 
@@ -264,7 +326,7 @@ BGD_AVX2 bool fused_rows_reg_avx2(const PQArgs& a, int64_t r0, int64_t r1, const
 template <int NT, typename CodeT, bool CHECK>
 BGD_AVX2 bool fused_rows_buf_avx2(const PQArgs& a, int64_t r0, int64_t r1, const float* x, int64_t ldx,
                                   const float* bias, float* y, int64_t ldy) {
-  constexpr int U = chains<NT>();
+  constexpr int U = NT == 1 ? 4 : (NT <= 3 ? 2 : 1);  // independent accumulator chains
   float* row = row_buffer(a.cols).data();
   const int64_t cols = a.cols;
   for (int64_t o = r0; o < r1; ++o) {

@@ -1,0 +1,358 @@
+"""Inference model of a compressed network: codebook layers that run through the compiled ops.
+
+:func:`to_inference` replaces the training-time codebook layers (:mod:`bgd_det.quantization.layers`) by
+inference layers that hold only ``codes`` (uint8/int16) and an fp32 ``codebook`` (converted once here,
+whatever the checkpoint stored) and call :mod:`bgd_det.ops`; no dense weight is ever kept. With
+``fold_bn=True`` a BatchNorm that directly follows a :class:`PQConv2d` is folded into it: its scale multiplies
+the decoded rows inside the op, its shift becomes the bias, and the BatchNorm becomes ``nn.Identity``.
+Conv -> BN pairs are found by tracing the model with ``torch.fx`` (codebook layers and BatchNorms as leaves);
+parts of a model that cannot be traced are traced child by child, and whatever is not found is left unfolded.
+
+:func:`load_inference` builds the inference model straight from a compressed checkpoint: the architecture is
+built on the ``meta`` device, so its dense weights are never allocated.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from itertools import chain
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..quantization.layers import PQ_LAYER_TYPES, PQConv2d, PQConvTranspose2d, PQLinear
+from ..quantization.swap import set_module
+from . import ops_available, pq_conv2d, pq_conv_transpose2d, pq_linear
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PQConv2dInfer", "PQLinearInfer", "PQConvTranspose2dInfer", "INFER_LAYER_TYPES",
+           "conv_bn_pairs", "to_inference", "load_inference", "inference_bytes", "max_scratch_bytes"]
+
+
+def _bn_types() -> tuple:
+    types: tuple = (_BatchNorm,)
+    try:
+        from torchvision.ops.misc import FrozenBatchNorm2d
+
+        types += (FrozenBatchNorm2d,)
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        pass
+    return types
+
+
+BN_TYPES = _bn_types()
+
+
+def bn_scale_shift(bn: nn.Module) -> Optional[Tuple[Tensor, Tensor]]:
+    """Per-channel ``(scale, shift)`` with ``bn(y) == scale * y + shift`` in eval mode, or None if ``bn``
+    normalises with batch statistics (no running statistics)."""
+    mean, var = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
+    if mean is None or var is None or (isinstance(bn, _BatchNorm) and not bn.track_running_stats):
+        return None
+    var64, mean64 = var.detach().double(), mean.detach().double()
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var64)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(var64)
+    scale = gamma / torch.sqrt(var64 + bn.eps)
+    return scale.float(), (beta - mean64 * scale).float()
+
+
+def _check_codes(codes: Tensor, n_centroids: int) -> None:
+    if codes.numel() and (int(codes.max()) >= n_centroids or int(codes.min()) < 0):
+        raise ValueError(f"codes out of range [0, {n_centroids}) for a codebook of {n_centroids} centroids")
+
+
+class _PQInfer(nn.Module):
+    """Storage of an inference codebook layer.
+
+    Attributes:
+        codes (Tensor[rows, n_blocks] uint8/int16): buffer, shared with the layer it was built from.
+        codebook (Tensor[K, d] float32): buffer.
+        weight_shape (tuple): shape of the dense weight the codes stand for (never materialised).
+        bias (Tensor[C_out] float32 or None): buffer.
+    """
+
+    def _init_pq(self, codes: Tensor, codebook: Tensor, weight_shape: Sequence[int],
+                 bias: Optional[Tensor]) -> None:
+        _check_codes(codes, codebook.shape[0])
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+        self.register_buffer("codes", codes.detach().contiguous())
+        self.register_buffer("codebook", codebook.detach().float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+
+    @property
+    def block_size(self) -> int:
+        return self.codebook.shape[1]
+
+    @property
+    def n_centroids(self) -> int:
+        return self.codebook.shape[0]
+
+    def _pq_repr(self) -> str:
+        return (f"weight_shape={self.weight_shape}, block_size={self.block_size}, "
+                f"n_centroids={self.n_centroids}, bias={self.bias is not None}")
+
+
+class PQConv2dInfer(_PQInfer):
+    """Conv2d from codes + codebook through ``bgd::pq_conv2d``; optional folded BatchNorm.
+
+    Computes ``conv2d(x, scale[:, None, None, None] * W, bias)`` with ``W`` the decoded weight
+    Tensor[C_out, C_in // groups, kh, kw].
+    """
+
+    def __init__(self, codes: Tensor, codebook: Tensor, weight_shape: Sequence[int], *,
+                 bias: Optional[Tensor] = None, scale: Optional[Tensor] = None, stride=1, padding=0,
+                 dilation=1, groups: int = 1, pre_pad: Optional[Sequence[int]] = None,
+                 pad_mode: str = "constant") -> None:
+        super().__init__()
+        self._init_pq(codes, codebook, weight_shape, bias)
+        self.register_buffer("scale", None if scale is None else scale.detach().float().contiguous())
+        self.stride = tuple(nn.modules.utils._pair(stride))
+        self.padding = tuple(nn.modules.utils._pair(padding))
+        self.dilation = tuple(nn.modules.utils._pair(dilation))
+        self.groups = int(groups)
+        self.pre_pad = None if pre_pad is None else tuple(int(p) for p in pre_pad)
+        self.pad_mode = pad_mode
+        self.out_channels, self.kernel_size = self.weight_shape[0], tuple(self.weight_shape[2:])
+        self.in_channels = self.weight_shape[1] * self.groups
+
+    @classmethod
+    def from_pq(cls, layer: PQConv2d, *, bn: Optional[nn.Module] = None) -> "PQConv2dInfer":
+        """Inference layer of ``layer``, with the eval-mode ``bn`` that follows it folded in when given."""
+        pre_pad, pad_mode, padding = None, "constant", layer.padding
+        if layer.padding_mode != "zeros":
+            pre_pad, pad_mode, padding = layer._reversed_padding_repeated_twice, layer.padding_mode, 0
+        elif isinstance(padding, str):
+            left_w, right_w, top_h, bottom_h = layer._reversed_padding_repeated_twice
+            if left_w == right_w and top_h == bottom_h:
+                padding = (top_h, left_w)
+            else:  # asymmetric "same"
+                pre_pad, padding = layer._reversed_padding_repeated_twice, 0
+        bias, scale = layer.bias, None
+        if bn is not None:
+            affine = bn_scale_shift(bn)
+            if affine is None:
+                raise ValueError(f"cannot fold {type(bn).__name__} without running statistics")
+            scale, shift = affine
+            bias = shift if bias is None else bias.detach().float() * scale + shift
+        return cls(layer.codes, layer.codebook, layer.weight_shape, bias=bias, scale=scale,
+                   stride=layer.stride, padding=padding, dilation=layer.dilation, groups=layer.groups,
+                   pre_pad=pre_pad, pad_mode=pad_mode)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pre_pad is not None:
+            x = F.pad(x, self.pre_pad, mode=self.pad_mode)
+        return pq_conv2d(x, self.codes, self.codebook, self.weight_shape, scale=self.scale, bias=self.bias,
+                         stride=self.stride, padding=self.padding, dilation=self.dilation,
+                         groups=self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self._pq_repr()}, stride={self.stride}, padding={self.padding}, "
+                f"dilation={self.dilation}, groups={self.groups}, folded_bn={self.scale is not None}")
+
+
+class PQLinearInfer(_PQInfer):
+    """Linear from codes + codebook through ``bgd::pq_linear`` (fused decode-dot for <= 8 input rows)."""
+
+    def __init__(self, codes: Tensor, codebook: Tensor, weight_shape: Sequence[int], *,
+                 bias: Optional[Tensor] = None) -> None:
+        super().__init__()
+        self._init_pq(codes, codebook, weight_shape, bias)
+        self.out_features, self.in_features = self.weight_shape
+
+    @classmethod
+    def from_pq(cls, layer: PQLinear) -> "PQLinearInfer":
+        return cls(layer.codes, layer.codebook, layer.weight_shape, bias=layer.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return pq_linear(x, self.codes, self.codebook, bias=self.bias)
+
+    def extra_repr(self) -> str:
+        return self._pq_repr()
+
+
+class PQConvTranspose2dInfer(_PQInfer):
+    """ConvTranspose2d from codes + codebook (weight Tensor[C_in, C_out // groups, kh, kw])."""
+
+    def __init__(self, codes: Tensor, codebook: Tensor, weight_shape: Sequence[int], *,
+                 bias: Optional[Tensor] = None, stride=1, padding=0, output_padding=0, groups: int = 1,
+                 dilation=1) -> None:
+        super().__init__()
+        self._init_pq(codes, codebook, weight_shape, bias)
+        self.stride = tuple(nn.modules.utils._pair(stride))
+        self.padding = tuple(nn.modules.utils._pair(padding))
+        self.output_padding = tuple(nn.modules.utils._pair(output_padding))
+        self.dilation = tuple(nn.modules.utils._pair(dilation))
+        self.groups = int(groups)
+
+    @classmethod
+    def from_pq(cls, layer: PQConvTranspose2d) -> "PQConvTranspose2dInfer":
+        if layer.padding_mode != "zeros":
+            raise ValueError("ConvTranspose2d supports only padding_mode='zeros'")
+        return cls(layer.codes, layer.codebook, layer.weight_shape, bias=layer.bias, stride=layer.stride,
+                   padding=layer.padding, output_padding=layer.output_padding, groups=layer.groups,
+                   dilation=layer.dilation)
+
+    def forward(self, x: Tensor, output_size: Optional[Sequence[int]] = None) -> Tensor:
+        output_padding = self.output_padding
+        if output_size is not None:
+            output_padding = nn.ConvTranspose2d._output_padding(
+                self, x, output_size, list(self.stride), list(self.padding),
+                list(self.weight_shape[2:]), 2, list(self.dilation))
+        return pq_conv_transpose2d(x, self.codes, self.codebook, self.weight_shape, bias=self.bias,
+                                   stride=self.stride, padding=self.padding,
+                                   output_padding=output_padding, groups=self.groups,
+                                   dilation=self.dilation)
+
+    def extra_repr(self) -> str:
+        return f"{self._pq_repr()}, stride={self.stride}, padding={self.padding}"
+
+
+INFER_LAYER_TYPES = (PQConv2dInfer, PQLinearInfer, PQConvTranspose2dInfer)
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """fx tracer that keeps codebook layers and BatchNorms as single call_module nodes."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, PQ_LAYER_TYPES + BN_TYPES) or super().is_leaf_module(m, qualname)
+
+
+def conv_bn_pairs(model: nn.Module) -> List[Tuple[str, str]]:
+    """``(conv, bn)`` module names where a BatchNorm is applied to, and only to, a :class:`PQConv2d`'s output.
+
+    The model is traced with ``torch.fx``; a part that cannot be traced is tried child by child. A pair is
+    kept only if the conv output has no other user and each module is called once in the traced forward.
+    """
+    pairs: List[Tuple[str, str]] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        if isinstance(module, PQ_LAYER_TYPES + BN_TYPES):
+            return
+        if not any(isinstance(m, PQConv2d) for m in module.modules()):
+            return
+        try:
+            graph = _LeafTracer().trace(module)
+        except Exception:  # data-dependent control flow etc.: look inside
+            for name, child in module.named_children():
+                visit(child, f"{prefix}{name}.")
+            return
+        calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+        for node in graph.nodes:
+            if node.op != "call_module" or not isinstance(module.get_submodule(node.target), PQConv2d):
+                continue
+            users = list(node.users)
+            if len(users) != 1 or users[0].op != "call_module":
+                continue
+            bn_node = users[0]
+            if not isinstance(module.get_submodule(bn_node.target), BN_TYPES):
+                continue
+            if calls[node.target] != 1 or calls[bn_node.target] != 1:
+                continue
+            if tuple(bn_node.args) != (node,) or bn_node.kwargs:
+                continue
+            pairs.append((prefix + node.target, prefix + bn_node.target))
+
+    visit(model, "")
+    return pairs
+
+
+def to_inference(model: nn.Module, *, fold_bn: bool = False) -> nn.Module:
+    """Replace every codebook layer of ``model`` (in place) by its inference layer; set eval mode.
+
+    Args:
+        model: a model holding :data:`PQ_LAYER_TYPES` layers (e.g. from ``load_compressed``).
+        fold_bn: fold each BatchNorm that directly follows a :class:`PQConv2d` into it (eval statistics).
+
+    Returns:
+        The converted model (the same object, unless ``model`` itself is a codebook layer).
+    """
+    model.eval()
+    ops_available()  # build / log once now rather than at the first forward
+    pairs = []
+    if fold_bn:
+        for conv, bn in conv_bn_pairs(model):
+            if bn_scale_shift(model.get_submodule(bn)) is not None:
+                pairs.append((conv, bn))
+    bn_of = dict(pairs)
+    n_conv = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, PQConv2d):
+            n_conv += 1
+            bn = model.get_submodule(bn_of[name]) if name in bn_of else None
+            new: nn.Module = PQConv2dInfer.from_pq(module, bn=bn)
+        elif isinstance(module, PQLinear):
+            new = PQLinearInfer.from_pq(module)
+        elif isinstance(module, PQConvTranspose2d):
+            new = PQConvTranspose2dInfer.from_pq(module)
+        else:
+            continue
+        if not name:
+            return new.eval()
+        set_module(model, name, new)
+    for _, bn in pairs:
+        set_module(model, bn, nn.Identity())
+    if fold_bn:
+        logger.info("folded %d BatchNorms into %d codebook convs", len(pairs), n_conv)
+    return model
+
+
+def load_inference(path: str, *, fold_bn: bool = False, cfg=None) -> nn.Module:
+    """Inference model of a compressed checkpoint, built without allocating the dense weights.
+
+    The architecture is built on the ``meta`` device, codebook layers are swapped in, and the checkpoint's
+    tensors are assigned directly (``load_state_dict(assign=True)``); then :func:`to_inference`.
+
+    Args:
+        path: compressed checkpoint (see :mod:`bgd_det.checkpoint`); cfg: optional config, as in
+            :func:`bgd_det.checkpoint.load_compressed`; fold_bn: see :func:`to_inference`.
+    """
+    from ..checkpoint import load_compressed, read_compressed
+    from ..config import get_cfg
+    from ..modeling import build_model
+    from ..quantization.plan import LayerPlan
+    from ..quantization.swap import swap_in_skeleton
+
+    ckpt = read_compressed(path)
+    cfg = cfg.clone() if cfg is not None else get_cfg()
+    cfg.defrost()
+    cfg.MODEL.ARCH = ckpt["arch"]
+    cfg.MODEL.NUM_CLASSES = ckpt["num_classes"]
+    cfg.MODEL.DEVICE = "meta"
+    with torch.device("meta"):
+        model = build_model(cfg, load=False)
+        modules = dict(model.named_modules())
+        unknown = [n for n in ckpt["layers"] if n not in modules]
+        if unknown:
+            raise ValueError(f"{path}: quantized layers {unknown[:5]} do not exist in the model "
+                             f"(architecture mismatch?)")
+        plan = [LayerPlan(n, int(v["block_size"]), int(v["n_centroids"]), 0)
+                for n, v in ckpt["layers"].items()]
+        swap_in_skeleton(model, plan)
+    try:
+        model.load_state_dict(ckpt["model"], strict=True, assign=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise ValueError(f"{path} does not match the model: {' '.join(first[:3])[:400]}") from None
+    del ckpt
+    on_meta = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if on_meta:  # non-persistent buffers are not in the checkpoint: build the ordinary way instead
+        logger.info("%s: %s not in the checkpoint; building the dense model first", path, on_meta[:3])
+        model = load_compressed(path, cfg=cfg)
+    return to_inference(model, fold_bn=fold_bn)
+
+
+def inference_bytes(model: nn.Module) -> int:
+    """Bytes held by ``model``'s parameters and buffers (what stays resident for inference)."""
+    return sum(t.numel() * t.element_size() for t in chain(model.parameters(), model.buffers()))
+
+
+def max_scratch_bytes(model: nn.Module) -> int:
+    """Size of the decode scratch buffer the largest inference conv/linear layer needs (fp32)."""
+    sizes = [4 * math.prod(m.weight_shape) for m in model.modules() if isinstance(m, INFER_LAYER_TYPES)]
+    return max(sizes, default=0)
