@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 __all__ = [
     "is_dist", "get_rank", "get_world_size", "get_local_rank", "get_local_size", "is_main_process",
-    "synchronize", "all_reduce_sum", "broadcast_tensor", "all_gather", "gather", "broadcast_object",
+    "synchronize", "get_cpu_group", "all_reduce_sum", "broadcast_tensor", "all_gather", "gather",
+    "broadcast_object",
 ]
 
 
@@ -71,21 +72,31 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+# dtypes gloo reduces and broadcasts; others (int16 codes for K > 256 ...) travel as bytes.
+_GLOO_DTYPES = {torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int32,
+                torch.int64, torch.bool}
+
+
 def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """Overwrite ``t`` in place with rank ``src``'s ``t`` (same shape/dtype on all ranks)."""
+    """Overwrite ``t`` (contiguous) in place with rank ``src``'s ``t``; same shape and dtype on all ranks."""
     if is_dist() and get_world_size() > 1:
-        dev = _collective_device(t)
-        if dev == t.device:
-            dist.broadcast(t, src)
+        if not t.is_contiguous():
+            raise ValueError("broadcast_tensor needs a contiguous tensor")
+        buf = t
+        if dist.get_backend() == "gloo" and t.dtype not in _GLOO_DTYPES:
+            buf = t.reshape(-1).view(torch.uint8)  # shares t's memory
+        dev = _collective_device(buf)
+        if dev == buf.device:
+            dist.broadcast(buf, src)
         else:
-            moved = t.to(dev)
+            moved = buf.to(dev)
             dist.broadcast(moved, src)
-            t.copy_(moved)
+            buf.copy_(moved)
     return t
 
 
 @functools.lru_cache()
-def _gloo_group():
+def get_cpu_group():
     """A gloo group over all ranks for pickled objects (the default group itself when it is gloo).
 
     Created on first use; every rank reaches it through the same collective call, as ``new_group`` requires.
@@ -100,7 +111,7 @@ def all_gather(data: Any) -> List[Any]:
     if not is_dist() or get_world_size() == 1:
         return [data]
     out: List[Any] = [None] * get_world_size()
-    dist.all_gather_object(out, data, group=_gloo_group())
+    dist.all_gather_object(out, data, group=get_cpu_group())
     return out
 
 
@@ -108,7 +119,7 @@ def gather(data: Any, dst: int = 0) -> List[Any]:
     """Every rank's picklable ``data`` in rank order on rank ``dst``; ``[]`` on the other ranks."""
     if not is_dist() or get_world_size() == 1:
         return [data]
-    group = _gloo_group()
+    group = get_cpu_group()
     if get_rank() == dst:
         out: List[Any] = [None] * get_world_size()
         dist.gather_object(data, out, dst=dst, group=group)
@@ -122,5 +133,5 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not is_dist() or get_world_size() == 1:
         return obj
     box = [obj if get_rank() == src else None]
-    dist.broadcast_object_list(box, src=src, group=_gloo_group())
+    dist.broadcast_object_list(box, src=src, group=get_cpu_group())
     return box[0]
