@@ -26,7 +26,7 @@ from ..quantization.pq import pq_decode as _reference_decode
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ops_available", "pq_decode", "pq_conv2d", "pq_linear", "pq_conv_transpose2d",
+__all__ = ["ops_available", "build_status", "pq_decode", "pq_conv2d", "pq_linear", "pq_conv_transpose2d",
            "reference_weight", "simd_mode"]
 
 _IntOrPair = Union[int, Sequence[int]]
@@ -50,6 +50,16 @@ def ops_available() -> bool:
                 logger.warning("compiled bgd ops not available (%s); using the reference decode", reason)
             _state.update(tried=True, ok=reason is None, reason=reason)
     return _state["ok"]
+
+
+def build_status() -> str:
+    """One line saying whether the compiled ops are built (building them if needed), and where."""
+    from ._build import build_dir
+
+    if ops_available():
+        isa = "AVX2/FMA" if simd_mode() == 1 else "scalar"
+        return f"bgd ops: compiled, {isa} kernels, cached in {build_dir()}"
+    return f"bgd ops: not available ({_state['reason']}); using the reference decode"
 
 
 def _use_op(x: Tensor) -> bool:

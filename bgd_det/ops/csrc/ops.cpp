@@ -12,6 +12,7 @@
 // pixels, use the fused decode-dot kernel instead and never write the weight to memory.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/conv2d.h>
 #include <ATen/ops/conv_transpose2d.h>
 #include <ATen/ops/empty.h>
@@ -175,6 +176,8 @@ Tensor pq_decode_cpu(const Tensor& codes, const Tensor& codebook, at::IntArrayRe
 
 Tensor pq_linear_cpu(const Tensor& input, const Tensor& codes, const Tensor& codebook,
                      const c10::optional<Tensor>& scale, const c10::optional<Tensor>& bias) {
+  // Inference op without an autograd formula: the ATen ops inside must not record a graph.
+  at::NoGradGuard no_grad;
   const char* op = "bgd::pq_linear";
   check_input(input, 0, op);
   const int64_t cols = input.size(-1);
@@ -197,6 +200,8 @@ Tensor pq_conv2d_cpu(const Tensor& input, const Tensor& codes, const Tensor& cod
                      at::IntArrayRef weight_shape, const c10::optional<Tensor>& scale,
                      const c10::optional<Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                      at::IntArrayRef dilation, int64_t groups) {
+  // Inference op without an autograd formula: the ATen ops inside must not record a graph.
+  at::NoGradGuard no_grad;
   const char* op = "bgd::pq_conv2d";
   check_input(input, 4, op);
   TORCH_CHECK(weight_shape.size() == 4, op, ": weight_shape must be [C_out, C_in/groups, kh, kw], got ",
@@ -232,6 +237,8 @@ Tensor pq_conv_transpose2d_cpu(const Tensor& input, const Tensor& codes, const T
                                at::IntArrayRef weight_shape, const c10::optional<Tensor>& bias,
                                at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef dilation) {
+  // Inference op without an autograd formula: the ATen ops inside must not record a graph.
+  at::NoGradGuard no_grad;
   const char* op = "bgd::pq_conv_transpose2d";
   check_input(input, 4, op);
   TORCH_CHECK(weight_shape.size() == 4, op, ": weight_shape must be [C_in, C_out/groups, kh, kw], got ",

@@ -1,0 +1,390 @@
+"""Compiled codebook ops vs the reference decode + dense functional ops; inference model; bad inputs."""
+import logging
+import os
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import bgd_det
+from bgd_det import ops
+from bgd_det.checkpoint import round_codebooks_to_fp16, save_compressed
+from bgd_det.ops import inference as inf
+from bgd_det.quantization.layers import PQ_LAYER_TYPES, PQConv2d, PQConvTranspose2d, PQLinear
+from bgd_det.quantization.plan import QuantRules, build_plan, execution_order
+from bgd_det.quantization.pq import code_dtype, pq_decode
+from bgd_det.quantization.swap import pq_layers, swap_in_skeleton
+
+BLOCK_SIZES = (4, 8, 9, 16, 18)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled():
+    if os.environ.get("BGD_NO_EXT", "") not in ("", "0"):
+        pytest.skip("BGD_NO_EXT is set: the compiled ops are disabled")
+    assert ops.ops_available(), f"the bgd ops did not build: {ops.build_status()}"
+    yield
+    ops.simd_mode(1)
+
+
+@pytest.fixture(params=[1, 0], ids=["avx2", "scalar"])
+def simd(request):
+    """Run a test with the AVX2 kernels (when the CPU has them) and with the portable ones."""
+    if request.param == 1 and ops.simd_mode(1) != 1:
+        pytest.skip("CPU without AVX2/FMA")
+    ops.simd_mode(request.param)
+    yield request.param
+    ops.simd_mode(1)
+
+
+def random_pq(rows, cols, d, k, *, seed=0):
+    """codes Tensor[rows, ceil(cols/d)] and codebook Tensor[k, d] (a partial last block when d does not
+    divide cols)."""
+    g = torch.Generator().manual_seed(seed)
+    n_blocks = -(-cols // d)
+    codes = torch.randint(0, k, (rows, n_blocks), generator=g).to(code_dtype(k))
+    return codes, torch.randn(k, d, generator=g)
+
+
+def ref_weight(codes, codebook, shape, scale=None):
+    """Independent oracle: the reference decode, rows times scale."""
+    w = pq_decode(codes, codebook, shape)
+    return w if scale is None else w * scale.view(-1, *([1] * (len(shape) - 1)))
+
+
+# ------------------------------------------------------------------------------------------- decode
+
+
+@pytest.mark.parametrize("d", BLOCK_SIZES + (3, 5, 12))
+@pytest.mark.parametrize("k", [256, 16, 1024])
+def test_decode_matches_reference(simd, d, k):
+    for cols in (7 * d, 7 * d - 1, 40 * d + 1):
+        codes, cb = random_pq(13, cols, d, k, seed=d + cols)
+        scale = torch.rand(13) + 0.5
+        assert torch.equal(ops.pq_decode(codes, cb, (13, cols)), pq_decode(codes, cb, (13, cols)))
+        torch.testing.assert_close(ops.pq_decode(codes, cb, (13, cols), scale=scale),
+                                   ref_weight(codes, cb, (13, cols), scale), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------- conv2d
+
+CONV_CASES = [
+    # c_in, c_out, kernel, stride, padding, dilation, groups, d, hw
+    (16, 24, 3, 1, 1, 1, 1, 9, 9),
+    (16, 24, 3, 2, 1, 1, 1, 18, 10),
+    (16, 24, 3, 1, 2, 2, 2, 8, 9),
+    (12, 12, 3, 1, 1, 1, 12, 9, 7),  # depthwise
+    (32, 16, 1, 1, 0, 1, 1, 4, 6),
+    (32, 16, 1, 2, 0, 1, 1, 16, 6),
+    (32, 16, 1, 1, 0, 1, 1, 4, 2),   # 1x1 with <= 8 pixels: fused path
+    (32, 16, 1, 2, 0, 1, 1, 8, 3),   # strided 1x1, fused path
+    (32, 16, 1, 1, 0, 1, 4, 4, 2),   # grouped 1x1: decode path
+    (10, 6, 3, 1, 1, 1, 1, 4, 5),    # 90 columns: partial last block for d=4
+    (8, 8, (1, 3), (2, 1), (0, 1), 1, 1, 9, 5),
+    (8, 8, 5, 1, 2, 1, 1, 16, 1),    # 1x1 spatial input
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_conv2d_matches_reference(simd, case, batch):
+    c_in, c_out, kernel, stride, padding, dilation, groups, d, hw = case
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    shape = (c_out, c_in // groups, kh, kw)
+    cols = shape[1] * kh * kw
+    codes, cb = random_pq(c_out, cols, d, 256 if c_out * cols // d >= 256 else 16, seed=cols)
+    x = torch.randn(batch, c_in, hw, hw)
+    bias, scale = torch.randn(c_out), torch.rand(c_out) + 0.5
+    for b, s in ((None, None), (bias, scale)):
+        got = ops.pq_conv2d(x, codes, cb, shape, scale=s, bias=b, stride=stride, padding=padding,
+                            dilation=dilation, groups=groups)
+        want = F.conv2d(x, ref_weight(codes, cb, shape, s), b, stride, padding, dilation, groups)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert got.is_contiguous()
+
+
+def test_conv2d_int16_codes_and_channels_last_input():
+    shape = (24, 16, 3, 3)
+    codes, cb = random_pq(24, 144, 9, 1024)
+    assert codes.dtype == torch.int16
+    x = torch.randn(2, 16, 8, 8).to(memory_format=torch.channels_last)
+    torch.testing.assert_close(ops.pq_conv2d(x, codes, cb, shape, padding=1),
+                               F.conv2d(x, pq_decode(codes, cb, shape), None, 1, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_conv_transpose2d_matches_reference():
+    shape = (16, 8, 2, 2)  # [C_in, C_out, kh, kw]
+    codes, cb = random_pq(16, 32, 4, 64)
+    x, bias = torch.randn(2, 16, 5, 5), torch.randn(8)
+    got = ops.pq_conv_transpose2d(x, codes, cb, shape, bias=bias, stride=2)
+    torch.testing.assert_close(got, F.conv_transpose2d(x, pq_decode(codes, cb, shape), bias, 2),
+                               rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- linear
+
+
+@pytest.mark.parametrize("d", BLOCK_SIZES + (5,))
+def test_linear_matches_reference(simd, d):
+    for k in (256, 1024):
+        for out_f, in_f in ((37, 16 * d), (5, 11 * d - 1), (64, 72)):
+            codes, cb = random_pq(out_f, in_f, d, k, seed=in_f + k)
+            w = pq_decode(codes, cb, (out_f, in_f))
+            bias, scale = torch.randn(out_f), torch.rand(out_f) + 0.5
+            for n in (1, 2, 3, 4, 5, 7, 8, 9, 33):
+                x = torch.randn(n, in_f)
+                torch.testing.assert_close(ops.pq_linear(x, codes, cb, bias=bias),
+                                           F.linear(x, w, bias), rtol=1e-4, atol=1e-4)
+            x = torch.randn(2, 3, in_f)  # leading batch dims
+            torch.testing.assert_close(ops.pq_linear(x, codes, cb, scale=scale),
+                                       F.linear(x, w * scale[:, None]), rtol=1e-4, atol=1e-4)
+    assert ops.pq_linear(torch.randn(0, in_f), codes, cb).shape == (0, out_f)
+
+
+def test_scratch_is_reused_and_threads_are_independent():
+    layers = [(random_pq(64, 576, 9, 256, seed=i), (64, 64, 3, 3)) for i in range(3)]
+    x = torch.randn(1, 64, 8, 8)
+    want = [F.conv2d(x, pq_decode(c, cb, s), padding=1) for (c, cb), s in layers]
+    for _ in range(3):
+        for ((c, cb), s), w in zip(layers, want):
+            torch.testing.assert_close(ops.pq_conv2d(x, c, cb, s, padding=1), w, rtol=1e-4, atol=1e-4)
+    assert torch.ops.bgd._scratch_bytes() == 64 * 576 * 4  # grown once to the largest layer, then reused
+
+    errors = []
+
+    def worker(i):
+        try:
+            for _ in range(20):
+                (c, cb), s = layers[i]
+                torch.testing.assert_close(ops.pq_conv2d(x, c, cb, s, padding=1), want[i], rtol=1e-4,
+                                           atol=1e-4)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+# ------------------------------------------------------------------------------------------- opcheck
+
+
+def test_opcheck():
+    codes, cb = random_pq(8, 36, 9, 16)
+    x = torch.randn(2, 4, 5, 5)
+    bias, scale = torch.randn(8), torch.rand(8)
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.bgd.pq_decode.default, (codes, cb, [8, 4, 3, 3], scale),
+                          test_utils=utils)
+    conv_args = (x, codes, cb, [8, 4, 3, 3], scale, bias, [1, 1], [1, 1], [1, 1], 1)
+    torch.library.opcheck(torch.ops.bgd.pq_conv2d.default, conv_args, test_utils=utils)
+    lin_codes, lin_cb = random_pq(6, 20, 4, 16)
+    for n in (3, 12):
+        torch.library.opcheck(torch.ops.bgd.pq_linear.default,
+                              (torch.randn(n, 20), lin_codes, lin_cb, None, torch.randn(6)), test_utils=utils)
+    t_codes, t_cb = random_pq(4, 12, 4, 16)
+    torch.library.opcheck(torch.ops.bgd.pq_conv_transpose2d.default,
+                          (x, t_codes, t_cb, [4, 3, 2, 2], None, [2, 2], [0, 0], [0, 0], 1, [1, 1]),
+                          test_utils=utils)
+    # Inputs that require grad: the op has no autograd formula and must not pretend to have one.
+    xg = x.clone().requires_grad_()
+    torch.library.opcheck(torch.ops.bgd.pq_conv2d.default, (xg,) + conv_args[1:],
+                          test_utils="test_autograd_registration")
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def _conv(x=None, codes=None, cb=None, shape=(8, 4, 3, 3), **kw):
+    c0, cb0 = random_pq(8, 36, 9, 16)
+    x = torch.randn(1, 4, 5, 5) if x is None else x
+    return torch.ops.bgd.pq_conv2d(x, c0 if codes is None else codes, cb0 if cb is None else cb,
+                                   list(shape), kw.get("scale"), kw.get("bias"), [1, 1], [1, 1], [1, 1], 1)
+
+
+@pytest.mark.parametrize("simd_mode", [1, 0])
+def test_bad_inputs_raise_clear_errors(simd_mode):
+    ops.simd_mode(simd_mode)
+    codes, cb = random_pq(8, 36, 9, 16)
+    cases = [
+        (dict(codes=codes.int()), "codes must be uint8"),
+        (dict(codes=codes.float()), "codes must be uint8"),
+        (dict(codes=codes.flatten()), "codes must be 2-D"),
+        (dict(codes=codes[:, :2].contiguous()), "cannot hold weight rows"),
+        (dict(codes=codes[:4]), "codes has 4 rows"),
+        (dict(codes=torch.cat([codes, codes], 1)[:, ::2]), "codes must be contiguous"),
+        (dict(cb=cb.half()), "codebook must be float32"),
+        (dict(cb=cb.double()), "codebook must be float32"),
+        (dict(cb=cb.t().contiguous().t()), "codebook must be contiguous"),
+        (dict(cb=cb[:, :4].contiguous()), "cannot hold weight rows"),
+        (dict(codes=codes.clone().index_fill_(1, torch.tensor([3]), 16)), "codes out of range"),
+        (dict(x=torch.randn(1, 4, 5, 5).double()), "input must be float32"),
+        (dict(x=torch.randn(1, 5, 5, 5)), "input has 5 channels"),
+        (dict(x=torch.randn(4, 5, 5)), "input must be 4-D"),
+        (dict(bias=torch.randn(7)), "bias must have shape"),
+        (dict(scale=torch.randn(8).half()), "scale must be float32"),
+        (dict(scale=torch.randn(16)[::2]), "scale must be contiguous"),
+        (dict(shape=(8, 4, 3)), "weight_shape must be"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            _conv(**kwargs)
+    big, big_cb = random_pq(6, 32, 4, 1024)
+    for bad in (1024, -1, 5000):
+        c = big.clone()
+        c[5, 7] = bad
+        with pytest.raises(RuntimeError, match="codes out of range"):
+            torch.ops.bgd.pq_linear(torch.randn(1, 32), c, big_cb, None, None)  # fused path
+        with pytest.raises(RuntimeError, match="codes out of range"):
+            torch.ops.bgd.pq_linear(torch.randn(20, 32), c, big_cb, None, None)  # decode path
+        with pytest.raises(RuntimeError, match="codes out of range"):
+            torch.ops.bgd.pq_decode(c, big_cb, [6, 32], None)
+    ops.simd_mode(1)
+
+
+# ------------------------------------------------------------------------------------------- fallback
+
+
+def test_fallback_to_reference_logs_once(monkeypatch, caplog):
+    from bgd_det.ops import _build
+
+    monkeypatch.setattr(ops, "_state", {"tried": False, "ok": False, "reason": None})
+    monkeypatch.setattr(_build, "load_library", lambda **_: "CalledProcessError: no compiler")
+    codes, cb = random_pq(8, 36, 9, 16)
+    x, bias, scale = torch.randn(2, 4, 5, 5), torch.randn(8), torch.rand(8)
+    with caplog.at_level(logging.WARNING, logger="bgd_det.ops"):
+        got = ops.pq_conv2d(x, codes, cb, (8, 4, 3, 3), scale=scale, bias=bias, padding=1)
+        lin = ops.pq_linear(torch.randn(3, 36), codes, cb, bias=bias)
+        dec = ops.pq_decode(codes, cb, (8, 36))
+    assert not ops.ops_available()
+    assert len([r for r in caplog.records if "reference decode" in r.getMessage()]) == 1
+    monkeypatch.undo()
+    assert ops.ops_available()
+    torch.testing.assert_close(got, ops.pq_conv2d(x, codes, cb, (8, 4, 3, 3), scale=scale, bias=bias,
+                                                  padding=1), rtol=1e-4, atol=1e-4)
+    assert lin.shape == (3, 8) and torch.equal(dec, ops.pq_decode(codes, cb, (8, 36)))
+
+
+def test_build_disabled_by_env(monkeypatch):
+    from bgd_det.ops._build import load_library
+
+    monkeypatch.setenv("BGD_NO_EXT", "1")
+    assert "BGD_NO_EXT" in load_library()
+
+
+# ------------------------------------------------------------------------------------------- models
+
+
+def _compressed_resnet18(seed=0):
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    plan = build_plan(model, execution_order(model, lambda m: m(x)),
+                      QuantRules(skip=["conv1"], overrides=[["fc", "N_CENTROIDS", 1024]]))
+    swap_in_skeleton(model, plan)
+    for layer in pq_layers(model).values():
+        codes, cb = random_pq(layer.codes.shape[0], layer.codes.shape[1] * layer.block_size,
+                              layer.block_size, layer.n_centroids, seed=layer.codes.numel())
+        layer.set_quantization(codes, cb * 0.05)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.1, 0.1)
+    round_codebooks_to_fp16(model)
+    return model.eval(), x
+
+
+@pytest.mark.parametrize("fold_bn", [False, True])
+def test_reloaded_resnet18_same_logits(tmp_path, fold_bn):
+    model, x = _compressed_resnet18()
+    with torch.no_grad():
+        want = model(x)
+    path = str(tmp_path / "resnet18.pth")
+    save_compressed(path, model, arch="resnet18", num_classes=10)
+    loaded = bgd_det.load_compressed(path, inference=True, fold_bn=fold_bn)
+    with torch.inference_mode():
+        got = loaded(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3 * want.abs().max().item())
+    assert not any(isinstance(m, PQ_LAYER_TYPES) for m in loaded.modules())
+    infer = [m for m in loaded.modules() if isinstance(m, inf.INFER_LAYER_TYPES)]
+    assert len(infer) == 20  # 16 block convs + 3 downsample convs + fc; conv1 stays dense
+    dense = [n for n, p in loaded.named_parameters() if p.dim() > 1]
+    assert dense == ["conv1.weight"]  # no decoded weight is kept anywhere
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in loaded.modules())
+    assert n_bn == (1 if fold_bn else 20)
+    # The default keeps returning the training-layer model.
+    assert any(isinstance(m, PQConv2d) for m in bgd_det.load_compressed(path).modules())
+
+
+class _Untraceable(nn.Module):
+    """Data-dependent control flow at the top; traceable blocks inside; one conv with two users."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv = nn.Conv2d(8, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv_r = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")
+        self.bn_r = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.block(x)
+        if y.sum() > 0:  # not traceable
+            y = y + 1
+        z = self.conv(y)
+        return self.bn(z) + z + self.bn_r(self.conv_r(y))
+
+
+def test_fold_bn_partial_tracing_and_shared_outputs():
+    model = _Untraceable()
+    x = torch.randn(2, 4, 6, 6)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    swap_in_skeleton(model, build_plan(model, ["block.0", "conv", "conv_r"],
+                                       QuantRules(n_centroids=8, block_size_kxk=9, block_size_1x1=4)))
+    for layer in pq_layers(model).values():
+        codes, cb = random_pq(layer.codes.shape[0], layer.codes.shape[1] * layer.block_size,
+                              layer.block_size, layer.n_centroids)
+        layer.set_quantization(codes, cb)
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+    # block.0 -> block.1 is found inside the traceable child; conv's output has two users: not folded.
+    assert inf.conv_bn_pairs(model) == [("block.0", "block.1")]
+    folded = inf.to_inference(model, fold_bn=True)
+    assert isinstance(folded.block[1], nn.Identity) and isinstance(folded.bn, nn.BatchNorm2d)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+def test_inference_layers_match_training_layers():
+    torch.manual_seed(0)
+    convs = [(nn.Conv2d(6, 8, 4, padding="same"), 4),  # asymmetric padding
+             (nn.Conv2d(6, 8, 3, padding="same", dilation=2), 9),
+             (nn.Conv2d(6, 8, 3, padding=1, padding_mode="circular"), 18),
+             (nn.Conv2d(6, 6, 3, stride=2, groups=3, bias=False), 9)]
+    for conv, d in convs:
+        layer = PQConv2d.from_dense(conv, block_size=d, n_centroids=16)
+        codes, cb = random_pq(layer.codes.shape[0], layer.codes.shape[1] * d, d, 16)
+        layer.set_quantization(codes, cb)
+        x = torch.randn(2, 6, 9, 9)
+        torch.testing.assert_close(inf.to_inference(layer)(x), layer(x).detach(), rtol=1e-4, atol=1e-4)
+    lin = PQLinear.from_dense(nn.Linear(32, 5), block_size=8, n_centroids=4)
+    lin.set_quantization(*random_pq(5, 32, 8, 4))
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(inf.to_inference(lin)(x), lin(x).detach(), rtol=1e-4, atol=1e-4)
+    tconv = PQConvTranspose2d.from_dense(nn.ConvTranspose2d(8, 4, 2, stride=2), block_size=4, n_centroids=8)
+    tconv.set_quantization(*random_pq(8, 16, 4, 8))
+    x = torch.randn(1, 8, 5, 5)
+    torch.testing.assert_close(inf.to_inference(tconv)(x), tconv(x).detach(), rtol=1e-4, atol=1e-4)
