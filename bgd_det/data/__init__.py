@@ -1,3 +1,3 @@
 """Datasets: a catalog of named datasets and their builders."""
-from . import imagenet  # noqa: F401  (registers built-in datasets)
+from . import coco, imagenet  # noqa: F401  (registers built-in datasets)
 from .catalog import DatasetCatalog, datasets_root  # noqa: F401

@@ -1,0 +1,170 @@
+"""COCO box / mask AP over pycocotools (as detectron2's ``COCOEvaluator``).
+
+Predictions are torchvision detection outputs at image resolution; masks are thresholded at 0.5 and encoded as
+RLE at image resolution. Mask AP is computed from the segmentations alone: the ``bbox`` field is removed from
+the ``segm`` results, so pycocotools derives areas and boxes from the masks. Results of all ranks are gathered to
+rank 0 (``comm.gather``) when torch.distributed is initialised.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import itertools
+import json
+import logging
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from ..utils import comm
+from .evaluator import DatasetEvaluator
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["COCOEvaluator", "instances_to_coco_json", "evaluate_coco_results", "RESULTS_FILE", "METRIC_NAMES"]
+
+RESULTS_FILE = "coco_instances_results.json"
+#: COCOeval ``stats[0:6]``; reported in percent, prefixed with ``box_`` / ``mask_``.
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+_PREFIX = {"bbox": "box", "segm": "mask"}
+
+
+def instances_to_coco_json(output: Mapping[str, torch.Tensor], image_id: int,
+                           label_to_category: Mapping[int, int]) -> List[Dict[str, Any]]:
+    """COCO result dicts of one image's detections.
+
+    Args:
+        output: ``{"boxes": Tensor[N, 4] xyxy, "scores": Tensor[N], "labels": Tensor[N] int64,
+            "masks": Tensor[N, 1, H, W] probabilities}`` (masks optional), at the image's resolution.
+        label_to_category: model label -> COCO category id; detections of other labels are dropped.
+
+    Returns:
+        ``[{"image_id", "category_id", "bbox" (xywh), "score", "segmentation" (RLE, when masks)}]``.
+    """
+    boxes = output["boxes"].detach().float().cpu()
+    if boxes.numel() == 0:
+        return []
+    boxes = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
+    scores = output["scores"].detach().cpu().tolist()
+    labels = output["labels"].detach().cpu().tolist()
+    rles = None
+    if "masks" in output:
+        masks = (output["masks"].detach()[:, 0] > 0.5).cpu().numpy().astype(np.uint8)
+        rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+        for rle in rles:
+            rle["counts"] = rle["counts"].decode("utf-8")  # json-serialisable
+    results = []
+    for k, (box, score, label) in enumerate(zip(boxes, scores, labels)):
+        if label not in label_to_category:
+            continue
+        res = {"image_id": int(image_id), "category_id": int(label_to_category[label]), "bbox": box,
+               "score": float(score)}
+        if rles is not None:
+            res["segmentation"] = rles[k]
+        results.append(res)
+    return results
+
+
+def _load_results(coco_gt: COCO, results: List[Dict]) -> COCO:
+    if results:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return coco_gt.loadRes(results)
+    empty = COCO()  # pycocotools' loadRes cannot take an empty list
+    empty.dataset = {"images": list(coco_gt.dataset["images"]),
+                     "categories": copy.deepcopy(coco_gt.dataset["categories"]), "annotations": []}
+    with contextlib.redirect_stdout(io.StringIO()):
+        empty.createIndex()
+    return empty
+
+
+def evaluate_coco_results(coco_gt: COCO, results: Sequence[Dict], *, iou_type: str,
+                          image_ids: Optional[Sequence[int]] = None) -> Dict[str, float]:
+    """Run COCOeval of ``iou_type`` ("bbox" or "segm") on ``results`` restricted to ``image_ids``.
+
+    Returns:
+        ``{"AP": ..., "AP50": ..., ...}`` in percent (``METRIC_NAMES``).
+    """
+    results = copy.deepcopy(list(results))
+    if iou_type == "segm":
+        results = [r for r in results if "segmentation" in r]
+        for r in results:
+            r.pop("bbox", None)  # mask AP from the masks alone
+    coco_dt = _load_results(coco_gt, results)
+    ev = COCOeval(coco_gt, coco_dt, iou_type)
+    if image_ids is not None:
+        ev.params.imgIds = sorted(int(i) for i in image_ids)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    logger.info("COCOeval %s:\n%s", iou_type, out.getvalue().rstrip())
+    # stats are -1 when no ground truth falls in a bucket; report those as NaN.
+    return {name: (float(s) * 100.0 if s >= 0 else float("nan")) for name, s in zip(METRIC_NAMES, ev.stats)}
+
+
+class COCOEvaluator(DatasetEvaluator):
+    """Box (and mask) AP of torchvision detection outputs against a COCO ground truth.
+
+    Args:
+        coco_gt: the ground truth (``CocoInstances.coco``). label_to_category: model label -> category id.
+        iou_types: subset of ("bbox", "segm"); "segm" is skipped for outputs without masks.
+        output_dir: where to write ``coco_instances_results.json`` and ``coco_metrics.json`` ("" = nowhere).
+
+    ``process(inputs, outputs)`` takes a batch with ``inputs["image_ids"]`` (list of ints) and the list of
+    per-image output dicts.
+    """
+
+    def __init__(self, coco_gt: COCO, label_to_category: Mapping[int, int], *,
+                 iou_types: Sequence[str] = ("bbox", "segm"), output_dir: str = "") -> None:
+        self.coco_gt, self.label_to_category = coco_gt, dict(label_to_category)
+        unknown = [t for t in iou_types if t not in _PREFIX]
+        if unknown:
+            raise ValueError(f"unknown iou types {unknown}; allowed: {list(_PREFIX)}")
+        self.iou_types, self.output_dir = tuple(iou_types), output_dir
+        self.reset()
+
+    def reset(self) -> None:
+        self._results: List[Dict] = []
+        self._image_ids: List[int] = []
+        self._has_masks = False
+
+    def process(self, inputs: Mapping[str, Any], outputs: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        for image_id, output in zip(inputs["image_ids"], outputs):
+            self._image_ids.append(int(image_id))
+            self._has_masks |= "masks" in output
+            self._results.extend(instances_to_coco_json(output, image_id, self.label_to_category))
+
+    def evaluate(self) -> Dict[str, float]:
+        """Metrics on rank 0 (``{}`` on the others): ``box_AP``, ``box_AP50``, ..., ``mask_AP``, ..., n_images."""
+        gathered = comm.gather((self._results, self._image_ids, self._has_masks))
+        if not comm.is_main_process():
+            return {}
+        results = list(itertools.chain.from_iterable(g[0] for g in gathered))
+        image_ids = sorted(set(itertools.chain.from_iterable(g[1] for g in gathered)))
+        has_masks = any(g[2] for g in gathered)
+        if not image_ids:
+            raise ValueError("COCOEvaluator received no images")
+        if not results:
+            logger.warning("no detections from the model on %d images: AP is 0", len(image_ids))
+        metrics: Dict[str, float] = {}
+        for iou_type in self.iou_types:
+            if iou_type == "segm" and not has_masks:
+                continue
+            stats = evaluate_coco_results(self.coco_gt, results, iou_type=iou_type, image_ids=image_ids)
+            metrics.update({f"{_PREFIX[iou_type]}_{k}": v for k, v in stats.items()})
+        metrics["n_images"] = len(image_ids)
+        if self.output_dir:
+            os.makedirs(self.output_dir, exist_ok=True)
+            with open(os.path.join(self.output_dir, RESULTS_FILE), "w") as f:
+                json.dump(results, f)
+            with open(os.path.join(self.output_dir, "coco_metrics.json"), "w") as f:
+                json.dump(metrics, f, indent=1)
+            logger.info("wrote %d detections to %s", len(results), os.path.join(self.output_dir, RESULTS_FILE))
+        return metrics

@@ -1,0 +1,178 @@
+"""COCO data catalog and the COCO evaluator, checked against pycocotools on hand-made predictions."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_util
+
+from bgd_det.data import DatasetCatalog
+from bgd_det.data.coco import (CocoInstances, annotations_to_target, label_map, load_coco_api,
+                               register_coco_instances)
+from bgd_det.evaluation.coco_evaluation import RESULTS_FILE, COCOEvaluator, instances_to_coco_json
+
+
+def _square(x0, y0, x1, y1):
+    return [[x0, y0, x1, y0, x1, y1, x0, y1]]
+
+
+@pytest.fixture
+def tiny_coco(tmp_path):
+    """One 100x80 image, two categories (ids 3 and 7), two objects; returns (json path, image root)."""
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.fromarray(np.zeros((80, 100, 3), np.uint8)).save(root / "a.jpg")
+    data = {
+        "images": [{"id": 5, "file_name": "a.jpg", "height": 80, "width": 100}],
+        "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}],
+        "annotations": [
+            {"id": 1, "image_id": 5, "category_id": 3, "bbox": [10, 10, 50, 50], "area": 2500.0, "iscrowd": 0,
+             "segmentation": _square(10, 10, 60, 60)},
+            {"id": 2, "image_id": 5, "category_id": 7, "bbox": [70, 5, 20, 30], "area": 600.0, "iscrowd": 0,
+             "segmentation": _square(70, 5, 90, 35)},
+        ],
+    }
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(data))
+    return path, root
+
+
+def _mask(coco, ann_id):
+    return torch.from_numpy(coco.annToMask(coco.anns[ann_id])).float()[None]
+
+
+def _evaluate(coco, outputs, labels_to_cat, output_dir=""):
+    ev = COCOEvaluator(coco, labels_to_cat, output_dir=output_dir)
+    ev.process({"image_ids": [5]}, [outputs])
+    return ev.evaluate()
+
+
+def test_perfect_and_partial_predictions(tiny_coco, tmp_path):
+    path, _ = tiny_coco
+    coco = load_coco_api(str(path))
+    labels = label_map([3, 7], 3)  # contiguous: 3 -> 1, 7 -> 2
+    assert labels == {3: 1, 7: 2}
+    to_cat = {v: k for k, v in labels.items()}
+    # Object 1: box IoU 1550/2500 = 0.62 (matches at IoU 0.50, 0.55, 0.60 of the ten thresholds); mask exact.
+    # Object 2: perfect box and mask.
+    out = {"boxes": torch.tensor([[10.0, 10.0, 60.0, 41.0], [70.0, 5.0, 90.0, 35.0]]),
+           "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 2]),
+           "masks": torch.cat([_mask(coco, 1), _mask(coco, 2)])[:, None]}
+    m = _evaluate(coco, out, to_cat, output_dir=str(tmp_path / "eval"))
+    # box AP = mean over the two categories of (3/10, 10/10); mask AP is 1.0 although box 1 is off: mask AP
+    # uses the masks alone (no bbox field in the segm results).
+    assert m["box_AP"] == pytest.approx(100 * (0.3 + 1.0) / 2)
+    assert m["box_AP50"] == pytest.approx(100.0) and m["box_AP75"] == pytest.approx(50.0)
+    assert m["mask_AP"] == pytest.approx(100.0)
+    assert m["n_images"] == 1
+    saved = json.loads((tmp_path / "eval" / RESULTS_FILE).read_text())
+    assert len(saved) == 2 and saved[0]["bbox"] == [10.0, 10.0, 50.0, 31.0] and "counts" in saved[0]["segmentation"]
+
+
+def test_false_positive_halves_precision(tiny_coco):
+    path, _ = tiny_coco
+    coco = load_coco_api(str(path))
+    to_cat = {1: 3, 2: 7}
+    # A higher-scoring false positive of category 3 before the true positive: precision 1/2 at recall 1,
+    # so the 101-point interpolated AP of category 3 is 0.5 at every IoU threshold.
+    out = {"boxes": torch.tensor([[0.0, 60.0, 10.0, 80.0], [10.0, 10.0, 60.0, 60.0], [70.0, 5.0, 90.0, 35.0]]),
+           "scores": torch.tensor([0.95, 0.9, 0.8]), "labels": torch.tensor([1, 1, 2])}
+    m = _evaluate(coco, out, to_cat)
+    assert m["box_AP"] == pytest.approx(100 * (0.5 + 1.0) / 2)
+    assert "mask_AP" not in m  # no masks in the outputs: segm skipped
+
+
+def test_no_detections_and_unknown_labels(tiny_coco):
+    path, _ = tiny_coco
+    coco = load_coco_api(str(path))
+    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long),
+             "masks": torch.zeros(0, 1, 80, 100)}
+    m = _evaluate(coco, empty, {1: 3, 2: 7})
+    assert m["box_AP"] == 0.0 and m["mask_AP"] == 0.0
+    # a label outside the dataset's categories (torchvision's 91-class gaps) is dropped
+    out = {"boxes": torch.tensor([[10.0, 10.0, 60.0, 60.0]]), "scores": torch.tensor([0.5]),
+           "labels": torch.tensor([12])}
+    assert instances_to_coco_json(out, 5, {1: 3, 2: 7}) == []
+
+
+def test_rle_at_image_resolution_roundtrip():
+    mask = torch.zeros(1, 1, 30, 40)
+    mask[0, 0, 5:15, 10:30] = 0.9
+    out = {"boxes": torch.tensor([[10.0, 5.0, 30.0, 15.0]]), "scores": torch.tensor([0.7]),
+           "labels": torch.tensor([1]), "masks": mask}
+    (res,) = instances_to_coco_json(out, 1, {1: 4})
+    assert res["category_id"] == 4 and res["bbox"] == [10.0, 5.0, 20.0, 10.0]
+    assert res["segmentation"]["size"] == [30, 40]
+    decoded = mask_util.decode({"size": res["segmentation"]["size"],
+                                "counts": res["segmentation"]["counts"].encode()})
+    assert np.array_equal(decoded, (mask[0, 0] > 0.5).numpy().astype(np.uint8))
+
+
+def test_coco_tiny_ground_truth_gives_ap_one(assets_dir, monkeypatch):
+    monkeypatch.setenv("BGD_DATASETS", str(assets_dir))
+    ds = DatasetCatalog.get("coco_tiny_val")
+    labels = label_map(ds.cat_ids, 91, dataset="coco_tiny_val")  # torchvision's COCO label space
+    assert labels == {c: c for c in ds.cat_ids}
+    ev = COCOEvaluator(ds.coco, {v: k for k, v in labels.items()})
+    for i in range(len(ds)):
+        item = ds[i]
+        target = annotations_to_target(item["annotations"], height=item["height"], width=item["width"],
+                                       labels=labels)
+        n = target["labels"].shape[0]
+        ev.process({"image_ids": [item["image_id"]]},
+                   [{"boxes": target["boxes"], "labels": target["labels"], "scores": torch.ones(n),
+                     "masks": target["masks"][:, None].float()}])
+    m = ev.evaluate()
+    assert m["n_images"] == 6
+    assert m["box_AP"] == pytest.approx(100.0) and m["mask_AP"] == pytest.approx(100.0)
+
+
+def test_subset_restricts_evaluated_images(tiny_coco, tmp_path):
+    path, root = tiny_coco
+    data = json.loads(path.read_text())
+    data["images"].append({"id": 6, "file_name": "b.jpg", "height": 80, "width": 100})
+    data["annotations"].append({"id": 3, "image_id": 6, "category_id": 3, "bbox": [0, 0, 10, 10], "area": 100.0,
+                                "iscrowd": 0, "segmentation": _square(0, 0, 10, 10)})
+    path.write_text(json.dumps(data))
+    coco = load_coco_api(str(path))
+    out = {"boxes": torch.tensor([[10.0, 10.0, 60.0, 60.0], [70.0, 5.0, 90.0, 35.0]]),
+           "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 2])}
+    # image 6 was not processed: its missed object must not count.
+    assert _evaluate(coco, out, {1: 3, 2: 7})["box_AP"] == pytest.approx(100.0)
+
+
+# -- catalog and bad input --------------------------------------------------------------------------------------
+def test_register_and_load(tiny_coco, tmp_path, monkeypatch):
+    path, root = tiny_coco
+    monkeypatch.setenv("BGD_DATASETS", str(tmp_path))
+    name = "test_tiny_coco_register"
+    if name not in DatasetCatalog:
+        register_coco_instances(name, "instances.json", "images")
+    ds = DatasetCatalog.get(name)
+    assert isinstance(ds, CocoInstances) and len(ds) == 1 and ds.cat_ids == [3, 7]
+    item = ds[0]
+    assert item["image"].shape == (3, 80, 100) and item["image_id"] == 5 and len(item["annotations"]) == 2
+    target = annotations_to_target(item["annotations"], height=80, width=100, labels={3: 1, 7: 2})
+    assert target["boxes"].tolist() == [[10, 10, 60, 60], [70, 5, 90, 35]]
+    assert target["labels"].tolist() == [1, 2] and target["masks"].shape == (2, 80, 100)
+    assert int(target["masks"][0].sum()) == 50 * 50  # the 50x50 square polygon, rasterised
+
+
+def test_bad_input_errors(tiny_coco, tmp_path):
+    path, root = tiny_coco
+    with pytest.raises(FileNotFoundError, match="COCO annotation file not found: .*missing.json"):
+        load_coco_api(str(tmp_path / "missing.json"))
+    bad = tmp_path / "corrupt.json"
+    bad.write_text('{"images": [')
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        load_coco_api(str(bad))
+    bad.write_text('{"images": []}')
+    with pytest.raises(ValueError, match=r"has no \['annotations', 'categories'\]"):
+        load_coco_api(str(bad))
+    with pytest.raises(FileNotFoundError, match="image folder of dataset 'x' not found"):
+        CocoInstances("x", str(path), str(tmp_path / "no_images"))
+    with pytest.raises(ValueError, match="category mismatch: the model has 5 classes .* 2 categories with ids 3..7"):
+        label_map([3, 7], 5, dataset="tiny")
+    with pytest.raises(KeyError, match="unknown dataset 'coco_2018_val'; registered datasets: .*coco_2017_val"):
+        DatasetCatalog.get("coco_2018_val")
