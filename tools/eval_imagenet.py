@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Top-1/top-5 of a classification model on an ImageNet-style folder (``DATASETS.TEST``).
+
+    export BGD_DATASETS=../shared/assets
+    # an uncompressed torchvision architecture with a local state dict
+    python tools/eval_imagenet.py MODEL.ARCH resnet18 \
+        MODEL.WEIGHTS ../shared/assets/teachers/resnet18_pqf_small_dense.pth
+    # a compressed checkpoint: bgd_det's own, or an original BGD / PQF file (format detected)
+    python tools/eval_imagenet.py --checkpoint $BGD_DATASETS/peers/bgd/resnet18_small_blocks.pth \
+        DATASETS.TEST imagenet_sample
+
+Datasets are looked up under ``$BGD_DATASETS``; for the real sample images the class index comes
+from the WordNet id in each file name (see ``bgd_det/data/imagenet.py``). The default split is
+``imagenet_sample_odd`` (500 odd-class images). Prints one JSON line: metrics, format, size (MiB, by
+``bgd_det.quantization.size.model_size``) and compression ratio.
+"""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bgd_det.engine import launch  # noqa: E402
+from bgd_det.engine.defaults import default_argument_parser, default_setup  # noqa: E402
+from bgd_det.modeling import build_model  # noqa: E402
+from bgd_det.peers import load_checkpoint_model  # noqa: E402
+from bgd_det.quantization.size import model_size  # noqa: E402
+from bgd_det.tasks.classification import ClassificationTask  # noqa: E402
+
+
+def main(args) -> dict:
+    cfg = default_setup(args)
+    if args.checkpoint:
+        model, fmt = load_checkpoint_model(args.checkpoint, cfg=cfg, device=cfg.MODEL.DEVICE)
+    else:
+        model, fmt = build_model(cfg), "uncompressed"
+    size = model_size(model)
+    metrics = ClassificationTask(cfg).evaluate(model)
+    result = {
+        "model": args.checkpoint or f"{cfg.MODEL.ARCH} {cfg.MODEL.WEIGHTS}",
+        "format": fmt,
+        "dataset": cfg.DATASETS.TEST,
+        **metrics,
+        "size_mib": round(size.compressed_mib, 3),
+        "ratio": round(size.ratio, 2),
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    parser = default_argument_parser(__doc__)
+    parser.add_argument(
+        "--checkpoint",
+        default="",
+        metavar="FILE",
+        help="compressed checkpoint (bgd_det, BGD or PQF; a plain state dict uses MODEL.ARCH)",
+    )
+    args = parser.parse_args()
+    try:
+        launch(
+            main,
+            args.num_processes,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        sys.exit(f"error: {e}")
