@@ -190,9 +190,18 @@ BGD_AVX2 bool decode_rows_avx2(const PQArgs& a, int64_t r0, int64_t r1, float* o
     for (; b + 8 <= nfull; b += 8) {
       uint32_t c[8];
       load8(rc + b, c);
+      if constexpr (D == 4) {  // two centroids per 8-float store
+#pragma GCC unroll 4
+        for (int i = 0; i < 8; i += 2) {
+          __m256 v = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(C + 4 * static_cast<int64_t>(c[i]))),
+                                          _mm_loadu_ps(C + 4 * static_cast<int64_t>(c[i + 1])), 1);
+          _mm256_storeu_ps(dst + (b + i) * 4, SCALED ? _mm256_mul_ps(v, vs) : v);
+        }
+      } else {
 #pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i)
-        copy_block_avx2<D, SCALED>(C + static_cast<int64_t>(c[i]) * d, dst + (b + i) * d, d, vs);
+        for (int i = 0; i < 8; ++i)
+          copy_block_avx2<D, SCALED>(C + static_cast<int64_t>(c[i]) * d, dst + (b + i) * d, d, vs);
+      }
     }
     for (; b < nfull; ++b)
       copy_block_avx2<D, SCALED>(C + static_cast<int64_t>(code_at(rc, b)) * d, dst + b * d, d, vs);

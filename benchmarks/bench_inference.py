@@ -1,0 +1,342 @@
+"""CPU inference of compressed models through the compiled ``bgd::`` ops vs dense eager PyTorch.
+
+Everything is measured side by side in one process with interleaved runs (the order alternates every round)
+and reported as medians; a ratio is the median over rounds of (variant time / dense time in the same round).
+Weights are random: sizes and speeds do not depend on their values. The dense model of a comparison holds
+the decoded weights of the compressed one, so both do the same work (same detections in Mask R-CNN).
+
+Sections:
+  resnet50  torchvision ResNet-50, small blocks (d=9 for 3x3, d=4 for 1x1, K=256, fc K=1024, conv1 dense),
+            batch 1 and 8: dense eager / naive decode (index + conv) / compiled op / compiled op + folded BN.
+  fc        Linear 1000x2048 (d=4, K=1024): F.linear vs the fused decode-dot op, N = 1, 4, 8, 32.
+  memory    peak RSS (VmHWM) of fresh processes that load a model and run inference, minus an empty one.
+  maskrcnn  torchvision Mask R-CNN R50-FPN, 800x800, batch 1.
+
+Usage::
+
+    python benchmarks/bench_inference.py                      # all sections
+    python benchmarks/bench_inference.py --sections fc resnet50 --rounds 10
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from bgd_det import ops
+from bgd_det.checkpoint import round_codebooks_to_fp16, save_compressed
+from bgd_det.ops.inference import inference_bytes, max_scratch_bytes, to_inference
+from bgd_det.quantization.plan import QuantRules, build_plan, execution_order
+from bgd_det.quantization.pq import code_dtype
+from bgd_det.quantization.size import model_size
+from bgd_det.quantization.swap import pq_layers, swap_in_skeleton
+
+MIB = 2.0**20
+RESNET_RULES = dict(block_size_kxk=9, block_size_1x1=4, skip=["conv1"], overrides=[["fc", "N_CENTROIDS", 1024]])
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores visible, torch.get_num_threads()={torch.get_num_threads()}, "
+            f"torch {torch.__version__}, {ops.build_status()}")
+
+
+def interleaved(fns: Dict[str, Callable[[], object]], *, rounds: int, inner: int = 1,
+                warmup: int = 2) -> Dict[str, List[float]]:
+    """Seconds per call of every function, one measurement of each per round, order alternating."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for f in fns.values():
+                f()
+        times: Dict[str, List[float]] = {k: [] for k in fns}
+        for r in range(rounds):
+            items = list(fns.items())
+            for name, f in (items if r % 2 == 0 else items[::-1]):
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    f()
+                times[name].append((time.perf_counter() - t0) / inner)
+    return times
+
+
+def summarize(times: Dict[str, List[float]], base: str) -> List[Dict]:
+    rows = []
+    for name, ts in times.items():
+        ratios = [t / b for t, b in zip(ts, times[base])]
+        rows.append(dict(variant=name, median_ms=1e3 * statistics.median(ts), min_ms=1e3 * min(ts),
+                         ratio=statistics.median(ratios)))
+    return rows
+
+
+def print_table(title: str, rows: List[Dict], cols: List[str]) -> None:
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "|".join("---" for _ in cols) + "|")
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(f"{v:.3f}" if isinstance(v, float) and v < 10 else
+                         (f"{v:.1f}" if isinstance(v, float) else str(v)))
+        print("| " + " | ".join(cells) + " |")
+    sys.stdout.flush()
+
+
+def fill_random(model: nn.Module, seed: int = 0) -> None:
+    """Random codes, fan-in scaled codebooks (fp16-representable), non-trivial BatchNorm statistics."""
+    g = torch.Generator().manual_seed(seed)
+    for layer in pq_layers(model).values():
+        codes = torch.randint(0, layer.n_centroids, tuple(layer.codes.shape), generator=g)
+        fan_in = math.prod(layer.weight_shape[1:])  # keeps activations O(1) through deep nets
+        cb = torch.randn(layer.n_centroids, layer.block_size, generator=g) / math.sqrt(fan_in)
+        layer.set_quantization(codes.to(code_dtype(layer.n_centroids)), cb)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1, generator=g)
+            m.running_var.uniform_(0.5, 2.0, generator=g)
+    round_codebooks_to_fp16(model)
+
+
+def compress(model: nn.Module, run: Callable[[nn.Module], object], rules: QuantRules) -> nn.Module:
+    """Codebook-layer copy of ``model`` with random codes (the dense model is left untouched)."""
+    pq = copy.deepcopy(model)
+    swap_in_skeleton(pq, build_plan(pq, execution_order(pq, run), rules))
+    fill_random(pq)
+    return pq.eval()
+
+
+def dense_twin(pq_model: nn.Module, dense: nn.Module) -> nn.Module:
+    """``dense`` with the decoded weights (and the other parameters) of ``pq_model``."""
+    twin = copy.deepcopy(dense)
+    with torch.no_grad():
+        for name, layer in pq_layers(pq_model).items():
+            mod = twin.get_submodule(name)
+            mod.weight.copy_(layer.decoded_weight())
+        own = dict(twin.named_parameters())
+        own.update(dict(twin.named_buffers()))
+        for k, v in pq_model.state_dict().items():
+            if k in own and own[k].shape == v.shape and not k.endswith(("codes", "codebook")):
+                own[k].copy_(v)
+    return twin.eval()
+
+
+def variants(pq_model: nn.Module, dense: nn.Module) -> Dict[str, nn.Module]:
+    return {
+        "dense eager": dense_twin(pq_model, dense),
+        "naive decode + conv": pq_model,
+        "compiled op": to_inference(copy.deepcopy(pq_model), fold_bn=False),
+        "compiled op + folded BN": to_inference(copy.deepcopy(pq_model), fold_bn=True),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- sections
+
+
+def bench_resnet50(args) -> List[Dict]:
+    torch.manual_seed(0)
+    dense = torchvision.models.resnet50().eval()
+    pq = compress(dense, lambda m: m(torch.randn(1, 3, 224, 224)), QuantRules(**RESNET_RULES))
+    size = model_size(pq)
+    print(f"\nResNet-50 small blocks: {size.compressed_mib:.2f} MiB compressed, {size.dense_mib:.1f} MiB dense "
+          f"(x{size.ratio:.1f})")
+    models = variants(pq, dense)
+    rows = []
+    for batch, rounds in ((1, args.rounds), (8, max(4, args.rounds // 3))):
+        x = torch.randn(batch, 3, 224, 224)
+        with torch.inference_mode():
+            ref = models["dense eager"](x)
+            for name, m in models.items():
+                torch.testing.assert_close(m(x), ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
+        times = interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, rounds=rounds)
+        for r in summarize(times, "dense eager"):
+            rows.append(dict(model="ResNet-50", batch=batch, rounds=rounds, **r))
+    print_table("ResNet-50 (224x224), latency per forward",
+                rows, ["model", "batch", "variant", "median_ms", "min_ms", "ratio", "rounds"])
+    return rows
+
+
+def bench_fc(args) -> List[Dict]:
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 1024, (1000, 512), generator=g).to(torch.int16)
+    cb = torch.randn(1024, 4, generator=g)
+    bias = torch.randn(1000, generator=g)
+    weight = ops.pq_decode(codes, cb, (1000, 2048))
+    rows = []
+    for n in (1, 4, 8, 32):
+        x = torch.randn(n, 2048, generator=g)
+        torch.testing.assert_close(ops.pq_linear(x, codes, cb, bias=bias), F.linear(x, weight, bias),
+                                   rtol=1e-4, atol=1e-3)
+        inner = 20 if n <= 8 else 5
+        times = interleaved({"dense F.linear": lambda: F.linear(x, weight, bias),
+                             "bgd::pq_linear": lambda: ops.pq_linear(x, codes, cb, bias=bias)},
+                            rounds=args.rounds * 4, inner=inner, warmup=5)
+        dense_ms, pq_ms = (1e3 * statistics.median(times[k]) for k in ("dense F.linear", "bgd::pq_linear"))
+        speedup = statistics.median(d / p for d, p in zip(times["dense F.linear"], times["bgd::pq_linear"]))
+        rows.append(dict(N=n, path="fused decode-dot" if n <= 8 else "decode + GEMM", dense_ms=dense_ms,
+                         pq_ms=pq_ms, speedup=speedup))
+    print_table("FC 1000x2048 (d=4, K=1024, int16 codes), latency per call",
+                rows, ["N", "path", "dense_ms", "pq_ms", "speedup"])
+    return rows
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def rss_child(mode: str, path: str, batch: int) -> None:
+    """Body of a memory-measurement process; prints one JSON line."""
+    torch.set_num_threads(int(os.environ.get("BGD_BENCH_THREADS", "2")))
+    import bgd_det
+
+    ops.ops_available()
+    x = torch.randn(batch, 3, 224, 224)
+    with torch.inference_mode():  # page in the dense conv / GEMM code in every mode
+        F.conv2d(torch.randn(1, 8, 8, 8), torch.randn(8, 8, 3, 3))
+        F.linear(torch.randn(2, 8), torch.randn(4, 8))
+    info: Dict = {"mode": mode}
+    base = _status_bytes("VmRSS")
+    if mode == "empty":
+        model: nn.Module = nn.Identity()
+    elif mode == "dense":
+        model = torchvision.models.resnet50()
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model.eval()
+    else:
+        model = bgd_det.load_compressed(path, inference=True, fold_bn=(mode == "compressed+fold"))
+        info["scratch_needed"] = max_scratch_bytes(model)
+    info["model_bytes"] = inference_bytes(model)
+    info["rss_after_load"] = _status_bytes("VmRSS") - base
+    with torch.inference_mode():
+        for _ in range(2):
+            model(x)
+    if mode.startswith("compressed") and ops.ops_available():
+        info["scratch_bytes"] = int(torch.ops.bgd._scratch_bytes())
+    info["hwm"] = _status_bytes("VmHWM")
+    info["rss"] = _status_bytes("VmRSS")
+    print(json.dumps(info))
+
+
+def bench_memory(args) -> List[Dict]:
+    torch.manual_seed(0)
+    dense = torchvision.models.resnet50().eval()
+    pq = compress(dense, lambda m: m(torch.randn(1, 3, 224, 224)), QuantRules(**RESNET_RULES))
+    size = model_size(pq)
+    tmp = tempfile.mkdtemp(prefix="bgd_bench_")
+    ckpt, dense_ckpt = os.path.join(tmp, "r50_pq.pth"), os.path.join(tmp, "r50_dense.pth")
+    save_compressed(ckpt, pq, arch="resnet50", num_classes=1000)
+    torch.save(dense_twin(pq, dense).state_dict(), dense_ckpt)
+    env = dict(os.environ, BGD_BENCH_THREADS=str(torch.get_num_threads()))
+    results = {}
+    for mode, path in (("empty", ""), ("compressed", ckpt), ("compressed+fold", ckpt), ("dense", dense_ckpt)):
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--rss-child", mode, "--ckpt", path,
+                              "--batch", str(args.mem_batch)], capture_output=True, text=True, env=env,
+                             check=True)
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    empty = results["empty"]["hwm"]
+    largest = max_scratch_bytes(to_inference(copy.deepcopy(pq)))
+    rows = []
+    for mode in ("compressed", "compressed+fold", "dense"):
+        r = results[mode]
+        budget = size.compressed_bytes + largest if mode != "dense" else float("nan")
+        rows.append(dict(
+            model=mode, peak_minus_empty_mib=(r["hwm"] - empty) / MIB, model_tensors_mib=r["model_bytes"] / MIB,
+            compressed_size_mib=size.compressed_mib if mode != "dense" else size.dense_mib,
+            largest_scratch_mib=largest / MIB if mode != "dense" else 0.0,
+            scratch_used_mib=r.get("scratch_bytes", 0) / MIB,
+            budget_mib=budget / MIB, within_budget=str(r["hwm"] - empty <= budget) if mode != "dense" else "-"))
+    print_table(f"Resident memory, ResNet-50 batch {args.mem_batch} (peak RSS minus an empty-model process "
+                f"= {empty / MIB:.1f} MiB)", rows,
+                ["model", "peak_minus_empty_mib", "model_tensors_mib", "compressed_size_mib",
+                 "largest_scratch_mib", "scratch_used_mib", "budget_mib", "within_budget"])
+    return rows
+
+
+def bench_maskrcnn(args) -> List[Dict]:
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    torch.manual_seed(0)
+    # score_thresh=0 keeps every model at 100 detections, so the mask head does the same work.
+    dense = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91,
+                                  box_score_thresh=0.0).eval()
+    img = [torch.rand(3, 800, 800)]
+    rules = QuantRules(block_size_kxk=9, block_size_1x1=4, block_size_linear=4, block_size_transpose=4,
+                       skip=["backbone.body.conv1"])
+    pq = compress(dense, lambda m: m(img), rules)
+    size = model_size(pq)
+    print(f"\nMask R-CNN R50-FPN small blocks: {size.compressed_mib:.2f} MiB compressed, "
+          f"{size.dense_mib:.1f} MiB dense (x{size.ratio:.1f}), {len(pq_layers(pq))} codebook layers")
+    models = variants(pq, dense)
+    n_det = {}
+    with torch.inference_mode():
+        for name, m in models.items():
+            n_det[name] = len(m(img)[0]["boxes"])
+    print("detections per variant:", n_det)
+    times = interleaved({k: (lambda m=m: m(img)) for k, m in models.items()}, rounds=args.rounds_maskrcnn,
+                        warmup=1)
+    rows = [dict(model="Mask R-CNN R50-FPN", batch=1, rounds=args.rounds_maskrcnn, **r)
+            for r in summarize(times, "dense eager")]
+    print_table("Mask R-CNN R50-FPN (800x800), latency per forward",
+                rows, ["model", "batch", "variant", "median_ms", "min_ms", "ratio", "rounds"])
+    return rows
+
+
+SECTIONS = {"fc": bench_fc, "resnet50": bench_resnet50, "memory": bench_memory, "maskrcnn": bench_maskrcnn}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--rounds", type=int, default=24, help="interleaved rounds (ResNet-50 batch 1)")
+    parser.add_argument("--rounds-maskrcnn", type=int, default=5)
+    parser.add_argument("--mem-batch", type=int, default=1)
+    parser.add_argument("--json", default="", help="write all rows to this file")
+    parser.add_argument("--rss-child", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--ckpt", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_child:
+        rss_child(args.rss_child, args.ckpt, args.batch)
+        return
+    torch.set_num_threads(args.threads)
+    if not ops.ops_available():
+        print("WARNING: compiled ops not available, the 'compiled' rows use the reference decode")
+    print(f"machine: {machine()}")
+    results = {}
+    for name in args.sections:
+        t0 = time.time()
+        results[name] = SECTIONS[name](args)
+        print(f"({name}: {time.time() - t0:.0f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), **results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
