@@ -59,6 +59,9 @@ _C.QUANT.METRIC = "shared"
 _C.QUANT.CAPTURE_IMAGES = 128
 _C.QUANT.CAPTURE_ROWS_PER_IMAGE = 256
 _C.QUANT.CAPTURE_BATCH_SIZE = 32
+# After each layer, re-estimate the running statistics of the BatchNorm fed by it so the student's output
+# distribution matches the teacher's: "mean_var", "mean" or "none".
+_C.QUANT.BN_CORRECTION = "mean_var"
 
 _C.FINETUNE = CfgNode()
 _C.FINETUNE.BATCH_SIZE = 32
@@ -88,6 +91,35 @@ _C.INPUT.CROP = 224
 _C.TEST = CfgNode()
 _C.TEST.BATCH_SIZE = 50
 _C.TEST.EVAL_TEACHER = True
+
+# ---------------------------------------------------------------------------------------------------------
+# Detection (Mask R-CNN / Faster R-CNN; bgd_det/tasks/detection.py, bgd_det/modeling/detection.py)
+# ---------------------------------------------------------------------------------------------------------
+# Shorter image side / longest side cap of the detector's own resize (torchvision GeneralizedRCNNTransform),
+# used for calibration, distillation and evaluation alike.
+_C.INPUT.MIN_SIZE_TEST = 800
+_C.INPUT.MAX_SIZE_TEST = 1333
+
+_C.DETECTION = CfgNode()
+# torchvision's v1 detectors are trained with FrozenBatchNorm2d (affine + statistics as buffers); False builds
+# them with nn.BatchNorm2d (for training a teacher from scratch). The v2 models always use BatchNorm2d.
+_C.DETECTION.FROZEN_BN = True
+# eps of FrozenBatchNorm2d: not stored in state dicts; torchvision's COCO_V1 Mask/Faster R-CNN weights need 0.0.
+_C.DETECTION.FROZEN_BN_EPS = 1e-5
+# Inference settings of the model (torchvision MaskRCNN kwargs).
+_C.DETECTION.RPN_PRE_NMS_TOPK_TEST = 1000
+_C.DETECTION.RPN_POST_NMS_TOPK_TEST = 1000
+_C.DETECTION.SCORE_THRESH_TEST = 0.05
+_C.DETECTION.DETECTIONS_PER_IMAGE = 100
+# Finetuning loss: "distill" (label-free: teacher's RPN objectness/deltas, box class logits/deltas and mask
+# logits on the teacher's proposals), "supervised" (standard Mask R-CNN losses on the annotations of
+# DATASETS.CALIB), or "both" (their sum).
+_C.DETECTION.LOSS = "distill"
+# Top-scoring teacher proposals per image that the box head / mask head are distilled (and captured) on.
+_C.DETECTION.DISTILL_BOX_PROPOSALS = 256
+_C.DETECTION.DISTILL_MASK_PROPOSALS = 32
+# Probability of a horizontal flip of calibration / distillation images when FINETUNE.AUGMENT.
+_C.DETECTION.FLIP_PROB = 0.5
 
 _C.OUTPUT_DIR = "./output"
 _C.SEED = 0

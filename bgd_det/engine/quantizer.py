@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import atomic_save, compressed_state, load_compressed_into, round_codebooks_to_fp16
+from ..quantization.bn_correction import channel_stats, correct_batchnorm, following_batchnorms
 from ..quantization.capture import capture_gram, has_input_metric
 from ..quantization.plan import LayerPlan, QuantRules, build_plan, execution_order
 from ..quantization.pq import em_quantize
@@ -75,6 +76,7 @@ class Quantizer:
         self.cfg, self.teacher, self.task = cfg, teacher.eval(), task
         self.output_dir = output_dir
         self.gram_reduce, self.wrap, self.broadcast = gram_reduce, wrap, broadcast
+        self._bn_pairs: Dict[str, str] = {}
         for p in self.teacher.parameters():
             p.requires_grad_(False)
 
@@ -139,6 +141,7 @@ class Quantizer:
         set_module(student, layer.name, pq)
         with torch.no_grad():
             err = (pq.decoded_weight() - weight).pow(2).sum() / weight.pow(2).sum().clamp_min(1e-12)
+        self.correct_bn(student, layer.name, seed)
         losses = distill(student, self.teacher, self.task, [pq.codebook], iters=cfg.FINETUNE.LAYER_ITERS,
                          lr=cfg.FINETUNE.LAYER_LR, batch_size=cfg.FINETUNE.BATCH_SIZE,
                          augment=cfg.FINETUNE.AUGMENT, seed=seed, desc=f"distill {layer.name}", wrap=self.wrap)
@@ -150,6 +153,26 @@ class Quantizer:
                     layer.n_centroids, record.rel_error,
                     f", distill loss {record.distill_loss:.4f}" if losses else "", record.seconds)
         return record
+
+    def correct_bn(self, student: nn.Module, name: str, seed: int) -> None:
+        """Re-estimate the running statistics of the BatchNorm fed by layer ``name`` (QUANT.BN_CORRECTION)."""
+        mode = self.cfg.QUANT.BN_CORRECTION
+        if mode not in ("mean_var", "mean", "none"):
+            raise ValueError(f"QUANT.BN_CORRECTION={mode!r}; allowed: 'mean_var', 'mean', 'none'")
+        bn_name = self._bn_pairs.get(name)
+        if mode == "none" or bn_name is None:
+            return
+        stats = []
+        for model in (student, self.teacher):
+            batches = self.task.calib_batches(n_images=self.cfg.QUANT.CAPTURE_IMAGES,
+                                              batch_size=self.cfg.QUANT.CAPTURE_BATCH_SIZE, augment=False,
+                                              seed=seed)
+            mean, var = channel_stats(model, bn_name, batches, self.task.forward)
+            if self.gram_reduce is not None:  # average over ranks
+                n = self.gram_reduce(torch.ones((), dtype=torch.float64))
+                mean, var = self.gram_reduce(mean) / n, self.gram_reduce(var) / n
+            stats.append((mean, var))
+        correct_batchnorm(student.get_submodule(bn_name), stats[0], stats[1], variance=mode == "mean_var")
 
     # -- whole pipeline ---------------------------------------------------------------------------------
     def run(self, *, resume: bool = False,
@@ -163,6 +186,7 @@ class Quantizer:
         cfg = self.cfg
         student = copy.deepcopy(self.teacher)
         plan = self.make_plan(student)
+        self._bn_pairs = following_batchnorms(self.teacher, self.task.example_forward)
         logger.info("plan: %d layers to quantize (execution order)", len(plan))
         records = self._load_progress(student, plan) if resume else []
         timings = {"layers": 0.0}

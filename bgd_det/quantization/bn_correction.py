@@ -1,0 +1,119 @@
+"""BatchNorm statistics correction after quantizing a layer.
+
+Quantizing a conv shifts the per-channel mean and variance of its output. When a BatchNorm consumes that
+output directly, its running statistics can absorb the shift: with the student's pre-BN statistics
+``(m_s, s_s)`` and the teacher's ``(m_t, s_t)`` on the same images, the corrected BatchNorm maps the student's
+output distribution onto the teacher's post-BN distribution (per channel, first two moments).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from .capture import StopForward
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BN_TYPES", "following_batchnorms", "channel_stats", "correct_batchnorm"]
+
+BN_TYPES = (nn.BatchNorm2d, nn.BatchNorm1d, nn.SyncBatchNorm, FrozenBatchNorm2d)
+
+
+def following_batchnorms(model: nn.Module, run: Callable[[nn.Module], Any]) -> Dict[str, str]:
+    """``{layer name: BatchNorm name}`` for every BatchNorm whose input is exactly a layer's output tensor.
+
+    Found by running the model once with hooks (tensor identity), so it follows the real data flow.
+    """
+    produced: Dict[int, str] = {}
+    pairs: Dict[str, str] = {}
+    handles = []
+
+    def out_hook(name):
+        def hook(_m, _i, out):
+            if isinstance(out, Tensor):
+                produced[id(out)] = name
+        return hook
+
+    def bn_hook(name):
+        def hook(_m, args):
+            src = produced.get(id(args[0]))
+            if src is not None:
+                pairs.setdefault(src, name)
+        return hook
+
+    try:
+        for name, m in model.named_modules():
+            if isinstance(m, BN_TYPES):
+                handles.append(m.register_forward_pre_hook(bn_hook(name)))
+            elif isinstance(m, (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)):
+                handles.append(m.register_forward_hook(out_hook(name)))
+        with torch.no_grad():
+            run(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return pairs
+
+
+def channel_stats(model: nn.Module, bn_name: str, batches: Iterable[Any],
+                  forward: Callable[[nn.Module, Any], Any]) -> Tuple[Tensor, Tensor]:
+    """Per-channel mean and variance (float64) of the input of ``bn_name`` over ``batches``."""
+    total: Optional[Tensor] = None
+    total_sq: Optional[Tensor] = None
+    count = 0
+
+    def hook(_m, args):
+        nonlocal total, total_sq, count
+        x = args[0].detach().double()
+        dims = [0] + list(range(2, x.dim()))
+        s, sq = x.sum(dims), (x * x).sum(dims)
+        total = s if total is None else total + s
+        total_sq = sq if total_sq is None else total_sq + sq
+        count += x.numel() // x.shape[1]
+        raise StopForward
+
+    handle = model.get_submodule(bn_name).register_forward_pre_hook(hook)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    forward(model, batch)
+                except StopForward:
+                    pass
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if total is None:
+        raise RuntimeError(f"BatchNorm {bn_name!r} did not run during the forward")
+    mean = total / count
+    return mean, (total_sq / count - mean * mean).clamp_min(0)
+
+
+def correct_batchnorm(bn: nn.Module, student: Tuple[Tensor, Tensor], teacher: Tuple[Tensor, Tensor], *,
+                      variance: bool = True, max_ratio: float = 2.0) -> None:
+    """Update ``bn``'s running statistics in place so the student's pre-BN statistics map to the teacher's output.
+
+    Args:
+        student, teacher: per-channel (mean, variance) of the BN input in the student and the teacher.
+        variance: also correct the scale (else only the mean).
+        max_ratio: clamp of the per-channel std ratio s_s / s_t (guards near-dead channels).
+    """
+    m_s, v_s = student
+    m_t, v_t = teacher
+    rm, rv = bn.running_mean.double(), bn.running_var.double()
+    sigma = (rv + bn.eps).sqrt()
+    if variance:
+        ratio = ((v_s + 1e-12) / (v_t + 1e-12)).sqrt().clamp(1.0 / max_ratio, max_ratio)
+    else:
+        ratio = torch.ones_like(sigma)
+    sigma_new = sigma * ratio
+    rm_new = m_s - (m_t - rm) * ratio
+    with torch.no_grad():
+        bn.running_mean.copy_(rm_new.to(bn.running_mean.dtype))
+        bn.running_var.copy_((sigma_new * sigma_new - bn.eps).clamp_min(0).to(bn.running_var.dtype))
