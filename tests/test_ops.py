@@ -130,7 +130,7 @@ def test_conv_transpose2d_matches_reference():
 @pytest.mark.parametrize("d", BLOCK_SIZES + (5,))
 def test_linear_matches_reference(simd, d):
     for k in (256, 1024):
-        for out_f, in_f in ((37, 16 * d), (5, 11 * d - 1), (64, 72)):
+        for out_f, in_f in ((37, 16 * d), (5, 11 * d - 1), (64, 72), (9, 300 * d + 3)):
             codes, cb = random_pq(out_f, in_f, d, k, seed=in_f + k)
             w = pq_decode(codes, cb, (out_f, in_f))
             bias, scale = torch.randn(out_f), torch.rand(out_f) + 0.5

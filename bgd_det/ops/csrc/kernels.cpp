@@ -12,7 +12,7 @@
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define BGD_HAVE_AVX2 1
 #include <immintrin.h>
-#define BGD_AVX2 __attribute__((target("avx2,fma")))
+#define BGD_AVX2 __attribute__((target("avx2,fma,bmi2")))
 #else
 #define BGD_HAVE_AVX2 0
 #endif
@@ -25,7 +25,8 @@ namespace {
 
 bool cpu_has_avx2() {
 #if BGD_HAVE_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("bmi2");
   return ok;
 #else
   return false;
@@ -129,6 +130,24 @@ inline void load8(const CodeT* p, uint32_t (&c)[8]) {
   }
 }
 
+// Byte offsets code * 2^SHIFT of eight consecutive codes (the centroid stride is a power of two for
+// d in {4, 8, 16}): one or two 64-bit loads and two ALU operations per code (shrx + and), no multiply.
+template <typename CodeT, int SHIFT>
+BGD_AVX2 inline void load8_offsets(const CodeT* p, uint64_t (&off)[8]) {
+  constexpr int BITS = 8 * sizeof(CodeT);
+  constexpr uint64_t MASK = ((uint64_t{1} << BITS) - 1) << SHIFT;
+  constexpr int PER = 64 / BITS;
+  uint64_t v[8 / PER];
+  std::memcpy(v, p, 8 * sizeof(CodeT));
+  for (int i = 0; i < 8; ++i) {
+    const uint64_t w = v[i / PER];
+    const int pos = BITS * (i % PER);
+    off[i] = (pos >= SHIFT ? (w >> (pos - SHIFT)) : (w << (SHIFT - pos))) & MASK;
+  }
+}
+
+constexpr int log2_int(int v) { return v <= 1 ? 0 : 1 + log2_int(v / 2); }
+
 // Largest code of a row (unsigned compare, so a negative int16 code counts as huge).
 template <typename CodeT>
 BGD_AVX2 uint32_t max_code_avx2(const CodeT* p, int64_t n) {
@@ -188,16 +207,27 @@ BGD_AVX2 bool decode_rows_avx2(const PQArgs& a, int64_t r0, int64_t r1, float* o
     const __m256 vs = _mm256_set1_ps(s);
     int64_t b = 0;
     for (; b + 8 <= nfull; b += 8) {
-      uint32_t c[8];
-      load8(rc + b, c);
       if constexpr (D == 4) {  // two centroids per 8-float store
+        uint64_t off[8];
+        load8_offsets<CodeT, 4>(rc + b, off);
+        const char* Cb = reinterpret_cast<const char*>(C);
 #pragma GCC unroll 4
         for (int i = 0; i < 8; i += 2) {
-          __m256 v = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(C + 4 * static_cast<int64_t>(c[i]))),
-                                          _mm_loadu_ps(C + 4 * static_cast<int64_t>(c[i + 1])), 1);
+          __m256 v = _mm256_insertf128_ps(
+              _mm256_castps128_ps256(_mm_loadu_ps(reinterpret_cast<const float*>(Cb + off[i]))),
+              _mm_loadu_ps(reinterpret_cast<const float*>(Cb + off[i + 1])), 1);
           _mm256_storeu_ps(dst + (b + i) * 4, SCALED ? _mm256_mul_ps(v, vs) : v);
         }
+      } else if constexpr (D == 8 || D == 16) {
+        uint64_t off[8];
+        load8_offsets<CodeT, log2_int(4 * D)>(rc + b, off);
+        const char* Cb = reinterpret_cast<const char*>(C);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i)
+          copy_block_avx2<D, SCALED>(reinterpret_cast<const float*>(Cb + off[i]), dst + (b + i) * D, D, vs);
       } else {
+        uint32_t c[8];
+        load8(rc + b, c);
 #pragma GCC unroll 8
         for (int i = 0; i < 8; ++i)
           copy_block_avx2<D, SCALED>(C + static_cast<int64_t>(c[i]) * d, dst + (b + i) * d, d, vs);
@@ -246,9 +276,11 @@ BGD_AVX2 inline void unit_weights(const float* C, const uint32_t* c, __m256 (&w)
 // Decode-in-register dot products of R rows with NT inputs, for d in {4, 8, 16}. Each centroid is loaded
 // once by its code and multiplied into the NT inputs; each input vector is loaded once per R rows. A
 // "unit" is 8 floats of a row (d=4: two centroids) or 16 (d=16); codes are read 8 at a time.
+// Units [u0, u1) (u0 a multiple of the group) of rows [o, o + R): the partial sums are stored into y
+// (`first`) or added to it; `last` adds the scalar tail and applies scale and bias.
 template <int D, int NT, int R, typename CodeT>
-BGD_AVX2 void fused_tile_reg(const PQArgs& a, int64_t o, const float* x, int64_t ldx, const float* bias,
-                             float* y, int64_t ldy) {
+BGD_AVX2 void fused_tile_reg(const PQArgs& a, int64_t o, int64_t u0, int64_t u1, bool first, bool last,
+                             const float* x, int64_t ldx, const float* bias, float* y, int64_t ldy) {
   constexpr int U = tile_chains(D, NT);
   constexpr int BPU = D == 4 ? 2 : 1;  // blocks per unit
   constexpr int VPU = vecs_per_unit(D);
@@ -264,28 +296,39 @@ BGD_AVX2 void fused_tile_reg(const PQArgs& a, int64_t o, const float* x, int64_t
     for (int n = 0; n < NT; ++n)
       for (int k = 0; k < U; ++k) acc[r][n][k] = _mm256_setzero_ps();
 
-  int64_t u = 0;
-  for (; u + G <= nunits; u += G) {
-    uint32_t c[R][8];
-    for (int r = 0; r < R; ++r) load8(rc[r] + u * BPU, c[r]);
+  const char* Cb = reinterpret_cast<const char*>(C);
+  int64_t u = u0;
+  for (; u + G <= u1; u += G) {
+    uint64_t c[R][8];
+    for (int r = 0; r < R; ++r) load8_offsets<CodeT, log2_int(4 * D)>(rc[r] + u * BPU, c[r]);
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g) {
       const int64_t off = (u + g) * FPU;
-      __m256 xv[NT][VPU];
-      for (int n = 0; n < NT; ++n)
-        for (int v = 0; v < VPU; ++v) xv[n][v] = _mm256_loadu_ps(x + n * ldx + off + 8 * v);
+      __m256 xv[R == 1 ? 1 : NT][VPU];  // inputs shared by the R rows (R == 1: straight from memory)
+      if constexpr (R > 1) {
+        for (int n = 0; n < NT; ++n)
+          for (int v = 0; v < VPU; ++v) xv[n][v] = _mm256_loadu_ps(x + n * ldx + off + 8 * v);
+      }
       for (int r = 0; r < R; ++r) {
         __m256 w[VPU];
-        unit_weights<D>(C, &c[r][g * BPU], w);
+        if constexpr (D == 4) {
+          w[0] = _mm256_insertf128_ps(
+              _mm256_castps128_ps256(_mm_loadu_ps(reinterpret_cast<const float*>(Cb + c[r][2 * g]))),
+              _mm_loadu_ps(reinterpret_cast<const float*>(Cb + c[r][2 * g + 1])), 1);
+        } else {
+          for (int v = 0; v < VPU; ++v)
+            w[v] = _mm256_loadu_ps(reinterpret_cast<const float*>(Cb + c[r][g]) + 8 * v);
+        }
         for (int n = 0; n < NT; ++n)
           for (int v = 0; v < VPU; ++v) {
             const int k = (g * VPU + v) % U;
-            acc[r][n][k] = _mm256_fmadd_ps(w[v], xv[n][v], acc[r][n][k]);
+            const __m256 xin = R > 1 ? xv[R > 1 ? n : 0][v] : _mm256_loadu_ps(x + n * ldx + off + 8 * v);
+            acc[r][n][k] = _mm256_fmadd_ps(w[v], xin, acc[r][n][k]);
           }
       }
     }
   }
-  for (; u < nunits; ++u) {
+  for (; u < u1; ++u) {
     const int64_t off = u * FPU;
     for (int r = 0; r < R; ++r) {
       uint32_t c[2] = {code_at(rc[r], u * BPU), BPU == 2 ? code_at(rc[r], u * BPU + 1) : 0u};
@@ -303,14 +346,19 @@ BGD_AVX2 void fused_tile_reg(const PQArgs& a, int64_t o, const float* x, int64_t
       for (int k = 1; k < U; ++k) t = _mm256_add_ps(t, acc[r][n][k]);
       res[n] = hsum_avx2(t);
     }
-    // Tail: an odd d=4 block and a partial last block, scalar.
-    for (int64_t i = nunits * FPU; i < a.cols; ++i) {
-      const float w = C[static_cast<int64_t>(code_at(rc[r], i / D)) * D + i % D];
-      for (int n = 0; n < NT; ++n) res[n] += w * x[n * ldx + i];
+    if (!first)
+      for (int n = 0; n < NT; ++n) res[n] += y[n * ldy + o + r];
+    if (last) {
+      // Tail: an odd d=4 block and a partial last block, scalar.
+      for (int64_t i = nunits * FPU; i < a.cols; ++i) {
+        const float w = C[static_cast<int64_t>(code_at(rc[r], i / D)) * D + i % D];
+        for (int n = 0; n < NT; ++n) res[n] += w * x[n * ldx + i];
+      }
+      const float s = a.scale != nullptr ? a.scale[o + r] : 1.0f;
+      const float bo = bias != nullptr ? bias[o + r] : 0.0f;
+      for (int n = 0; n < NT; ++n) res[n] = res[n] * s + bo;
     }
-    const float s = a.scale != nullptr ? a.scale[o + r] : 1.0f;
-    const float bo = bias != nullptr ? bias[o + r] : 0.0f;
-    for (int n = 0; n < NT; ++n) y[n * ldy + o + r] = res[n] * s + bo;
+    for (int n = 0; n < NT; ++n) y[n * ldy + o + r] = res[n];
   }
 }
 
@@ -325,9 +373,21 @@ BGD_AVX2 bool fused_rows_reg_avx2(const PQArgs& a, int64_t r0, int64_t r1, const
     for (int64_t o = r0; o < r1; ++o)
       if (max_code_avx2(codes + o * a.n_blocks, a.n_blocks) >= K) return false;
   }
-  int64_t o = r0;
-  for (; o + R <= r1; o += R) fused_tile_reg<D, NT, R, CodeT>(a, o, x, ldx, bias, y, ldy);
-  for (; o < r1; ++o) fused_tile_reg<D, NT, 1, CodeT>(a, o, x, ldx, bias, y, ldy);
+  // Column blocking: the NT input rows of one chunk stay in L1 (~16 KB) while all rows pass over it.
+  constexpr int FPU = (D == 4 ? 2 : 1) * D;
+  constexpr int G = D == 4 ? 4 : 8;
+  constexpr int64_t chunk = std::max<int64_t>(G, (4096 / NT) / FPU / G * G);  // in units
+  const int64_t nunits = (a.cols / D) / (D == 4 ? 2 : 1);
+  int64_t u0 = 0;
+  do {
+    const int64_t u1 = std::min(nunits, u0 + chunk);
+    const bool first = u0 == 0, last = u1 == nunits;
+    int64_t o = r0;
+    for (; o + R <= r1; o += R)
+      fused_tile_reg<D, NT, R, CodeT>(a, o, u0, u1, first, last, x, ldx, bias, y, ldy);
+    for (; o < r1; ++o) fused_tile_reg<D, NT, 1, CodeT>(a, o, u0, u1, first, last, x, ldx, bias, y, ldy);
+    u0 = u1;
+  } while (u0 < nunits);
   return true;
 }
 
