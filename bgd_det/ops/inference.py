@@ -120,6 +120,8 @@ class PQConv2dInfer(_PQInfer):
         self.pad_mode = pad_mode
         self.out_channels, self.kernel_size = self.weight_shape[0], tuple(self.weight_shape[2:])
         self.in_channels = self.weight_shape[1] * self.groups
+        self._op_shape, self._op_stride = list(self.weight_shape), list(self.stride)
+        self._op_padding, self._op_dilation = list(self.padding), list(self.dilation)
 
     @classmethod
     def from_pq(cls, layer: PQConv2d, *, bn: Optional[nn.Module] = None) -> "PQConv2dInfer":
@@ -147,6 +149,10 @@ class PQConv2dInfer(_PQInfer):
     def forward(self, x: Tensor) -> Tensor:
         if self.pre_pad is not None:
             x = F.pad(x, self.pre_pad, mode=self.pad_mode)
+        if x.device.type == "cpu" and ops_available():  # the op directly: no per-call argument juggling
+            return torch.ops.bgd.pq_conv2d.default(
+                x, self.codes, self.codebook, self._op_shape, self.scale, self.bias, self._op_stride,
+                self._op_padding, self._op_dilation, self.groups)
         return pq_conv2d(x, self.codes, self.codebook, self.weight_shape, scale=self.scale, bias=self.bias,
                          stride=self.stride, padding=self.padding, dilation=self.dilation,
                          groups=self.groups)
@@ -170,6 +176,8 @@ class PQLinearInfer(_PQInfer):
         return cls(layer.codes, layer.codebook, layer.weight_shape, bias=layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and ops_available():
+            return torch.ops.bgd.pq_linear.default(x, self.codes, self.codebook, None, self.bias)
         return pq_linear(x, self.codes, self.codebook, bias=self.bias)
 
     def extra_repr(self) -> str:
