@@ -212,7 +212,10 @@ def _status_bytes(field: str) -> int:
 def rss_child(mode: str, path: str, batch: int) -> None:
     """Body of a memory-measurement process; prints one JSON line."""
     torch.set_num_threads(int(os.environ.get("BGD_BENCH_THREADS", "2")))
-    import bgd_det
+    import bgd_det  # every mode imports what loading needs, so only the model differs
+    import bgd_det.config  # noqa: F401
+    import bgd_det.modeling  # noqa: F401
+    import bgd_det.ops.inference  # noqa: F401  (torch.fx for BN folding)
 
     ops.ops_available()
     x = torch.randn(batch, 3, 224, 224)
@@ -223,9 +226,10 @@ def rss_child(mode: str, path: str, batch: int) -> None:
     base = _status_bytes("VmRSS")
     if mode == "empty":
         model: nn.Module = nn.Identity()
-    elif mode == "dense":
-        model = torchvision.models.resnet50()
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    elif mode == "dense":  # built on meta, weights assigned from the checkpoint: no second copy
+        with torch.device("meta"):
+            model = torchvision.models.resnet50()
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), assign=True)
         model.eval()
     else:
         model = bgd_det.load_compressed(path, inference=True, fold_bn=(mode == "compressed+fold"))
@@ -260,20 +264,26 @@ def bench_memory(args) -> List[Dict]:
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     empty = results["empty"]["hwm"]
     largest = max_scratch_bytes(to_inference(copy.deepcopy(pq)))
+    # What the dense process holds beyond its weights (activations, oneDNN buffers and JIT code, allocator
+    # caches, code pages) is paid by every model of this architecture: an estimate of the runtime share.
+    runtime = results["dense"]["hwm"] - empty - results["dense"]["model_bytes"]
     rows = []
     for mode in ("compressed", "compressed+fold", "dense"):
         r = results[mode]
-        budget = size.compressed_bytes + largest if mode != "dense" else float("nan")
+        delta = r["hwm"] - empty
+        budget = size.compressed_bytes + largest if mode != "dense" else r["model_bytes"]
         rows.append(dict(
-            model=mode, peak_minus_empty_mib=(r["hwm"] - empty) / MIB, model_tensors_mib=r["model_bytes"] / MIB,
-            compressed_size_mib=size.compressed_mib if mode != "dense" else size.dense_mib,
+            model=mode, peak_minus_empty_mib=delta / MIB, minus_runtime_mib=(delta - runtime) / MIB,
+            model_tensors_mib=r["model_bytes"] / MIB,
+            size_mib=size.compressed_mib if mode != "dense" else size.dense_mib,
             largest_scratch_mib=largest / MIB if mode != "dense" else 0.0,
-            scratch_used_mib=r.get("scratch_bytes", 0) / MIB,
-            budget_mib=budget / MIB, within_budget=str(r["hwm"] - empty <= budget) if mode != "dense" else "-"))
-    print_table(f"Resident memory, ResNet-50 batch {args.mem_batch} (peak RSS minus an empty-model process "
-                f"= {empty / MIB:.1f} MiB)", rows,
-                ["model", "peak_minus_empty_mib", "model_tensors_mib", "compressed_size_mib",
-                 "largest_scratch_mib", "scratch_used_mib", "budget_mib", "within_budget"])
+            scratch_used_mib=r.get("scratch_bytes", 0) / MIB, budget_mib=budget / MIB,
+            literal_target_met=str(delta <= budget) if mode != "dense" else "-"))
+    print_table(f"Resident memory, ResNet-50 batch {args.mem_batch}: peak RSS (VmHWM) minus an empty-model "
+                f"process ({empty / MIB:.1f} MiB); runtime share estimated from the dense process = "
+                f"{runtime / MIB:.1f} MiB; budget = compressed size + largest scratch", rows,
+                ["model", "peak_minus_empty_mib", "minus_runtime_mib", "model_tensors_mib", "size_mib",
+                 "largest_scratch_mib", "scratch_used_mib", "budget_mib", "literal_target_met"])
     return rows
 
 

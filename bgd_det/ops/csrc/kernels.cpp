@@ -191,6 +191,31 @@ BGD_AVX2 inline void copy_block_avx2(const float* src, float* dst, int64_t d_rt,
   }
 }
 
+// Eight blocks of an odd d (9, 18) written as d whole 8-float vectors, no overlapping stores: vector j
+// takes floats from block k = 8j / d at offset s = 8j % d and, where it runs past that block, the start of
+// block k + 1 (a blend of two loads). Loads may read up to 7 floats beyond a centroid, so `c` point into a
+// copy of the codebook padded by 8 floats on both sides.
+template <int D, int J, bool SCALED>
+BGD_AVX2 inline void packed8_avx2(const float* const* c, float* dst, __m256 vs) {
+  constexpr int k = 8 * J / D, s = 8 * J % D;
+  __m256 v;
+  if constexpr (s + 8 <= D) {
+    v = _mm256_loadu_ps(c[k] + s);
+  } else {
+    v = _mm256_blend_ps(_mm256_loadu_ps(c[k] + s), _mm256_loadu_ps(c[k + 1] + s - D), (0xFF << (D - s)) & 0xFF);
+  }
+  _mm256_storeu_ps(dst + 8 * J, SCALED ? _mm256_mul_ps(v, vs) : v);
+  if constexpr (J + 1 < D) packed8_avx2<D, J + 1, SCALED>(c, dst, vs);
+}
+
+const float* padded_codebook(const PQArgs& a) {
+  static thread_local std::vector<float> buf;
+  const size_t n = static_cast<size_t>(a.K * a.d);
+  if (buf.size() < n + 16) buf.resize(n + 16);
+  std::memcpy(buf.data() + 8, a.codebook, n * sizeof(float));
+  return buf.data() + 8;
+}
+
 template <int D, typename CodeT, bool CHECK, bool SCALED>
 BGD_AVX2 bool decode_rows_avx2(const PQArgs& a, int64_t r0, int64_t r1, float* out, int64_t ld) {
   const int64_t d = D ? D : a.d;
@@ -198,7 +223,8 @@ BGD_AVX2 bool decode_rows_avx2(const PQArgs& a, int64_t r0, int64_t r1, float* o
   const int64_t nfull = a.cols / d;
   const int64_t rem = a.cols - nfull * d;
   const CodeT* codes = static_cast<const CodeT*>(a.codes);
-  const float* C = a.codebook;
+  constexpr bool PACKED = D == 9 || D == 18;
+  const float* C = PACKED ? padded_codebook(a) : a.codebook;
   for (int64_t o = r0; o < r1; ++o) {
     const CodeT* rc = codes + o * a.n_blocks;
     if (CHECK && max_code_avx2(rc, a.n_blocks) >= K) return false;
@@ -225,6 +251,12 @@ BGD_AVX2 bool decode_rows_avx2(const PQArgs& a, int64_t r0, int64_t r1, float* o
 #pragma GCC unroll 8
         for (int i = 0; i < 8; ++i)
           copy_block_avx2<D, SCALED>(reinterpret_cast<const float*>(Cb + off[i]), dst + (b + i) * D, D, vs);
+      } else if constexpr (PACKED) {
+        uint32_t c[8];
+        load8(rc + b, c);
+        const float* ptr[8];
+        for (int i = 0; i < 8; ++i) ptr[i] = C + static_cast<int64_t>(c[i]) * D;
+        packed8_avx2<D, 0, SCALED>(ptr, dst + b * D, vs);
       } else {
         uint32_t c[8];
         load8(rc + b, c);
