@@ -53,9 +53,9 @@ inline uint32_t code_at(const CodeT* p, int64_t i) {
 // ---------------------------------------------------------------------------------------------------
 // Scalar path.
 
-template <typename CodeT, bool CHECK>
+template <typename CodeT, bool CHECK, int D = 0>
 bool decode_row_scalar(const CodeT* codes, const PQArgs& a, const float* scale_ptr, float* out) {
-  const int64_t d = a.d;
+  const int64_t d = D ? D : a.d;  // a compile-time d lets the compiler unroll / vectorize the copies
   const uint32_t K = static_cast<uint32_t>(a.K);
   const int64_t nfull = a.cols / d;
   const int64_t rem = a.cols - nfull * d;
@@ -79,6 +79,28 @@ bool decode_row_scalar(const CodeT* codes, const PQArgs& a, const float* scale_p
     for (int64_t j = 0; j < rem; ++j) out[nfull * d + j] = src[j] * s;
   }
   return true;
+}
+
+template <typename CodeT, bool CHECK, int D>
+bool decode_rows_scalar_d(const PQArgs& a, int64_t r0, int64_t r1, float* out, int64_t ld) {
+  const CodeT* codes = static_cast<const CodeT*>(a.codes);
+  for (int64_t o = r0; o < r1; ++o) {
+    const float* s = a.scale ? a.scale + o : nullptr;
+    if (!decode_row_scalar<CodeT, CHECK, D>(codes + o * a.n_blocks, a, s, out + (o - r0) * ld)) return false;
+  }
+  return true;
+}
+
+template <typename CodeT, bool CHECK>
+bool decode_rows_scalar(const PQArgs& a, int64_t r0, int64_t r1, float* out, int64_t ld) {
+  switch (a.d) {
+    case 4: return decode_rows_scalar_d<CodeT, CHECK, 4>(a, r0, r1, out, ld);
+    case 8: return decode_rows_scalar_d<CodeT, CHECK, 8>(a, r0, r1, out, ld);
+    case 9: return decode_rows_scalar_d<CodeT, CHECK, 9>(a, r0, r1, out, ld);
+    case 16: return decode_rows_scalar_d<CodeT, CHECK, 16>(a, r0, r1, out, ld);
+    case 18: return decode_rows_scalar_d<CodeT, CHECK, 18>(a, r0, r1, out, ld);
+    default: return decode_rows_scalar_d<CodeT, CHECK, 0>(a, r0, r1, out, ld);
+  }
 }
 
 float dot_scalar(const float* w, const float* x, int64_t n) {
@@ -533,22 +555,9 @@ bool decode_rows(const PQArgs& a, int64_t r0, int64_t r1, float* out, int64_t ld
                    : decode_dispatch_d<uint8_t, false, false>(a, r0, r1, out, ld);
   }
 #endif
-  for (int64_t o = r0; o < r1; ++o) {
-    const float* s = a.scale ? a.scale + o : nullptr;
-    bool ok;
-    if (a.codes_int16) {
-      ok = decode_row_scalar<int16_t, true>(static_cast<const int16_t*>(a.codes) + o * a.n_blocks, a, s,
-                                            out + (o - r0) * ld);
-    } else if (check) {
-      ok = decode_row_scalar<uint8_t, true>(static_cast<const uint8_t*>(a.codes) + o * a.n_blocks, a, s,
-                                            out + (o - r0) * ld);
-    } else {
-      ok = decode_row_scalar<uint8_t, false>(static_cast<const uint8_t*>(a.codes) + o * a.n_blocks, a, s,
-                                             out + (o - r0) * ld);
-    }
-    if (!ok) return false;
-  }
-  return true;
+  if (a.codes_int16) return decode_rows_scalar<int16_t, true>(a, r0, r1, out, ld);
+  if (check) return decode_rows_scalar<uint8_t, true>(a, r0, r1, out, ld);
+  return decode_rows_scalar<uint8_t, false>(a, r0, r1, out, ld);
 }
 
 bool fused_dot_rows(const PQArgs& a, int64_t r0, int64_t r1, const float* x, int64_t ldx, int64_t N,
