@@ -149,10 +149,14 @@ def test_scratch_is_reused_and_threads_are_independent():
     layers = [(random_pq(64, 576, 9, 256, seed=i), (64, 64, 3, 3)) for i in range(3)]
     x = torch.randn(1, 64, 8, 8)
     want = [F.conv2d(x, pq_decode(c, cb, s), padding=1) for (c, cb), s in layers]
+    grown = None
     for _ in range(3):
         for ((c, cb), s), w in zip(layers, want):
             torch.testing.assert_close(ops.pq_conv2d(x, c, cb, s, padding=1), w, rtol=1e-4, atol=1e-4)
-    assert torch.ops.bgd._scratch_bytes() == 64 * 576 * 4  # grown once to the largest layer, then reused
+        # grown at most once (to the largest layer seen on this thread), then reused
+        assert grown is None or torch.ops.bgd._scratch_bytes() == grown
+        grown = torch.ops.bgd._scratch_bytes()
+    assert grown >= 64 * 576 * 4
 
     errors = []
 
