@@ -168,9 +168,11 @@ class Quantizer:
                                               batch_size=self.cfg.QUANT.CAPTURE_BATCH_SIZE, augment=False,
                                               seed=seed)
             mean, var = channel_stats(model, bn_name, batches, self.task.forward)
-            if self.gram_reduce is not None:  # average over ranks
+            if self.gram_reduce is not None:  # pool the first two moments of the ranks' (equal) shares
                 n = self.gram_reduce(torch.ones((), dtype=torch.float64))
-                mean, var = self.gram_reduce(mean) / n, self.gram_reduce(var) / n
+                second = self.gram_reduce(var + mean * mean) / n
+                mean = self.gram_reduce(mean) / n
+                var = (second - mean * mean).clamp_min(0)
             stats.append((mean, var))
         correct_batchnorm(student.get_submodule(bn_name), stats[0], stats[1], variance=mode == "mean_var")
 
