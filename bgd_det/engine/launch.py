@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ..utils import comm
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["launch", "DEFAULT_TIMEOUT", "default_timeout", "default_backend", "DistributedLaunchError"]
@@ -109,10 +111,20 @@ def _run_under_torchrun(main_func: Callable[..., Any], args: Tuple, backend: str
     if backend == "gloo":
         _set_cpu_threads(local_size)
     _init_group(backend, "env://", rank=rank, world_size=world, local_rank=local_rank, timeout=timeout)
-    try:
-        return main_func(*args)
-    finally:
-        dist.destroy_process_group()
+    result = main_func(*args)
+    _shutdown(backend, local_rank)
+    return result
+
+
+def _shutdown(backend: str, local_rank: int) -> None:
+    """Tear the group down once every rank is done with it (a rank leaving early can abort a peer's gloo
+    threads). After an exception the group is left to the process exit: its peers fail on their own."""
+    if backend == "nccl":
+        dist.barrier(device_ids=[local_rank])
+    else:
+        dist.barrier()
+    comm.release_cpu_group()
+    dist.destroy_process_group()
 
 
 def _distributed_worker(local_rank: int, main_func: Callable[..., Any], world_size: int, num_processes: int,
@@ -124,16 +136,14 @@ def _distributed_worker(local_rank: int, main_func: Callable[..., Any], world_si
     if backend == "gloo":
         _set_cpu_threads(num_processes)
     _init_group(backend, dist_url, rank=rank, world_size=world_size, local_rank=local_rank, timeout=timeout)
-    try:
-        result = main_func(*args)
-    finally:
-        dist.destroy_process_group()
+    result = main_func(*args)
     if local_rank == 0 and result is not None:
         try:
             with open(os.path.join(result_dir, _RESULT_FILE), "wb") as f:
                 pickle.dump(result, f)
         except Exception as e:  # a result that does not pickle is not an error of the run
             logger.warning("main_func's return value could not be passed back (%s); launch returns None", e)
+    _shutdown(backend, local_rank)
 
 
 def launch(main_func: Callable[..., Any], num_processes: int = 1, num_machines: int = 1, machine_rank: int = 0,

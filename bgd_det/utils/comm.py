@@ -6,7 +6,6 @@ the current CUDA device and comes back on the CPU. Object collectives (:func:`al
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any, List
 
@@ -15,8 +14,8 @@ import torch.distributed as dist
 
 __all__ = [
     "is_dist", "get_rank", "get_world_size", "get_local_rank", "get_local_size", "is_main_process",
-    "synchronize", "get_cpu_group", "all_reduce_sum", "broadcast_tensor", "all_gather", "gather",
-    "broadcast_object",
+    "synchronize", "get_cpu_group", "release_cpu_group", "all_reduce_sum", "broadcast_tensor", "all_gather",
+    "gather", "broadcast_object",
 ]
 
 
@@ -78,32 +77,47 @@ _GLOO_DTYPES = {torch.float32, torch.float64, torch.float16, torch.bfloat16, tor
 
 
 def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """Overwrite ``t`` (contiguous) in place with rank ``src``'s ``t``; same shape and dtype on all ranks."""
+    """Overwrite ``t`` in place with rank ``src``'s ``t``; same shape and dtype on all ranks."""
     if is_dist() and get_world_size() > 1:
-        if not t.is_contiguous():
-            raise ValueError("broadcast_tensor needs a contiguous tensor")
-        buf = t
-        if dist.get_backend() == "gloo" and t.dtype not in _GLOO_DTYPES:
-            buf = t.reshape(-1).view(torch.uint8)  # shares t's memory
+        contiguous = t.is_contiguous()
+        flat = (t if contiguous else t.contiguous()).view(-1)  # shares t's memory when contiguous
+        buf = flat.view(torch.uint8) if dist.get_backend() == "gloo" and t.dtype not in _GLOO_DTYPES else flat
         dev = _collective_device(buf)
-        if dev == buf.device:
-            dist.broadcast(buf, src)
-        else:
-            moved = buf.to(dev)
-            dist.broadcast(moved, src)
+        moved = buf if dev == buf.device else buf.to(dev)
+        dist.broadcast(moved, src)
+        if moved is not buf:
             buf.copy_(moved)
+        if not contiguous:
+            t.copy_(flat.view(t.shape))
     return t
 
 
-@functools.lru_cache()
-def get_cpu_group():
-    """A gloo group over all ranks for pickled objects (the default group itself when it is gloo).
+_CPU_GROUP = None  # the gloo group of an nccl run, created on first use
 
-    Created on first use; every rank reaches it through the same collective call, as ``new_group`` requires.
+
+def get_cpu_group():
+    """A gloo group over all ranks for CPU tensors and pickled objects.
+
+    ``None`` (the default group, for torch.distributed calls) when the default group is gloo; under nccl a gloo
+    group created on first use, which every rank reaches through the same collective call, as ``new_group``
+    requires. :func:`release_cpu_group` drops it before the process group is destroyed.
     """
+    global _CPU_GROUP
     if dist.get_backend() == "gloo":
-        return dist.group.WORLD
-    return dist.new_group(backend="gloo")
+        return None  # no reference to the default group: it must die with destroy_process_group
+    if _CPU_GROUP is None:
+        _CPU_GROUP = dist.new_group(backend="gloo")
+    return _CPU_GROUP
+
+
+def release_cpu_group() -> None:
+    """Forget the gloo group of :func:`get_cpu_group` (call before ``destroy_process_group``).
+
+    A process group still referenced at interpreter exit aborts the process ("terminate called without an active
+    exception") when its worker threads are torn down.
+    """
+    global _CPU_GROUP
+    _CPU_GROUP = None
 
 
 def all_gather(data: Any) -> List[Any]:
