@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import classification  # noqa: F401  (registers built-ins)
+from . import detection  # noqa: F401  (registers built-in detectors)
 from .registry import ARCH_REGISTRY, get_arch
 from .weights import load_weights, read_state_dict
 

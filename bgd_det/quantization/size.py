@@ -4,7 +4,9 @@ Rules (MiB = 2**20 bytes):
 - a quantized layer's codes take ``log2(K)`` bits per sub-vector (``log2(K) / d`` bits per weight);
 - its codebook takes ``K * d`` fp16 values;
 - every other parameter (biases, BatchNorm affine, unquantized layers) takes fp32. BatchNorm counts as its
-  two affine vectors; running statistics are buffers and are folded into them at deployment;
+  two affine vectors; running statistics are buffers and are folded into them at deployment. torchvision's
+  ``FrozenBatchNorm2d`` (detection models) holds its affine vectors as buffers: they count the same, two fp32
+  vectors, so a model costs the same with either BatchNorm type;
 - the uncompressed size is every parameter of the original model in fp32.
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List
 
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 from .layers import PQ_LAYER_TYPES
 
@@ -82,6 +85,8 @@ def model_size(model: nn.Module) -> SizeReport:
     report = SizeReport()
     for name, module in model.named_modules():
         own = list(module.named_parameters(recurse=False))
+        if isinstance(module, FrozenBatchNorm2d):  # affine held as buffers: counts as BatchNorm's parameters
+            own += [(n, b) for n, b in module.named_buffers(recurse=False) if n in ("weight", "bias")]
         if isinstance(module, PQ_LAYER_TYPES):
             k, d = module.n_centroids, module.block_size
             n_weights = math.prod(module.weight_shape)
