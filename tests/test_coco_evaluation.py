@@ -112,8 +112,9 @@ def test_rle_at_image_resolution_roundtrip():
 def test_coco_tiny_ground_truth_gives_ap_one(assets_dir, monkeypatch):
     monkeypatch.setenv("BGD_DATASETS", str(assets_dir))
     ds = DatasetCatalog.get("coco_tiny_val")
-    labels = label_map(ds.cat_ids, 91, dataset="coco_tiny_val")  # torchvision's COCO label space
+    labels = ds.label_map(91)  # torchvision's COCO label space (names checked against COCO's)
     assert labels == {c: c for c in ds.cat_ids}
+    assert ds.label_map(81) == {c: i + 1 for i, c in enumerate(ds.cat_ids)}  # contiguous
     ev = COCOEvaluator(ds.coco, {v: k for k, v in labels.items()})
     for i in range(len(ds)):
         item = ds[i]
@@ -174,5 +175,9 @@ def test_bad_input_errors(tiny_coco, tmp_path):
         CocoInstances("x", str(path), str(tmp_path / "no_images"))
     with pytest.raises(ValueError, match="category mismatch: the model has 5 classes .* 2 categories with ids 3..7"):
         label_map([3, 7], 5, dataset="tiny")
+    with pytest.raises(ValueError, match=r"categories of tiny are not COCO's: \(id, name, COCO name\) "
+                                         r"\[\(3, 'cat', 'car'\), \(7, 'dog', 'train'\)\]"):
+        label_map([3, 7], 91, dataset="tiny", names={3: "cat", 7: "dog"})
+    assert label_map([3, 7], 91, names={3: "car", 7: "train"}) == {3: 3, 7: 7}
     with pytest.raises(KeyError, match="unknown dataset 'coco_2018_val'; registered datasets: .*coco_2017_val"):
         DatasetCatalog.get("coco_2018_val")

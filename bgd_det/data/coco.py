@@ -15,7 +15,7 @@ coco_tiny_val      ``coco-tiny/annotations/instances_val2017.json``       ``coco
 Labels: a model with ``num_classes == len(categories) + 1`` uses contiguous labels (sorted category ids ->
 1..N, 0 = background, detectron2's convention); a model with more classes than the largest category id uses the
 category ids themselves (torchvision's COCO models, ``num_classes=91``). :func:`label_map` decides, and raises when
-neither fits.
+neither fits (with 91 classes, the category names must be COCO's too).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import io
 import json
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from PIL import Image
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
+from torchvision.models._meta import _COCO_CATEGORIES
 from torchvision.transforms.functional import pil_to_tensor
 
 from .catalog import DatasetCatalog, datasets_root
@@ -90,6 +91,11 @@ class CocoInstances(Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def label_map(self, num_classes: int) -> Dict[int, int]:
+        """Category id -> label of a model with ``num_classes`` classes (:func:`label_map`)."""
+        return label_map(self.cat_ids, num_classes, dataset=self.name,
+                         names={c: self.coco.cats[c]["name"] for c in self.cat_ids})
+
     def image_path(self, image_id: int) -> str:
         return os.path.join(self.image_root, self.coco.imgs[image_id]["file_name"])
 
@@ -105,11 +111,14 @@ class CocoInstances(Dataset):
                 "annotations": self.coco.imgToAnns.get(image_id, [])}
 
 
-def label_map(cat_ids: Sequence[int], num_classes: int, *, dataset: str = "dataset") -> Dict[int, int]:
+def label_map(cat_ids: Sequence[int], num_classes: int, *, dataset: str = "dataset",
+              names: Optional[Mapping[int, str]] = None) -> Dict[int, int]:
     """Category id -> model label (0 is background).
 
     Args:
         cat_ids: the dataset's category ids; num_classes: the model's classes including background.
+        names: category id -> name; with ``num_classes == 91`` (torchvision's COCO label space) every name must
+            be COCO's name of that id.
 
     Raises:
         ValueError: when the model's classes fit neither contiguous labels nor the category ids.
@@ -118,6 +127,14 @@ def label_map(cat_ids: Sequence[int], num_classes: int, *, dataset: str = "datas
     if num_classes == len(cat_ids) + 1:
         return {c: i + 1 for i, c in enumerate(cat_ids)}
     if cat_ids and min(cat_ids) >= 1 and max(cat_ids) < num_classes:
+        if num_classes == len(_COCO_CATEGORIES) and names is not None:
+            wrong = [(c, names[c], _COCO_CATEGORIES[c]) for c in cat_ids if names[c] != _COCO_CATEGORIES[c]]
+            if wrong:
+                raise ValueError(
+                    f"category mismatch: the model uses torchvision's 91 COCO classes (labels = COCO category ids) "
+                    f"but the categories of {dataset} are not COCO's: (id, name, COCO name) {wrong[:3]}; set "
+                    f"MODEL.NUM_CLASSES {len(cat_ids) + 1} for contiguous labels"
+                )
         return {c: c for c in cat_ids}
     raise ValueError(
         f"category mismatch: the model has {num_classes} classes (MODEL.NUM_CLASSES, or the checkpoint's), but "
