@@ -1,0 +1,520 @@
+"""Detection task (torchvision Mask R-CNN / Faster R-CNN on COCO-style data).
+
+The engine sees a detector through this task:
+
+- ``forward`` / ``example_forward`` run the detector stage by stage, exactly as torchvision's eval-mode forward
+  (transform -> backbone.body -> backbone.fpn -> rpn.head -> proposals -> box head/predictor), except that the mask
+  head runs on the ``DETECTION.DISTILL_MASK_PROPOSALS`` top-scoring proposals of every image instead of on the
+  final detections, so every layer runs on every batch (a model with no detections above the score threshold
+  would never reach its mask head). The RPN head is called once per FPN level, so that activation capture of
+  its shared conv sees all five levels (each level contributes its own sampled rows).
+- ``distill_loss`` (``DETECTION.LOSS``):
+
+  * ``"distill"`` (default, label-free): the student runs on the *teacher's* proposals, and the loss sums
+    (1) binary KL of RPN objectness over all anchors, (2) smooth-L1 of RPN deltas weighted by the teacher's
+    objectness probability, (3) KL of box-head class logits (``FINETUNE.TEMPERATURE``), (4) smooth-L1 of
+    per-class box deltas weighted by the teacher's class probabilities, (5) binary KL of mask logits of the
+    teacher's top class on the top mask proposals. Every term is zero when student == teacher.
+  * ``"supervised"``: torchvision's five Mask R-CNN training losses on the annotations of ``DATASETS.CALIB``
+    (RPN anchor sampling, 512 sampled RoIs per image, masks of the positive RoIs), computed in eval mode so
+    BatchNorm statistics never change.
+  * ``"both"``: their sum.
+
+- ``evaluate``: COCO box/mask AP (``COCOEvaluator``) on ``DATASETS.TEST`` (first ``DATASETS.TEST_MAX_IMAGES``).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import fastrcnn_loss, maskrcnn_loss
+from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+from ..data import DatasetCatalog
+from ..data.coco import CocoInstances, annotations_to_target
+from ..evaluation.coco_evaluation import COCOEvaluator
+from ..evaluation.evaluator import inference_on_dataset
+from ..quantization.capture import StopForward
+from ..utils import comm
+from .base import TASK_REGISTRY, Task
+from .classification import kl_distill_loss
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DetectionTask", "RPNStage", "rpn_stage", "rpn_proposals", "box_outputs", "mask_outputs",
+           "distill_terms", "supervised_terms", "model_num_classes", "LOSSES"]
+
+LOSSES = ("distill", "supervised", "both")
+
+
+# -- the detector, stage by stage ------------------------------------------------------------------------------
+@dataclass
+class RPNStage:
+    """The detector up to the RPN head, for a batch of B images.
+
+    Attributes:
+        images: the resized, normalised ImageList; targets: targets resized alike (or None);
+        features: FPN outputs (``OrderedDict`` of Tensor[B, 256, h_l, w_l]);
+        objectness (Tensor[B * A, 1]), deltas (Tensor[B * A, 4]): RPN outputs over all A anchors of an image;
+        anchors: list of B Tensor[A, 4]; anchors_per_level: A split by FPN level.
+    """
+
+    images: ImageList
+    targets: Optional[List[Dict[str, Tensor]]]
+    features: Dict[str, Tensor]
+    objectness: Tensor
+    deltas: Tensor
+    anchors: List[Tensor]
+    anchors_per_level: List[int]
+
+
+def rpn_stage(model: nn.Module, images: Sequence[Tensor],
+              targets: Optional[List[Dict[str, Tensor]]] = None) -> RPNStage:
+    """Transform, backbone and RPN head of ``model`` (a torchvision ``GeneralizedRCNN``) on ``images``.
+
+    Args:
+        images: B tensors Tensor[3, H_i, W_i] in [0, 1]; targets: optional torchvision targets (resized too).
+    """
+    image_list, targets = model.transform(list(images), targets)
+    features = model.backbone(image_list.tensors)
+    feats = list(features.values())
+    objectness, deltas = [], []
+    stopped = False
+    for level in feats:  # one call per level: a capture hook on the shared head sees every level
+        try:
+            o, d = model.rpn.head([level])
+        except StopForward:
+            stopped = True
+            continue
+        objectness += o
+        deltas += d
+    if stopped:
+        raise StopForward
+    anchors = model.rpn.anchor_generator(image_list, feats)
+    per_level = [int(o[0].numel()) for o in objectness]
+    objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+    return RPNStage(image_list, targets, features, objectness, deltas, anchors, per_level)
+
+
+def rpn_proposals(model: nn.Module, stage: RPNStage, top_n: int = 0) -> List[Tensor]:
+    """Eval-mode proposals (decode, per-level top-k, NMS), best first; at most ``top_n`` per image (0 = all)."""
+    boxes = model.rpn.box_coder.decode(stage.deltas.detach(), stage.anchors).view(len(stage.anchors), -1, 4)
+    proposals, _ = model.rpn.filter_proposals(boxes, stage.objectness.detach(), stage.images.image_sizes,
+                                              stage.anchors_per_level)
+    return [p[:top_n] for p in proposals] if top_n else proposals
+
+
+def box_outputs(model: nn.Module, stage: RPNStage, proposals: List[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Box head on ``proposals``: class logits Tensor[R, C] and box deltas Tensor[R, 4 C] (R = all images')."""
+    heads = model.roi_heads
+    x = heads.box_head(heads.box_roi_pool(stage.features, proposals, stage.images.image_sizes))
+    return heads.box_predictor(x)
+
+
+def mask_outputs(model: nn.Module, stage: RPNStage, proposals: List[Tensor]) -> Optional[Tensor]:
+    """Mask logits Tensor[R, C, 28, 28] on ``proposals`` (None for a model without a mask head)."""
+    heads = model.roi_heads
+    if not heads.has_mask():
+        return None
+    x = heads.mask_head(heads.mask_roi_pool(stage.features, proposals, stage.images.image_sizes))
+    return heads.mask_predictor(x)
+
+
+def model_num_classes(model: nn.Module) -> int:
+    """Classes (with background) of a torchvision detector, dense or compressed."""
+    model = model.module if isinstance(model, DistributedDataParallel) else model
+    cls_score = model.roi_heads.box_predictor.cls_score
+    return int(cls_score.out_features)
+
+
+@dataclass
+class _TeacherOutputs:
+    objectness: Tensor
+    deltas: Tensor
+    proposals: List[Tensor]
+    class_logits: Tensor
+    box_deltas: Tensor
+    mask_proposals: List[Tensor]
+    mask_logits: Optional[Tensor]
+
+
+def _binary_kl(student: Tensor, teacher: Tensor) -> Tensor:
+    """Mean KL(Bernoulli(sigmoid t) || Bernoulli(sigmoid s)) over elements; zero when equal."""
+    p = torch.sigmoid(teacher)
+    return (F.binary_cross_entropy_with_logits(student, p, reduction="mean")
+            - F.binary_cross_entropy_with_logits(teacher, p, reduction="mean"))
+
+
+def _mask_rows(proposals: List[Tensor], n_mask: Sequence[int]) -> Tensor:
+    """Rows of the first ``n_mask[i]`` proposals of every image in the concatenated box-head outputs."""
+    rows, offset = [], 0
+    for p, n in zip(proposals, n_mask):
+        rows.append(torch.arange(offset, offset + n, device=p.device))
+        offset += p.shape[0]
+    return torch.cat(rows)
+
+
+def _teacher_outputs(teacher: nn.Module, images: Sequence[Tensor], *, box_rois: int,
+                     mask_rois: int) -> _TeacherOutputs:
+    with torch.no_grad():
+        stage = rpn_stage(teacher, images)
+        proposals = rpn_proposals(teacher, stage, box_rois)
+        cls, deltas = box_outputs(teacher, stage, proposals)
+        mask_props = [p[:mask_rois] for p in proposals]
+        masks = mask_outputs(teacher, stage, mask_props)
+    return _TeacherOutputs(stage.objectness, stage.deltas, proposals, cls, deltas, mask_props, masks)
+
+
+def distill_terms(student: nn.Module, stage: RPNStage, teacher: _TeacherOutputs, *,
+                  temperature: float = 1.0) -> Dict[str, Tensor]:
+    """The label-free distillation terms of ``student`` (already run to ``stage``) against ``teacher``."""
+    terms = {"distill_rpn_obj": _binary_kl(stage.objectness, teacher.objectness)}
+    w = torch.sigmoid(teacher.objectness)  # Tensor[B*A, 1]
+    rpn_l1 = F.smooth_l1_loss(stage.deltas, teacher.deltas, beta=1 / 9, reduction="none").sum(1, keepdim=True)
+    terms["distill_rpn_box"] = (w * rpn_l1).sum() / w.sum().clamp_min(1e-6)
+
+    cls, deltas = box_outputs(student, stage, teacher.proposals)
+    n_rois = max(cls.shape[0], 1)
+    terms["distill_cls"] = kl_distill_loss(cls, teacher.class_logits, temperature)
+    n_cls = cls.shape[1]
+    prob = F.softmax(teacher.class_logits, 1)[:, 1:]  # foreground classes
+    box_l1 = F.smooth_l1_loss(deltas.view(-1, n_cls, 4), teacher.box_deltas.view(-1, n_cls, 4), beta=1 / 9,
+                              reduction="none").sum(2)[:, 1:]
+    terms["distill_box"] = (prob * box_l1).sum() / n_rois
+
+    if teacher.mask_logits is not None:
+        masks = mask_outputs(student, stage, teacher.mask_proposals)
+        rows = _mask_rows(teacher.proposals, [p.shape[0] for p in teacher.mask_proposals])
+        top = teacher.class_logits[rows, 1:].argmax(1) + 1
+        idx = torch.arange(top.shape[0], device=top.device)
+        if top.numel():
+            terms["distill_mask"] = _binary_kl(masks[idx, top], teacher.mask_logits[idx, top])
+        else:
+            terms["distill_mask"] = masks.sum() * 0.0
+    return terms
+
+
+def supervised_terms(model: nn.Module, stage: RPNStage) -> Dict[str, Tensor]:
+    """torchvision's Mask R-CNN training losses of ``model`` (run to ``stage`` with targets), in eval mode."""
+    targets = stage.targets
+    if targets is None:
+        raise ValueError("supervised detection losses need annotations (targets)")
+    rpn, heads = model.rpn, model.roi_heads
+    labels, matched = rpn.assign_targets_to_anchors(stage.anchors, targets)
+    regression = rpn.box_coder.encode(matched, stage.anchors)
+    loss_obj, loss_rpn_box = rpn.compute_loss(stage.objectness, stage.deltas, labels, regression)
+    proposals = rpn_proposals(model, stage)
+    proposals, matched_idxs, labels, regression = heads.select_training_samples(proposals, targets)
+    cls, deltas = box_outputs(model, stage, proposals)
+    loss_cls, loss_box = fastrcnn_loss(cls, deltas, labels, regression)
+    terms = {"loss_objectness": loss_obj, "loss_rpn_box_reg": loss_rpn_box, "loss_classifier": loss_cls,
+             "loss_box_reg": loss_box}
+    if heads.has_mask():
+        pos = [torch.where(lab > 0)[0] for lab in labels]
+        pos_props = [p[i] for p, i in zip(proposals, pos)]
+        pos_matched = [m[i] for m, i in zip(matched_idxs, pos)]
+        masks = mask_outputs(model, stage, pos_props)
+        terms["loss_mask"] = maskrcnn_loss(masks, pos_props, [t["masks"] for t in targets],
+                                           [t["labels"] for t in targets], pos_matched)
+    return terms
+
+
+def _student_call(runner: nn.Module, fn: Callable[..., Any], *args) -> Any:
+    """``fn(student, *args)``, through DistributedDataParallel's forward when ``runner`` wraps the student (so its
+    gradient synchronisation sees the computation)."""
+    if not isinstance(runner, DistributedDataParallel):
+        return fn(runner, *args)
+    module = runner.module
+    module.forward = functools.partial(fn, module)  # instance attribute: DDP calls module(...) -> this
+    try:
+        return runner(*args)
+    finally:
+        del module.forward
+
+
+# -- the task --------------------------------------------------------------------------------------------------
+def _flip(image: Tensor, target: Optional[Dict[str, Tensor]]) -> Tuple[Tensor, Optional[Dict[str, Tensor]]]:
+    image = image.flip(-1)
+    if target is not None:
+        target = dict(target)
+        w = image.shape[-1]
+        boxes = target["boxes"].clone()
+        boxes[:, [0, 2]] = w - target["boxes"][:, [2, 0]]
+        target["boxes"] = boxes
+        if "masks" in target:
+            target["masks"] = target["masks"].flip(-1)
+    return image, target
+
+
+def _collate(items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    return items
+
+
+def _weights_num_classes(weights: str) -> Optional[Tuple[int, str]]:
+    """Classes of the teacher ``weights`` (torchvision enum or local state dict), when it can be told cheaply."""
+    if not weights:
+        return None
+    if "_Weights." in weights and not os.path.exists(weights):
+        import torchvision
+
+        try:
+            enum = torchvision.models.get_weight(weights)
+        except (ValueError, KeyError, AttributeError):
+            return None  # load_weights reports unknown names
+        categories = enum.meta.get("categories")
+        return (len(categories), str(enum)) if categories else None
+    if os.path.isfile(weights):
+        try:
+            obj = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            return None  # load_weights reports unreadable files
+        if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+            obj = obj["model"]
+        for key in ("roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.codes"):
+            if isinstance(obj, dict) and isinstance(obj.get(key), Tensor):
+                return int(obj[key].shape[0]), weights
+    return None
+
+
+class DetectionTask(Task):
+    """Task of torchvision two-stage detectors; see the module docstring for the loss design."""
+
+    main_metrics = ("box_AP", "mask_AP")
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.device = torch.device(cfg.MODEL.DEVICE)
+        if cfg.DETECTION.LOSS not in LOSSES:
+            raise ValueError(f"DETECTION.LOSS={cfg.DETECTION.LOSS!r}; allowed: {list(LOSSES)}")
+        found = _weights_num_classes(cfg.MODEL.WEIGHTS)
+        if found is not None and found[0] != cfg.MODEL.NUM_CLASSES:
+            raise ValueError(f"category mismatch: MODEL.WEIGHTS {found[1]} has {found[0]} classes but "
+                             f"MODEL.NUM_CLASSES is {cfg.MODEL.NUM_CLASSES}; set MODEL.NUM_CLASSES {found[0]}")
+        self._datasets: Dict[str, CocoInstances] = {}
+        #: the loss terms of the last ``distill_loss`` call (floats), for logs and tests.
+        self.last_terms: Dict[str, float] = {}
+
+    # -- data ----------------------------------------------------------------------------------------------
+    def dataset(self, name: str) -> CocoInstances:
+        if name not in self._datasets:
+            ds = DatasetCatalog.get(name)
+            if not isinstance(ds, CocoInstances):
+                raise TypeError(f"dataset {name!r} is a {type(ds).__name__}, not a COCO instances dataset")
+            self._datasets[name] = ds
+        return self._datasets[name]
+
+    @property
+    def needs_targets(self) -> bool:
+        return self.cfg.DETECTION.LOSS in ("supervised", "both")
+
+    def example_forward(self, model: nn.Module) -> Any:
+        size = self.cfg.INPUT.MIN_SIZE_TEST
+        image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(0)).to(self.device)
+        return self.forward(model, {"images": [image]})
+
+    def calib_batches(self, *, n_images: int, batch_size: int, augment: bool, seed: int) -> Iterator[Any]:
+        """Batches ``{"images": [Tensor[3, H, W]], "targets": [dict] or None, "image_ids": [int]}``."""
+        name = self.cfg.DATASETS.CALIB
+        ds = self.dataset(name)
+        labels = ds.label_map(self.cfg.MODEL.NUM_CLASSES) if self.needs_targets else None
+        rank, world = comm.get_rank(), comm.get_world_size()
+        gen = torch.Generator().manual_seed(seed)
+        order: List[int] = []
+        while len(order) < n_images:
+            order += torch.randperm(len(ds), generator=gen).tolist()
+        order = order[:n_images]
+        flips = (torch.rand(len(order), generator=gen) < self.cfg.DETECTION.FLIP_PROB).tolist()
+        flips = [f and augment for f in flips][rank::world]
+        loader = DataLoader(Subset(ds, order[rank::world]), batch_size=max(1, batch_size // world), shuffle=False,
+                            num_workers=self.cfg.DATALOADER.NUM_WORKERS, collate_fn=_collate)
+        k = 0
+        for items in loader:
+            images, targets = [], []
+            for item in items:
+                target = None
+                if labels is not None:
+                    target = annotations_to_target(item["annotations"], height=item["height"],
+                                                   width=item["width"], labels=labels,
+                                                   with_masks=True)
+                image = item["image"]
+                if flips[k]:
+                    image, target = _flip(image, target)
+                k += 1
+                images.append(image.to(self.device))
+                if target is not None:
+                    targets.append({key: v.to(self.device) for key, v in target.items()})
+            yield {"images": images, "targets": targets if labels is not None else None,
+                   "image_ids": [item["image_id"] for item in items]}
+
+    # -- forward / loss ------------------------------------------------------------------------------------
+    def forward(self, model: nn.Module, batch: Any) -> Dict[str, Any]:
+        """Every layer of the detector on ``batch["images"]`` (see the module docstring); returns the outputs."""
+        d = self.cfg.DETECTION
+        stage = rpn_stage(model, batch["images"])
+        proposals = rpn_proposals(model, stage, d.DISTILL_BOX_PROPOSALS)
+        cls, deltas = box_outputs(model, stage, proposals)
+        masks = mask_outputs(model, stage, [p[: d.DISTILL_MASK_PROPOSALS] for p in proposals])
+        return {"objectness": stage.objectness, "rpn_deltas": stage.deltas, "proposals": proposals,
+                "class_logits": cls, "box_deltas": deltas, "mask_logits": masks}
+
+    def distill_loss(self, student: nn.Module, teacher: nn.Module, batch: Any) -> Tensor:
+        d = self.cfg.DETECTION
+        teacher_out = None
+        if d.LOSS in ("distill", "both"):
+            teacher_out = _teacher_outputs(teacher, batch["images"], box_rois=d.DISTILL_BOX_PROPOSALS,
+                                           mask_rois=d.DISTILL_MASK_PROPOSALS)
+        targets = batch.get("targets")
+        if self.needs_targets and targets is None:
+            raise ValueError(f"DETECTION.LOSS={d.LOSS!r} needs annotated calibration batches")
+        terms = _student_call(student, self._student_terms, batch["images"], targets, teacher_out)
+        self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
+        return sum(terms.values())
+
+    def _student_terms(self, student: nn.Module, images, targets, teacher_out) -> Dict[str, Tensor]:
+        stage = rpn_stage(student, images, targets if self.needs_targets else None)
+        terms: Dict[str, Tensor] = {}
+        if teacher_out is not None:
+            terms.update(distill_terms(student, stage, teacher_out, temperature=self.cfg.FINETUNE.TEMPERATURE))
+        if self.needs_targets:
+            terms.update(supervised_terms(student, stage))
+        return terms
+
+    # -- evaluation ----------------------------------------------------------------------------------------
+    def test_loader(self) -> DataLoader:
+        ds = self.dataset(self.cfg.DATASETS.TEST)
+        indices = list(range(len(ds)))
+        if self.cfg.DATASETS.TEST_MAX_IMAGES > 0:
+            indices = indices[: self.cfg.DATASETS.TEST_MAX_IMAGES]
+        indices = indices[comm.get_rank()::comm.get_world_size()]
+        return DataLoader(Subset(ds, indices), batch_size=self.cfg.TEST.BATCH_SIZE,
+                          num_workers=self.cfg.DATALOADER.NUM_WORKERS, collate_fn=_collate)
+
+    def evaluate(self, model: nn.Module, *, output_dir: str = "", desc: str = "") -> Dict[str, float]:
+        """COCO box/mask AP (percent) of ``model`` on ``DATASETS.TEST``; ``output_dir`` receives the results json.
+
+        Raises:
+            ValueError: when the model's classes do not fit the dataset's categories.
+        """
+        name = self.cfg.DATASETS.TEST
+        ds = self.dataset(name)
+        labels = ds.label_map(model_num_classes(model))
+        evaluator = COCOEvaluator(ds.coco, {v: k for k, v in labels.items()}, output_dir=output_dir)
+        device = self.device
+
+        def forward(m: nn.Module, batch: Dict[str, Any]):
+            return m([item["image"].to(device) for item in batch["items"]])
+
+        # inference_on_dataset hands the raw batch to the evaluator: give it the image ids.
+        return inference_on_dataset(model, _BatchWithIds(self.test_loader()), evaluator, forward=forward,
+                                    desc=desc or f"COCO eval {name}")
+
+
+class _BatchWithIds:
+    """Loader adapter: batches ``{"items": [...], "image_ids": [...]}`` for :class:`COCOEvaluator`."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for items in self.loader:
+            yield {"items": items, "image_ids": [item["image_id"] for item in items]}
+
+
+TASK_REGISTRY._do_register("detection", DetectionTask)
+
+
+# -- uncompressed vs compressed on COCO (tools/eval_coco.py) ---------------------------------------------------
+def _teacher_weights_of(ckpt: Dict[str, Any], fallback: str) -> str:
+    """MODEL.WEIGHTS of the config a compressed checkpoint was made with (``fallback`` when not recorded)."""
+    from ..config.defaults import CfgNode
+
+    text = ckpt.get("extra", {}).get("config")
+    if not isinstance(text, str):
+        return fallback
+    try:
+        return str(CfgNode.load_cfg(text).MODEL.WEIGHTS)
+    except Exception:  # an unreadable record is not fatal: evaluate with the fallback
+        return fallback
+
+
+def evaluate_side_by_side(cfg, *, output_dir: str = "") -> Dict[str, Any]:
+    """COCO box/mask AP of the uncompressed teacher and the compressed model, with sizes and wall times.
+
+    ``cfg.MODEL.WEIGHTS`` is a compressed checkpoint (``model_final.pth``): the teacher is rebuilt from the
+    ``MODEL.WEIGHTS`` recorded in it (the config it was compressed with; a random teacher is re-created from
+    ``SEED``) and evaluated too when ``TEST.EVAL_TEACHER``. A dense ``MODEL.WEIGHTS`` evaluates that model alone.
+
+    Returns:
+        ``{"rows": {"uncompressed"|"compressed": {"size_mib", "ratio", "seconds", **metrics}}, "table": str}``;
+        ``output_dir/eval_coco.json`` and ``output_dir/<row>/coco_instances_results.json`` are written.
+    """
+    import json
+    import time
+
+    from tabulate import tabulate
+
+    from ..checkpoint import FORMAT, load_compressed, read_compressed
+    from ..modeling import build_model
+    from ..quantization.size import model_size
+
+    task = DetectionTask(cfg)
+    weights = cfg.MODEL.WEIGHTS
+    ckpt = None
+    if weights and os.path.isfile(weights):
+        try:
+            head = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            head = None
+        if isinstance(head, dict) and head.get("format") == FORMAT:
+            ckpt = read_compressed(weights)
+    models: List[Tuple[str, Callable[[], nn.Module]]] = []
+    teacher_weights = _teacher_weights_of(ckpt, "") if ckpt is not None else weights
+    if ckpt is None or cfg.TEST.EVAL_TEACHER:
+        def teacher() -> nn.Module:
+            tcfg = cfg.clone()
+            tcfg.defrost()
+            tcfg.MODEL.WEIGHTS = teacher_weights
+            return build_model(tcfg)
+
+        models.append(("uncompressed", teacher))
+    if ckpt is not None:
+        if ckpt["num_classes"] != cfg.MODEL.NUM_CLASSES:
+            raise ValueError(f"category mismatch: {weights} has {ckpt['num_classes']} classes but "
+                             f"MODEL.NUM_CLASSES is {cfg.MODEL.NUM_CLASSES}")
+        models.append(("compressed", lambda: load_compressed(weights, cfg=cfg, device=cfg.MODEL.DEVICE)))
+
+    rows: Dict[str, Dict[str, float]] = {}
+    dense_mib = None
+    for name, make in models:
+        model = make().eval()
+        size = model_size(model)
+        dense_mib = size.dense_mib
+        start = time.perf_counter()
+        metrics = task.evaluate(model, output_dir=os.path.join(output_dir, name) if output_dir else "",
+                                desc=f"{name} on {cfg.DATASETS.TEST}")
+        rows[name] = {"size_mib": size.compressed_mib, "ratio": size.ratio,
+                      "seconds": time.perf_counter() - start, **metrics}
+        del model
+    keys = ["box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75"]
+    table = tabulate(
+        [[name, f"{r['size_mib']:.2f}", f"{r['ratio']:.1f}x"] + [f"{r[k]:.2f}" if k in r else "-" for k in keys]
+         + [r.get("n_images", "-"), f"{r['seconds']:.1f}"] for name, r in rows.items()],
+        headers=["model", "size (MiB)", "ratio"] + keys + ["images", "eval s"], tablefmt="github")
+    if output_dir and comm.is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "eval_coco.json"), "w") as f:
+            json.dump({"dataset": cfg.DATASETS.TEST, "weights": weights, "teacher_weights": teacher_weights,
+                       "dense_mib": dense_mib, "rows": rows}, f, indent=1)
+    return {"rows": rows, "table": table}
