@@ -150,11 +150,10 @@ def main(argv=None) -> list:
         row["seconds"] = time.perf_counter() - t0
         logger.info("%s: %s", name, json.dumps(row))
         rows.append(row)
-    table = format_table(rows, splits)
-    print(table)
-    if args.output:
-        Path(args.output).write_text(table + "\n")
-        Path(args.output).with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+        if args.output:  # after every row, so a long run keeps what it measured
+            Path(args.output).write_text(format_table(rows, splits) + "\n")
+            Path(args.output).with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(format_table(rows, splits))
     return rows
 
 
