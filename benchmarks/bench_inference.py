@@ -32,18 +32,21 @@ import tempfile
 import time
 from typing import Callable, Dict, List
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from bgd_det import ops
-from bgd_det.checkpoint import round_codebooks_to_fp16, save_compressed
-from bgd_det.ops.inference import inference_bytes, max_scratch_bytes, to_inference
-from bgd_det.quantization.plan import QuantRules, build_plan, execution_order
-from bgd_det.quantization.pq import code_dtype
-from bgd_det.quantization.size import model_size
-from bgd_det.quantization.swap import pq_layers, swap_in_skeleton
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bgd_det import ops  # noqa: E402
+from bgd_det.checkpoint import round_codebooks_to_fp16, save_compressed  # noqa: E402
+from bgd_det.ops.inference import inference_bytes, max_scratch_bytes, to_inference  # noqa: E402
+from bgd_det.quantization.plan import QuantRules, build_plan, execution_order  # noqa: E402
+from bgd_det.quantization.pq import code_dtype  # noqa: E402
+from bgd_det.quantization.size import model_size  # noqa: E402
+from bgd_det.quantization.swap import pq_layers, swap_in_skeleton  # noqa: E402
 
 MIB = 2.0**20
 RESNET_RULES = dict(block_size_kxk=9, block_size_1x1=4, skip=["conv1"], overrides=[["fc", "N_CENTROIDS", 1024]])
