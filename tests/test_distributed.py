@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from bgd_det.engine.distributed import check_distributed_config, distributed_quantizer_kwargs
-from bgd_det.engine.launch import DistributedLaunchError, launch
+from bgd_det.engine.launch import DistributedLaunchError, _find_free_port, launch
 from bgd_det.engine.pipeline import FINAL_CHECKPOINT, quantize_and_report
 from bgd_det.tasks import build_task
 from bgd_det.utils import comm
@@ -178,6 +178,40 @@ def test_a_hanging_rank_times_out():
     with pytest.raises(DistributedLaunchError, match=r"rank 0 .*timed out \(3s"):
         launch(_rank1_hangs, 2, backend="gloo", timeout=timedelta(seconds=3))
     assert time.perf_counter() - start < 60  # 3 s timeout + process start, not rank 1's 120 s sleep
+
+
+def _two_machines_main(out_dir: str) -> None:
+    seen = comm.all_gather((comm.get_rank(), comm.get_local_rank(), os.environ["GROUP_RANK"]))
+    Path(out_dir, f"seen{comm.get_rank()}.txt").write_text(repr(seen))
+    if comm.get_rank() == 1:
+        os._exit(3)  # machine 1's only process dies
+    comm.all_reduce_sum(torch.ones(1))  # machine 0 cannot see that process: it must fail, not hang
+
+
+def test_two_machines_and_a_dead_remote_rank(tmp_path):
+    """Two 'machines' (two launch() calls on this host) of one process each; machine 1's process dies."""
+    import threading
+
+    url = f"tcp://127.0.0.1:{_find_free_port()}"
+    errors = {}
+
+    def machine(rank):
+        try:
+            launch(_two_machines_main, 1, num_machines=2, machine_rank=rank, dist_url=url,
+                   args=(str(tmp_path),), backend="gloo", timeout=timedelta(seconds=10))
+        except DistributedLaunchError as e:
+            errors[rank] = e
+
+    threads = [threading.Thread(target=machine, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=100)
+    assert not any(t.is_alive() for t in threads)
+    seen = repr([(0, 0, "0"), (1, 0, "1")])
+    assert (tmp_path / "seen0.txt").read_text() == seen == (tmp_path / "seen1.txt").read_text()
+    assert errors[1].rank == 1 and errors[1].exit_code == 3
+    assert errors[0].rank == 0  # a closed connection or the 10 s timeout, whichever gloo reports first
 
 
 def test_launch_under_torchrun(tmp_path):

@@ -117,8 +117,8 @@ def _run_under_torchrun(main_func: Callable[..., Any], args: Tuple, backend: str
 
 
 def _shutdown(backend: str, local_rank: int) -> None:
-    """Tear the group down once every rank is done with it (a rank leaving early can abort a peer's gloo
-    threads). After an exception the group is left to the process exit: its peers fail on their own."""
+    """Tear the group down once every rank is done with it, so no rank closes its connections while a peer
+    still uses them. After an exception the group is left to the process exit: its peers fail on their own."""
     if backend == "nccl":
         dist.barrier(device_ids=[local_rank])
     else:
