@@ -68,3 +68,19 @@ def test_capture_linear_and_row_sampling():
     model = nn.Sequential(lin)
     acc = capture_gram(model, "0", [torch.randn(10, 8)], lambda m, b: m(b), block_size=4, rows_per_image=3)
     assert acc.n_rows == 3 * 2  # 3 sampled rows, each 2 sub-vectors of size 4
+
+
+def test_centered_gram_is_sum_of_block_covariances():
+    from bgd_det.quantization.capture import GramAccumulator
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(300, 12, generator=g) + torch.arange(12.0)  # 3 blocks of d=4 with distinct means
+    acc = GramAccumulator(4)
+    acc.add(rows[:100])
+    acc.add(rows[100:])
+    blocks = rows.double().reshape(300, 3, 4)
+    centered = blocks - blocks.mean(0, keepdim=True)
+    ref = torch.einsum("nbi,nbj->ij", centered, centered) / (300 * 3)
+    assert torch.allclose(acc.result(centered=True).double(), ref, atol=1e-5)
+    raw = torch.einsum("nbi,nbj->ij", blocks, blocks) / (300 * 3)
+    assert torch.allclose(acc.result().double(), raw, rtol=1e-5)

@@ -53,7 +53,9 @@ _C.QUANT.SKIP = ["conv1"]
 # [[glob pattern, KEY, value], ...] with KEY in BLOCK_SIZE, N_CENTROIDS, SKIP; later entries win.
 _C.QUANT.OVERRIDES = []
 _C.QUANT.EM_ITERS = 100
-# "shared": one Gram matrix per layer (the paper); "identity": plain k-means on weights (ablation).
+# "shared": one Gram matrix E[x x^T] of the input sub-vectors per layer (the paper); "centered": the same with
+# every block's mean input removed (sum of covariances; the mean's share of the error is a per-channel shift
+# that QUANT.BN_CORRECTION removes); "identity": plain k-means on the weights.
 _C.QUANT.METRIC = "shared"
 # Activation capture: images forwarded per layer, and input rows (im2col positions) kept per image.
 _C.QUANT.CAPTURE_IMAGES = 128

@@ -93,7 +93,7 @@ def check_distributed_config(cfg) -> None:
     if finetunes and cfg.FINETUNE.BATCH_SIZE % world:
         raise ValueError(f"FINETUNE.BATCH_SIZE={cfg.FINETUNE.BATCH_SIZE} is not a multiple of the {world} "
                          f"processes; allowed: multiples of {world}")
-    if cfg.QUANT.METRIC == "shared" and cfg.QUANT.CAPTURE_IMAGES < world:
+    if cfg.QUANT.METRIC in ("shared", "centered") and cfg.QUANT.CAPTURE_IMAGES < world:
         raise ValueError(f"QUANT.CAPTURE_IMAGES={cfg.QUANT.CAPTURE_IMAGES} is smaller than the {world} "
                          f"processes; every process needs at least one image")
     if cfg.QUANT.CAPTURE_IMAGES % world:

@@ -122,15 +122,15 @@ class Quantizer:
         _seed_all(seed)
         module = student.get_submodule(layer.name)
         gram = None
-        if cfg.QUANT.METRIC == "shared" and has_input_metric(module):
+        if cfg.QUANT.METRIC in ("shared", "centered") and has_input_metric(module):
             batches = self.task.calib_batches(n_images=cfg.QUANT.CAPTURE_IMAGES,
                                               batch_size=cfg.QUANT.CAPTURE_BATCH_SIZE, augment=False, seed=seed)
             acc = capture_gram(student, layer.name, batches, self.task.forward, block_size=layer.block_size,
                                rows_per_image=cfg.QUANT.CAPTURE_ROWS_PER_IMAGE, seed=seed,
                                reduce=self.gram_reduce)
-            gram = acc.result()
-        elif cfg.QUANT.METRIC not in ("shared", "identity"):
-            raise ValueError(f"QUANT.METRIC={cfg.QUANT.METRIC!r}; allowed: 'shared', 'identity'")
+            gram = acc.result(centered=cfg.QUANT.METRIC == "centered")
+        elif cfg.QUANT.METRIC != "identity":
+            raise ValueError(f"QUANT.METRIC={cfg.QUANT.METRIC!r}; allowed: 'shared', 'centered', 'identity'")
         weight = module.weight.detach()
         result = em_quantize(weight, gram, block_size=layer.block_size, n_centroids=layer.n_centroids,
                              n_iter=cfg.QUANT.EM_ITERS, seed=seed)

@@ -74,7 +74,9 @@ class GramAccumulator:
 
     def __post_init__(self) -> None:
         self.gram: Optional[Tensor] = None
+        self.block_sums: Optional[Tensor] = None
         self.n_rows = 0
+        self.n_positions = 0
         self.samples: list = []
         self._gen = torch.Generator().manual_seed(self.seed)
 
@@ -85,17 +87,28 @@ class GramAccumulator:
             rows = rows[pick]
         z = rows.reshape(-1, self.block_size).double()
         g = z.T @ z
+        sums = rows.double().sum(0).reshape(-1, self.block_size)  # Tensor[n_blocks, d]
         self.gram = g if self.gram is None else self.gram + g
+        self.block_sums = sums if self.block_sums is None else self.block_sums + sums
         self.n_rows += z.shape[0]
+        self.n_positions += rows.shape[0]
         kept = sum(s.shape[0] for s in self.samples)
         if kept < self.keep_rows:
             self.samples.append(rows[: self.keep_rows - kept].detach().float().cpu())
 
-    def result(self) -> Tensor:
-        """Mean Gram Tensor[d, d] float32 (mean, so its scale does not depend on the number of images)."""
+    def result(self, *, centered: bool = False) -> Tensor:
+        """Mean Gram Tensor[d, d] float32 (mean, so its scale does not depend on the number of images).
+
+        Args:
+            centered: subtract every block's own mean input first (``sum_b Cov(x_b)``): the error along the
+                mean input only shifts each output channel's mean, which BatchNorm correction removes.
+        """
         if self.gram is None:
             raise RuntimeError("no activations were captured (did the layer run during the forward?)")
-        return (self.gram / max(self.n_rows, 1)).float()
+        gram = self.gram
+        if centered:
+            gram = gram - self.block_sums.T @ self.block_sums / max(self.n_positions, 1)
+        return (gram / max(self.n_rows, 1)).float()
 
 
 def capture_gram(model: nn.Module, name: str, batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any],
@@ -136,5 +149,7 @@ def capture_gram(model: nn.Module, name: str, batches: Iterable[Any], forward: C
         model.train(was_training)
     if reduce is not None and acc.gram is not None:
         acc.gram = reduce(acc.gram)
+        acc.block_sums = reduce(acc.block_sums)
         acc.n_rows = int(reduce(torch.tensor(float(acc.n_rows), dtype=torch.float64)))
+        acc.n_positions = int(reduce(torch.tensor(float(acc.n_positions), dtype=torch.float64)))
     return acc
