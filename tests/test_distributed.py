@@ -33,8 +33,10 @@ EXACT = ["QUANT.CAPTURE_ROWS_PER_IMAGE", 0, "FINETUNE.AUGMENT", False, "FINETUNE
          "DATASETS.TEST_MAX_IMAGES", 9]  # 9 test images: uneven shards (5 + 4)
 # conv2 with K=512 (int16 codes, which gloo cannot broadcast as such). Its 1152 scalar sub-vectors for 512
 # centroids are full of near-ties, so no layer-wise finetuning before it: the float-order differences of
-# finetuned codebooks upstream would change its Gram at 1e-7 and flip ties.
+# finetuned codebooks upstream would change its Gram at 1e-7 and flip ties. Also the centered metric (the
+# block sums are reduced too).
 INT16 = ["QUANT.CAPTURE_ROWS_PER_IMAGE", 0, "FINETUNE.AUGMENT", False, "FINETUNE.GLOBAL_ITERS", 2,
+         "QUANT.METRIC", "centered",
          "QUANT.MIN_SUBVECTORS_PER_CENTROID", 2, "TEST.EVAL_TEACHER", False,
          "QUANT.OVERRIDES", '[["conv2", "BLOCK_SIZE", 1], ["conv2", "N_CENTROIDS", 512]]']
 
@@ -137,7 +139,7 @@ def test_two_processes_give_the_codes_and_codebooks_of_one(runs):
     assert (out / "log.txt").is_file() and (out / "log.txt.rank1").is_file()
 
 
-def test_two_processes_with_int16_codes(runs):
+def test_two_processes_with_int16_codes_and_centered_metric(runs):
     single, double, _ = runs
     state = _same_codes_and_codebooks(single["int16"], double["int16"])
     assert state["conv2.codes"].dtype == torch.int16
