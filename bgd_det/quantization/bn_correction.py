@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .capture import StopForward
+from .capture import for_each_input
 
 logger = logging.getLogger(__name__)
 
@@ -66,29 +66,16 @@ def channel_stats(model: nn.Module, bn_name: str, batches: Iterable[Any],
     total_sq: Optional[Tensor] = None
     count = 0
 
-    def hook(_m, args):
+    def add(_m: nn.Module, x: Tensor) -> None:
         nonlocal total, total_sq, count
-        x = args[0].detach().double()
+        x = x.double()
         dims = [0] + list(range(2, x.dim()))
         s, sq = x.sum(dims), (x * x).sum(dims)
         total = s if total is None else total + s
         total_sq = sq if total_sq is None else total_sq + sq
         count += x.numel() // x.shape[1]
-        raise StopForward
 
-    handle = model.get_submodule(bn_name).register_forward_pre_hook(hook)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                try:
-                    forward(model, batch)
-                except StopForward:
-                    pass
-    finally:
-        handle.remove()
-        model.train(was_training)
+    for_each_input(model, bn_name, batches, forward, add)
     if total is None:
         raise RuntimeError(f"BatchNorm {bn_name!r} did not run during the forward")
     mean = total / count

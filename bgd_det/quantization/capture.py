@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["input_rows", "has_input_metric", "GramAccumulator", "capture_gram", "StopForward"]
+__all__ = ["input_rows", "has_input_metric", "GramAccumulator", "for_each_input", "capture_gram", "StopForward"]
 
 
 class StopForward(Exception):
@@ -111,27 +111,17 @@ class GramAccumulator:
         return (gram / max(self.n_rows, 1)).float()
 
 
-def capture_gram(model: nn.Module, name: str, batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any],
-                 *, block_size: int, rows_per_image: int = 0, keep_rows: int = 0, seed: int = 0,
-                 reduce: Optional[Callable[[Tensor], Tensor]] = None) -> GramAccumulator:
-    """Run ``forward(model, batch)`` over ``batches`` and accumulate the Gram matrix of layer ``name``'s input.
+def for_each_input(model: nn.Module, name: str, batches: Iterable[Any],
+                   forward: Callable[[nn.Module, Any], Any], fn: Callable[[nn.Module, Tensor], None]) -> None:
+    """Call ``fn(module, input)`` with the input of submodule ``name`` for every batch (eval mode, no grad).
 
-    The forward stops right after the layer's input is captured (the rest of the network is not run).
-
-    Args:
-        rows_per_image: random input positions kept per forward call and image (0 = all).
-        keep_rows: raw input rows Tensor[S, cols] to keep for inspection/benchmarks.
-        reduce: applied to the summed Gram before ``result()`` (e.g. a distributed all-reduce).
+    Each forward stops right after the module's input is seen: the rest of the network is not run. The hook is
+    removed and the training mode restored whatever happens.
     """
     module = model.get_submodule(name)
-    acc = GramAccumulator(block_size, keep_rows=keep_rows, seed=seed)
 
     def hook(mod: nn.Module, args: tuple) -> None:
-        x = args[0].detach()
-        rows = input_rows(mod, x)
-        n_images = x.shape[0] if x.dim() == 4 else 1
-        acc.rows_per_call = rows_per_image * n_images if rows_per_image else 0
-        acc.add(rows)
+        fn(mod, args[0].detach())
         raise StopForward
 
     handle = module.register_forward_pre_hook(hook)
@@ -147,6 +137,29 @@ def capture_gram(model: nn.Module, name: str, batches: Iterable[Any], forward: C
     finally:
         handle.remove()
         model.train(was_training)
+
+
+def capture_gram(model: nn.Module, name: str, batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any],
+                 *, block_size: int, rows_per_image: int = 0, keep_rows: int = 0, seed: int = 0,
+                 reduce: Optional[Callable[[Tensor], Tensor]] = None) -> GramAccumulator:
+    """Run ``forward(model, batch)`` over ``batches`` and accumulate the Gram matrix of layer ``name``'s input.
+
+    The forward stops right after the layer's input is captured (the rest of the network is not run).
+
+    Args:
+        rows_per_image: random input positions kept per forward call and image (0 = all).
+        keep_rows: raw input rows Tensor[S, cols] to keep for inspection/benchmarks.
+        reduce: applied to the summed Gram before ``result()`` (e.g. a distributed all-reduce).
+    """
+    acc = GramAccumulator(block_size, keep_rows=keep_rows, seed=seed)
+
+    def add(mod: nn.Module, x: Tensor) -> None:
+        rows = input_rows(mod, x)
+        n_images = x.shape[0] if x.dim() == 4 else 1
+        acc.rows_per_call = rows_per_image * n_images if rows_per_image else 0
+        acc.add(rows)
+
+    for_each_input(model, name, batches, forward, add)
     if reduce is not None and acc.gram is not None:
         acc.gram = reduce(acc.gram)
         acc.block_sums = reduce(acc.block_sums)
