@@ -1,15 +1,18 @@
 """CPU inference of compressed models through the compiled ``bgd::`` ops vs dense eager PyTorch.
 
-Everything is measured side by side in one process with interleaved runs (the order alternates every round)
-and reported as medians; a ratio is the median over rounds of (variant time / dense time in the same round).
-Weights are random: sizes and speeds do not depend on their values. The dense model of a comparison holds
-the decoded weights of the compressed one, so both do the same work (same detections in Mask R-CNN).
+Everything is measured side by side in one process with interleaved runs (the order alternates
+every round) and reported as medians; a ratio is the median over rounds of (variant time / dense
+time in the same round). Weights are random: sizes and speeds do not depend on their values. The
+dense model of a comparison holds the decoded weights of the compressed one, so both do the same
+work (same detections in Mask R-CNN).
 
 Sections:
-  resnet50  torchvision ResNet-50, small blocks (d=9 for 3x3, d=4 for 1x1, K=256, fc K=1024, conv1 dense),
-            batch 1 and 8: dense eager / naive decode (index + conv) / compiled op / compiled op + folded BN.
+  resnet50  torchvision ResNet-50, small blocks (d=9 for 3x3, d=4 for 1x1, K=256, fc K=1024, conv1
+            dense), batch 1 and 8: dense eager / naive decode (index + conv) / compiled op /
+            compiled op + folded BN.
   fc        Linear 1000x2048 (d=4, K=1024): F.linear vs the fused decode-dot op, N = 1, 4, 8, 32.
-  memory    peak RSS (VmHWM) of fresh processes that load a model and run inference, minus an empty one.
+  memory    peak RSS (VmHWM) of fresh processes that load a model and run inference, minus an
+            empty one.
   maskrcnn  torchvision Mask R-CNN R50-FPN, 800x800, batch 1.
 
 Usage::
@@ -17,6 +20,7 @@ Usage::
     python benchmarks/bench_inference.py                      # all sections
     python benchmarks/bench_inference.py --sections fc resnet50 --rounds 10
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,10 +53,12 @@ from bgd_det.quantization.size import model_size  # noqa: E402
 from bgd_det.quantization.swap import pq_layers, swap_in_skeleton  # noqa: E402
 
 MIB = 2.0**20
-RESNET_RULES = dict(block_size_kxk=9, block_size_1x1=4, skip=["conv1"], overrides=[["fc", "N_CENTROIDS", 1024]])
+RESNET_RULES = dict(
+    block_size_kxk=9, block_size_1x1=4, skip=["conv1"], overrides=[["fc", "N_CENTROIDS", 1024]]
+)
 
 
-# ----------------------------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------------------- helpers
 
 
 def machine() -> str:
@@ -62,12 +68,21 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"{cpu}, {os.cpu_count()} cores visible, torch.get_num_threads()={torch.get_num_threads()}, "
-            f"torch {torch.__version__}, {ops.build_status()}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores visible, "
+        f"torch.get_num_threads()={torch.get_num_threads()}, "
+        f"torch {torch.__version__}, {ops.build_status()}"
+    )
 
 
-def interleaved(fns: Dict[str, Callable[[], object]], *, rounds: int, inner: int = 1, warmup: int = 2,
-                before: Callable[[], object] = lambda: None) -> Dict[str, List[float]]:
+def interleaved(
+    fns: Dict[str, Callable[[], object]],
+    *,
+    rounds: int,
+    inner: int = 1,
+    warmup: int = 2,
+    before: Callable[[], object] = lambda: None,
+) -> Dict[str, List[float]]:
     """Seconds per call of every function, one measurement of each per round, order alternating.
 
     ``before`` runs (untimed) before every measurement, e.g. to evict the caches.
@@ -92,8 +107,14 @@ def summarize(times: Dict[str, List[float]], base: str) -> List[Dict]:
     rows = []
     for name, ts in times.items():
         ratios = [t / b for t, b in zip(ts, times[base])]
-        rows.append(dict(variant=name, median_ms=1e3 * statistics.median(ts), min_ms=1e3 * min(ts),
-                         ratio=statistics.median(ratios)))
+        rows.append(
+            dict(
+                variant=name,
+                median_ms=1e3 * statistics.median(ts),
+                min_ms=1e3 * min(ts),
+                ratio=statistics.median(ratios),
+            )
+        )
     return rows
 
 
@@ -105,14 +126,17 @@ def print_table(title: str, rows: List[Dict], cols: List[str]) -> None:
         cells = []
         for c in cols:
             v = r.get(c, "")
-            cells.append(f"{v:.3f}" if isinstance(v, float) and v < 10 else
-                         (f"{v:.1f}" if isinstance(v, float) else str(v)))
+            cells.append(
+                f"{v:.3f}"
+                if isinstance(v, float) and v < 10
+                else (f"{v:.1f}" if isinstance(v, float) else str(v))
+            )
         print("| " + " | ".join(cells) + " |")
     sys.stdout.flush()
 
 
 def fill_random(model: nn.Module, seed: int = 0) -> None:
-    """Random codes, fan-in scaled codebooks (fp16-representable), non-trivial BatchNorm statistics."""
+    """Random codes, fan-in scaled fp16-representable codebooks, non-trivial BN statistics."""
     g = torch.Generator().manual_seed(seed)
     for layer in pq_layers(model).values():
         codes = torch.randint(0, layer.n_centroids, tuple(layer.codes.shape), generator=g)
@@ -158,7 +182,7 @@ def variants(pq_model: nn.Module, dense: nn.Module) -> Dict[str, nn.Module]:
     }
 
 
-# ----------------------------------------------------------------------------------------------- sections
+# ---------------------------------------------------------------------------------------- sections
 
 
 def bench_resnet50(args) -> List[Dict]:
@@ -166,8 +190,11 @@ def bench_resnet50(args) -> List[Dict]:
     dense = torchvision.models.resnet50().eval()
     pq = compress(dense, lambda m: m(torch.randn(1, 3, 224, 224)), QuantRules(**RESNET_RULES))
     size = model_size(pq)
-    print(f"\nResNet-50 small blocks: {size.compressed_mib:.2f} MiB compressed, {size.dense_mib:.1f} MiB dense "
-          f"(x{size.ratio:.1f})")
+    print(
+        f"\nResNet-50 small blocks: {size.compressed_mib:.2f} MiB compressed, "
+        f"{size.dense_mib:.1f} MiB dense "
+        f"(x{size.ratio:.1f})"
+    )
     models = variants(pq, dense)
     rows = []
     for batch, rounds in ((1, args.rounds), (8, max(4, args.rounds // 3))):
@@ -179,8 +206,11 @@ def bench_resnet50(args) -> List[Dict]:
         times = interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, rounds=rounds)
         for r in summarize(times, "dense eager"):
             rows.append(dict(model="ResNet-50", batch=batch, rounds=rounds, **r))
-    print_table("ResNet-50 (224x224), latency per forward",
-                rows, ["model", "batch", "variant", "median_ms", "min_ms", "ratio", "rounds"])
+    print_table(
+        "ResNet-50 (224x224), latency per forward",
+        rows,
+        ["model", "batch", "variant", "median_ms", "min_ms", "ratio", "rounds"],
+    )
     return rows
 
 
@@ -194,16 +224,29 @@ def bench_fc(args) -> List[Dict]:
     rows = []
     for n in (1, 4, 8, 32):
         x = torch.randn(n, 2048, generator=g)
-        torch.testing.assert_close(ops.pq_linear(x, codes, cb, bias=bias), F.linear(x, weight, bias),
-                                   rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(
+            ops.pq_linear(x, codes, cb, bias=bias), F.linear(x, weight, bias), rtol=1e-4, atol=1e-3
+        )
         inner = 20 if n <= 8 else 5
-        times = interleaved({"dense F.linear": lambda: F.linear(x, weight, bias),
-                             "bgd::pq_linear": lambda: ops.pq_linear(x, codes, cb, bias=bias)},
-                            rounds=args.rounds * 4, inner=inner, warmup=5)
+        times = interleaved(
+            {
+                "dense F.linear": lambda: F.linear(x, weight, bias),
+                "bgd::pq_linear": lambda: ops.pq_linear(x, codes, cb, bias=bias),
+            },
+            rounds=args.rounds * 4,
+            inner=inner,
+            warmup=5,
+        )
         # Cold: caches evicted before every call, as for a classifier head after the conv layers.
-        cold = interleaved({"dense F.linear": lambda: F.linear(x, weight, bias),
-                            "bgd::pq_linear": lambda: ops.pq_linear(x, codes, cb, bias=bias)},
-                           rounds=args.rounds * 2, warmup=2, before=lambda: flush.add_(1.0))
+        cold = interleaved(
+            {
+                "dense F.linear": lambda: F.linear(x, weight, bias),
+                "bgd::pq_linear": lambda: ops.pq_linear(x, codes, cb, bias=bias),
+            },
+            rounds=args.rounds * 2,
+            warmup=2,
+            before=lambda: flush.add_(1.0),
+        )
         row = dict(N=n, path="fused decode-dot" if n <= 8 else "decode + GEMM")
         for tag, t in (("warm", times), ("cold", cold)):
             dense, pq = t["dense F.linear"], t["bgd::pq_linear"]
@@ -211,10 +254,21 @@ def bench_fc(args) -> List[Dict]:
             row[f"{tag}_pq_ms"] = 1e3 * statistics.median(pq)
             row[f"{tag}_speedup"] = statistics.median(d / p for d, p in zip(dense, pq))
         rows.append(row)
-    print_table("FC 1000x2048 (d=4, K=1024, int16 codes), latency per call; warm = repeated calls "
-                "(weights in L2/L3), cold = caches evicted (64 MiB touched) before each call",
-                rows, ["N", "path", "warm_dense_ms", "warm_pq_ms", "warm_speedup", "cold_dense_ms",
-                       "cold_pq_ms", "cold_speedup"])
+    print_table(
+        "FC 1000x2048 (d=4, K=1024, int16 codes), latency per call; warm = repeated calls "
+        "(weights in L2/L3), cold = caches evicted (64 MiB touched) before each call",
+        rows,
+        [
+            "N",
+            "path",
+            "warm_dense_ms",
+            "warm_pq_ms",
+            "warm_speedup",
+            "cold_dense_ms",
+            "cold_pq_ms",
+            "cold_speedup",
+        ],
+    )
     return rows
 
 
@@ -274,33 +328,70 @@ def bench_memory(args) -> List[Dict]:
     torch.save(dense_twin(pq, dense).state_dict(), dense_ckpt)
     env = dict(os.environ, BGD_BENCH_THREADS=str(torch.get_num_threads()))
     results = {}
-    for mode, path in (("empty", ""), ("compressed", ckpt), ("compressed+fold", ckpt), ("dense", dense_ckpt)):
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--rss-child", mode, "--ckpt", path,
-                              "--batch", str(args.mem_batch)], capture_output=True, text=True, env=env,
-                             check=True)
+    for mode, path in (
+        ("empty", ""),
+        ("compressed", ckpt),
+        ("compressed+fold", ckpt),
+        ("dense", dense_ckpt),
+    ):
+        out = subprocess.run(
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--rss-child",
+                mode,
+                "--ckpt",
+                path,
+                "--batch",
+                str(args.mem_batch),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     empty = results["empty"]["hwm"]
     largest = max_scratch_bytes(to_inference(copy.deepcopy(pq)))
-    # What the dense process holds beyond its weights (activations, oneDNN buffers and JIT code, allocator
-    # caches, code pages) is paid by every model of this architecture: an estimate of the runtime share.
+    # What the dense process holds beyond its weights (activations, oneDNN buffers and JIT code,
+    # allocator caches, code pages) is paid by every model of this architecture: an estimate of the
+    # runtime share.
     runtime = results["dense"]["hwm"] - empty - results["dense"]["model_bytes"]
     rows = []
     for mode in ("compressed", "compressed+fold", "dense"):
         r = results[mode]
         delta = r["hwm"] - empty
         budget = size.compressed_bytes + largest if mode != "dense" else r["model_bytes"]
-        rows.append(dict(
-            model=mode, peak_minus_empty_mib=delta / MIB, minus_runtime_mib=(delta - runtime) / MIB,
-            model_tensors_mib=r["model_bytes"] / MIB,
-            size_mib=size.compressed_mib if mode != "dense" else size.dense_mib,
-            largest_scratch_mib=largest / MIB if mode != "dense" else 0.0,
-            scratch_used_mib=r.get("scratch_bytes", 0) / MIB, budget_mib=budget / MIB,
-            literal_target_met=str(delta <= budget) if mode != "dense" else "-"))
-    print_table(f"Resident memory, ResNet-50 batch {args.mem_batch}: peak RSS (VmHWM) minus an empty-model "
-                f"process ({empty / MIB:.1f} MiB); runtime share estimated from the dense process = "
-                f"{runtime / MIB:.1f} MiB; budget = compressed size + largest scratch", rows,
-                ["model", "peak_minus_empty_mib", "minus_runtime_mib", "model_tensors_mib", "size_mib",
-                 "largest_scratch_mib", "scratch_used_mib", "budget_mib", "literal_target_met"])
+        rows.append(
+            dict(
+                model=mode,
+                peak_minus_empty_mib=delta / MIB,
+                minus_runtime_mib=(delta - runtime) / MIB,
+                model_tensors_mib=r["model_bytes"] / MIB,
+                size_mib=size.compressed_mib if mode != "dense" else size.dense_mib,
+                largest_scratch_mib=largest / MIB if mode != "dense" else 0.0,
+                scratch_used_mib=r.get("scratch_bytes", 0) / MIB,
+                budget_mib=budget / MIB,
+                literal_target_met=str(delta <= budget) if mode != "dense" else "-",
+            )
+        )
+    print_table(
+        f"Resident memory, ResNet-50 batch {args.mem_batch}: peak RSS (VmHWM) minus an empty-model "
+        f"process ({empty / MIB:.1f} MiB); runtime share estimated from the dense process = "
+        f"{runtime / MIB:.1f} MiB; budget = compressed size + largest scratch",
+        rows,
+        [
+            "model",
+            "peak_minus_empty_mib",
+            "minus_runtime_mib",
+            "model_tensors_mib",
+            "size_mib",
+            "largest_scratch_mib",
+            "scratch_used_mib",
+            "budget_mib",
+            "literal_target_met",
+        ],
+    )
     return rows
 
 
@@ -309,38 +400,61 @@ def bench_maskrcnn(args) -> List[Dict]:
 
     torch.manual_seed(0)
     # score_thresh=0 keeps every model at 100 detections, so the mask head does the same work.
-    dense = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91,
-                                  box_score_thresh=0.0).eval()
+    dense = maskrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=91, box_score_thresh=0.0
+    ).eval()
     img = [torch.rand(3, 800, 800)]
-    rules = QuantRules(block_size_kxk=9, block_size_1x1=4, block_size_linear=4, block_size_transpose=4,
-                       skip=["backbone.body.conv1"])
+    rules = QuantRules(
+        block_size_kxk=9,
+        block_size_1x1=4,
+        block_size_linear=4,
+        block_size_transpose=4,
+        skip=["backbone.body.conv1"],
+    )
     pq = compress(dense, lambda m: m(img), rules)
     size = model_size(pq)
-    print(f"\nMask R-CNN R50-FPN small blocks: {size.compressed_mib:.2f} MiB compressed, "
-          f"{size.dense_mib:.1f} MiB dense (x{size.ratio:.1f}), {len(pq_layers(pq))} codebook layers")
+    print(
+        f"\nMask R-CNN R50-FPN small blocks: {size.compressed_mib:.2f} MiB compressed, "
+        f"{size.dense_mib:.1f} MiB dense (x{size.ratio:.1f}), {len(pq_layers(pq))} codebook layers"
+    )
     models = variants(pq, dense)
     n_det = {}
     with torch.inference_mode():
         for name, m in models.items():
             n_det[name] = len(m(img)[0]["boxes"])
     print("detections per variant:", n_det)
-    times = interleaved({k: (lambda m=m: m(img)) for k, m in models.items()}, rounds=args.rounds_maskrcnn,
-                        warmup=1)
-    rows = [dict(model="Mask R-CNN R50-FPN", batch=1, rounds=args.rounds_maskrcnn, **r)
-            for r in summarize(times, "dense eager")]
-    print_table("Mask R-CNN R50-FPN (800x800), latency per forward",
-                rows, ["model", "batch", "variant", "median_ms", "min_ms", "ratio", "rounds"])
+    times = interleaved(
+        {k: (lambda m=m: m(img)) for k, m in models.items()}, rounds=args.rounds_maskrcnn, warmup=1
+    )
+    rows = [
+        dict(model="Mask R-CNN R50-FPN", batch=1, rounds=args.rounds_maskrcnn, **r)
+        for r in summarize(times, "dense eager")
+    ]
+    print_table(
+        "Mask R-CNN R50-FPN (800x800), latency per forward",
+        rows,
+        ["model", "batch", "variant", "median_ms", "min_ms", "ratio", "rounds"],
+    )
     return rows
 
 
-SECTIONS = {"fc": bench_fc, "resnet50": bench_resnet50, "memory": bench_memory, "maskrcnn": bench_maskrcnn}
+SECTIONS = {
+    "fc": bench_fc,
+    "resnet50": bench_resnet50,
+    "memory": bench_memory,
+    "maskrcnn": bench_maskrcnn,
+}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--rounds", type=int, default=24, help="interleaved rounds (ResNet-50 batch 1)")
+    parser.add_argument(
+        "--rounds", type=int, default=24, help="interleaved rounds (ResNet-50 batch 1)"
+    )
     parser.add_argument("--rounds-maskrcnn", type=int, default=5)
     parser.add_argument("--mem-batch", type=int, default=1)
     parser.add_argument("--json", default="", help="write all rows to this file")

@@ -1,4 +1,5 @@
-"""Compiled codebook ops vs the reference decode + dense functional ops; inference model; bad inputs."""
+"""Compiled codebook ops vs the reference decode + dense functional ops; inference model; errors."""
+
 import logging
 import os
 import threading
@@ -41,8 +42,8 @@ def simd(request):
 
 
 def random_pq(rows, cols, d, k, *, seed=0):
-    """codes Tensor[rows, ceil(cols/d)] and codebook Tensor[k, d] (a partial last block when d does not
-    divide cols)."""
+    """codes Tensor[rows, ceil(cols/d)] and codebook Tensor[k, d] (a partial last block when d does
+    not divide cols)."""
     g = torch.Generator().manual_seed(seed)
     n_blocks = -(-cols // d)
     codes = torch.randint(0, k, (rows, n_blocks), generator=g).to(code_dtype(k))
@@ -55,7 +56,7 @@ def ref_weight(codes, codebook, shape, scale=None):
     return w if scale is None else w * scale.view(-1, *([1] * (len(shape) - 1)))
 
 
-# ------------------------------------------------------------------------------------------- decode
+# ------------------------------------------------------------------------------------------ decode
 
 
 @pytest.mark.parametrize("d", BLOCK_SIZES + (3, 5, 12))
@@ -65,11 +66,15 @@ def test_decode_matches_reference(simd, d, k):
         codes, cb = random_pq(13, cols, d, k, seed=d + cols)
         scale = torch.rand(13) + 0.5
         assert torch.equal(ops.pq_decode(codes, cb, (13, cols)), pq_decode(codes, cb, (13, cols)))
-        torch.testing.assert_close(ops.pq_decode(codes, cb, (13, cols), scale=scale),
-                                   ref_weight(codes, cb, (13, cols), scale), rtol=0, atol=0)
+        torch.testing.assert_close(
+            ops.pq_decode(codes, cb, (13, cols), scale=scale),
+            ref_weight(codes, cb, (13, cols), scale),
+            rtol=0,
+            atol=0,
+        )
 
 
-# ------------------------------------------------------------------------------------------- conv2d
+# ------------------------------------------------------------------------------------------ conv2d
 
 CONV_CASES = [
     # c_in, c_out, kernel, stride, padding, dilation, groups, d, hw
@@ -79,12 +84,12 @@ CONV_CASES = [
     (12, 12, 3, 1, 1, 1, 12, 9, 7),  # depthwise
     (32, 16, 1, 1, 0, 1, 1, 4, 6),
     (32, 16, 1, 2, 0, 1, 1, 16, 6),
-    (32, 16, 1, 1, 0, 1, 1, 4, 2),   # 1x1 with <= 8 pixels: fused path
-    (32, 16, 1, 2, 0, 1, 1, 8, 3),   # strided 1x1, fused path
-    (32, 16, 1, 1, 0, 1, 4, 4, 2),   # grouped 1x1: decode path
-    (10, 6, 3, 1, 1, 1, 1, 4, 5),    # 90 columns: partial last block for d=4
+    (32, 16, 1, 1, 0, 1, 1, 4, 2),  # 1x1 with <= 8 pixels: fused path
+    (32, 16, 1, 2, 0, 1, 1, 8, 3),  # strided 1x1, fused path
+    (32, 16, 1, 1, 0, 1, 4, 4, 2),  # grouped 1x1: decode path
+    (10, 6, 3, 1, 1, 1, 1, 4, 5),  # 90 columns: partial last block for d=4
     (8, 8, (1, 3), (2, 1), (0, 1), 1, 1, 9, 5),
-    (8, 8, 5, 1, 2, 1, 1, 16, 1),    # 1x1 spatial input
+    (8, 8, 5, 1, 2, 1, 1, 16, 1),  # 1x1 spatial input
 ]
 
 
@@ -99,8 +104,18 @@ def test_conv2d_matches_reference(simd, case, batch):
     x = torch.randn(batch, c_in, hw, hw)
     bias, scale = torch.randn(c_out), torch.rand(c_out) + 0.5
     for b, s in ((None, None), (bias, scale)):
-        got = ops.pq_conv2d(x, codes, cb, shape, scale=s, bias=b, stride=stride, padding=padding,
-                            dilation=dilation, groups=groups)
+        got = ops.pq_conv2d(
+            x,
+            codes,
+            cb,
+            shape,
+            scale=s,
+            bias=b,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+        )
         want = F.conv2d(x, ref_weight(codes, cb, shape, s), b, stride, padding, dilation, groups)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         assert got.is_contiguous()
@@ -111,8 +126,12 @@ def test_conv2d_int16_codes_and_channels_last_input():
     codes, cb = random_pq(24, 144, 9, 1024)
     assert codes.dtype == torch.int16
     x = torch.randn(2, 16, 8, 8).to(memory_format=torch.channels_last)
-    torch.testing.assert_close(ops.pq_conv2d(x, codes, cb, shape, padding=1),
-                               F.conv2d(x, pq_decode(codes, cb, shape), None, 1, 1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        ops.pq_conv2d(x, codes, cb, shape, padding=1),
+        F.conv2d(x, pq_decode(codes, cb, shape), None, 1, 1),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_conv_transpose2d_matches_reference():
@@ -120,11 +139,12 @@ def test_conv_transpose2d_matches_reference():
     codes, cb = random_pq(16, 32, 4, 64)
     x, bias = torch.randn(2, 16, 5, 5), torch.randn(8)
     got = ops.pq_conv_transpose2d(x, codes, cb, shape, bias=bias, stride=2)
-    torch.testing.assert_close(got, F.conv_transpose2d(x, pq_decode(codes, cb, shape), bias, 2),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        got, F.conv_transpose2d(x, pq_decode(codes, cb, shape), bias, 2), rtol=1e-4, atol=1e-4
+    )
 
 
-# ------------------------------------------------------------------------------------------- linear
+# ------------------------------------------------------------------------------------------ linear
 
 
 @pytest.mark.parametrize("d", BLOCK_SIZES + (5,))
@@ -137,11 +157,13 @@ def test_linear_matches_reference(simd, d):
             tol = dict(rtol=1e-4, atol=2e-6 * in_f)  # sums of in_f products in another order
             for n in (1, 2, 3, 4, 5, 7, 8, 9, 33):
                 x = torch.randn(n, in_f)
-                torch.testing.assert_close(ops.pq_linear(x, codes, cb, bias=bias),
-                                           F.linear(x, w, bias), **tol)
+                torch.testing.assert_close(
+                    ops.pq_linear(x, codes, cb, bias=bias), F.linear(x, w, bias), **tol
+                )
             x = torch.randn(2, 3, in_f)  # leading batch dims
-            torch.testing.assert_close(ops.pq_linear(x, codes, cb, scale=scale),
-                                       F.linear(x, w * scale[:, None]), **tol)
+            torch.testing.assert_close(
+                ops.pq_linear(x, codes, cb, scale=scale), F.linear(x, w * scale[:, None]), **tol
+            )
     assert ops.pq_linear(torch.randn(0, in_f), codes, cb).shape == (0, out_f)
 
 
@@ -152,7 +174,9 @@ def test_scratch_is_reused_and_threads_are_independent():
     grown = None
     for _ in range(3):
         for ((c, cb), s), w in zip(layers, want):
-            torch.testing.assert_close(ops.pq_conv2d(x, c, cb, s, padding=1), w, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                ops.pq_conv2d(x, c, cb, s, padding=1), w, rtol=1e-4, atol=1e-4
+            )
         # grown at most once (to the largest layer seen on this thread), then reused
         assert grown is None or torch.ops.bgd._scratch_bytes() == grown
         grown = torch.ops.bgd._scratch_bytes()
@@ -164,8 +188,9 @@ def test_scratch_is_reused_and_threads_are_independent():
         try:
             for _ in range(20):
                 (c, cb), s = layers[i]
-                torch.testing.assert_close(ops.pq_conv2d(x, c, cb, s, padding=1), want[i], rtol=1e-4,
-                                           atol=1e-4)
+                torch.testing.assert_close(
+                    ops.pq_conv2d(x, c, cb, s, padding=1), want[i], rtol=1e-4, atol=1e-4
+                )
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -177,7 +202,7 @@ def test_scratch_is_reused_and_threads_are_independent():
     assert not errors, errors
 
 
-# ------------------------------------------------------------------------------------------- opcheck
+# ----------------------------------------------------------------------------------------- opcheck
 
 
 def test_opcheck():
@@ -185,32 +210,51 @@ def test_opcheck():
     x = torch.randn(2, 4, 5, 5)
     bias, scale = torch.randn(8), torch.rand(8)
     utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(torch.ops.bgd.pq_decode.default, (codes, cb, [8, 4, 3, 3], scale),
-                          test_utils=utils)
+    torch.library.opcheck(
+        torch.ops.bgd.pq_decode.default, (codes, cb, [8, 4, 3, 3], scale), test_utils=utils
+    )
     conv_args = (x, codes, cb, [8, 4, 3, 3], scale, bias, [1, 1], [1, 1], [1, 1], 1)
     torch.library.opcheck(torch.ops.bgd.pq_conv2d.default, conv_args, test_utils=utils)
     lin_codes, lin_cb = random_pq(6, 20, 4, 16)
     for n in (3, 12):
-        torch.library.opcheck(torch.ops.bgd.pq_linear.default,
-                              (torch.randn(n, 20), lin_codes, lin_cb, None, torch.randn(6)), test_utils=utils)
+        torch.library.opcheck(
+            torch.ops.bgd.pq_linear.default,
+            (torch.randn(n, 20), lin_codes, lin_cb, None, torch.randn(6)),
+            test_utils=utils,
+        )
     t_codes, t_cb = random_pq(4, 12, 4, 16)
-    torch.library.opcheck(torch.ops.bgd.pq_conv_transpose2d.default,
-                          (x, t_codes, t_cb, [4, 3, 2, 2], None, [2, 2], [0, 0], [0, 0], 1, [1, 1]),
-                          test_utils=utils)
+    torch.library.opcheck(
+        torch.ops.bgd.pq_conv_transpose2d.default,
+        (x, t_codes, t_cb, [4, 3, 2, 2], None, [2, 2], [0, 0], [0, 0], 1, [1, 1]),
+        test_utils=utils,
+    )
     # Inputs that require grad: the op has no autograd formula and must not pretend to have one.
     xg = x.clone().requires_grad_()
-    torch.library.opcheck(torch.ops.bgd.pq_conv2d.default, (xg,) + conv_args[1:],
-                          test_utils="test_autograd_registration")
+    torch.library.opcheck(
+        torch.ops.bgd.pq_conv2d.default,
+        (xg,) + conv_args[1:],
+        test_utils="test_autograd_registration",
+    )
 
 
-# ------------------------------------------------------------------------------------------- bad input
+# --------------------------------------------------------------------------------------- bad input
 
 
 def _conv(x=None, codes=None, cb=None, shape=(8, 4, 3, 3), **kw):
     c0, cb0 = random_pq(8, 36, 9, 16)
     x = torch.randn(1, 4, 5, 5) if x is None else x
-    return torch.ops.bgd.pq_conv2d(x, c0 if codes is None else codes, cb0 if cb is None else cb,
-                                   list(shape), kw.get("scale"), kw.get("bias"), [1, 1], [1, 1], [1, 1], 1)
+    return torch.ops.bgd.pq_conv2d(
+        x,
+        c0 if codes is None else codes,
+        cb0 if cb is None else cb,
+        list(shape),
+        kw.get("scale"),
+        kw.get("bias"),
+        [1, 1],
+        [1, 1],
+        [1, 1],
+        1,
+    )
 
 
 @pytest.mark.parametrize("simd_mode", [1, 0])
@@ -253,7 +297,7 @@ def test_bad_inputs_raise_clear_errors(simd_mode):
     ops.simd_mode(1)
 
 
-# ------------------------------------------------------------------------------------------- fallback
+# ---------------------------------------------------------------------------------------- fallback
 
 
 def test_fallback_to_reference_logs_once(monkeypatch, caplog):
@@ -271,8 +315,12 @@ def test_fallback_to_reference_logs_once(monkeypatch, caplog):
     assert len([r for r in caplog.records if "reference decode" in r.getMessage()]) == 1
     monkeypatch.undo()
     assert ops.ops_available()
-    torch.testing.assert_close(got, ops.pq_conv2d(x, codes, cb, (8, 4, 3, 3), scale=scale, bias=bias,
-                                                  padding=1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        got,
+        ops.pq_conv2d(x, codes, cb, (8, 4, 3, 3), scale=scale, bias=bias, padding=1),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     assert lin.shape == (3, 8) and torch.equal(dec, ops.pq_decode(codes, cb, (8, 36)))
 
 
@@ -283,19 +331,27 @@ def test_build_disabled_by_env(monkeypatch):
     assert "BGD_NO_EXT" in load_library()
 
 
-# ------------------------------------------------------------------------------------------- models
+# ------------------------------------------------------------------------------------------ models
 
 
 def _compressed_resnet18(seed=0):
     torch.manual_seed(seed)
     model = torchvision.models.resnet18(num_classes=10)
     x = torch.randn(2, 3, 64, 64)
-    plan = build_plan(model, execution_order(model, lambda m: m(x)),
-                      QuantRules(skip=["conv1"], overrides=[["fc", "N_CENTROIDS", 1024]]))
+    plan = build_plan(
+        model,
+        execution_order(model, lambda m: m(x)),
+        QuantRules(skip=["conv1"], overrides=[["fc", "N_CENTROIDS", 1024]]),
+    )
     swap_in_skeleton(model, plan)
     for layer in pq_layers(model).values():
-        codes, cb = random_pq(layer.codes.shape[0], layer.codes.shape[1] * layer.block_size,
-                              layer.block_size, layer.n_centroids, seed=layer.codes.numel())
+        codes, cb = random_pq(
+            layer.codes.shape[0],
+            layer.codes.shape[1] * layer.block_size,
+            layer.block_size,
+            layer.n_centroids,
+            seed=layer.codes.numel(),
+        )
         layer.set_quantization(codes, cb * 0.05)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -341,7 +397,9 @@ class _Untraceable(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.block = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = nn.Sequential(
+            nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+        )
         self.conv = nn.Conv2d(8, 8, 1)
         self.bn = nn.BatchNorm2d(8)
         self.conv_r = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")
@@ -362,16 +420,27 @@ def test_fold_bn_partial_tracing_and_shared_outputs():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-1, 1)
             m.running_var.uniform_(0.5, 2)
-    swap_in_skeleton(model, build_plan(model, ["block.0", "conv", "conv_r"],
-                                       QuantRules(n_centroids=8, block_size_kxk=9, block_size_1x1=4)))
+    swap_in_skeleton(
+        model,
+        build_plan(
+            model,
+            ["block.0", "conv", "conv_r"],
+            QuantRules(n_centroids=8, block_size_kxk=9, block_size_1x1=4),
+        ),
+    )
     for layer in pq_layers(model).values():
-        codes, cb = random_pq(layer.codes.shape[0], layer.codes.shape[1] * layer.block_size,
-                              layer.block_size, layer.n_centroids)
+        codes, cb = random_pq(
+            layer.codes.shape[0],
+            layer.codes.shape[1] * layer.block_size,
+            layer.block_size,
+            layer.n_centroids,
+        )
         layer.set_quantization(codes, cb)
     model.eval()
     with torch.no_grad():
         want = model(x)
-    # block.0 -> block.1 is found inside the traceable child; conv's output has two users: not folded.
+    # block.0 -> block.1 is found inside the traceable child; conv's output has two users: not
+    # folded.
     assert inf.conv_bn_pairs(model) == [("block.0", "block.1")]
     folded = inf.to_inference(model, fold_bn=True)
     assert isinstance(folded.block[1], nn.Identity) and isinstance(folded.bn, nn.BatchNorm2d)
@@ -382,21 +451,27 @@ def test_fold_bn_partial_tracing_and_shared_outputs():
 @pytest.mark.filterwarnings("ignore:Using padding='same'")
 def test_inference_layers_match_training_layers():
     torch.manual_seed(0)
-    convs = [(nn.Conv2d(6, 8, 4, padding="same"), 4),  # asymmetric padding
-             (nn.Conv2d(6, 8, 3, padding="same", dilation=2), 9),
-             (nn.Conv2d(6, 8, 3, padding=1, padding_mode="circular"), 18),
-             (nn.Conv2d(6, 6, 3, stride=2, groups=3, bias=False), 9)]
+    convs = [
+        (nn.Conv2d(6, 8, 4, padding="same"), 4),  # asymmetric padding
+        (nn.Conv2d(6, 8, 3, padding="same", dilation=2), 9),
+        (nn.Conv2d(6, 8, 3, padding=1, padding_mode="circular"), 18),
+        (nn.Conv2d(6, 6, 3, stride=2, groups=3, bias=False), 9),
+    ]
     for conv, d in convs:
         layer = PQConv2d.from_dense(conv, block_size=d, n_centroids=16)
         codes, cb = random_pq(layer.codes.shape[0], layer.codes.shape[1] * d, d, 16)
         layer.set_quantization(codes, cb)
         x = torch.randn(2, 6, 9, 9)
-        torch.testing.assert_close(inf.to_inference(layer)(x), layer(x).detach(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            inf.to_inference(layer)(x), layer(x).detach(), rtol=1e-4, atol=1e-4
+        )
     lin = PQLinear.from_dense(nn.Linear(32, 5), block_size=8, n_centroids=4)
     lin.set_quantization(*random_pq(5, 32, 8, 4))
     x = torch.randn(3, 32)
     torch.testing.assert_close(inf.to_inference(lin)(x), lin(x).detach(), rtol=1e-4, atol=1e-4)
-    tconv = PQConvTranspose2d.from_dense(nn.ConvTranspose2d(8, 4, 2, stride=2), block_size=4, n_centroids=8)
+    tconv = PQConvTranspose2d.from_dense(
+        nn.ConvTranspose2d(8, 4, 2, stride=2), block_size=4, n_centroids=8
+    )
     tconv.set_quantization(*random_pq(8, 16, 4, 8))
     x = torch.randn(1, 8, 5, 5)
     torch.testing.assert_close(inf.to_inference(tconv)(x), tconv(x).detach(), rtol=1e-4, atol=1e-4)

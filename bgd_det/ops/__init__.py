@@ -1,16 +1,17 @@
 """Compressed-domain inference ops (``torch.ops.bgd``) with a reference fallback.
 
 The compiled CPU ops (``csrc/``) decode product-quantized weights into a reused thread-local scratch
-buffer (or, for Linear / 1x1 convs with <= 8 input rows, straight into registers) and run the dense ATen
-convolution / GEMM on it; no dense weight is ever kept. They are built on first use
-(:mod:`bgd_det.ops._build`, cached). When the build is not possible (no compiler, ``BGD_NO_EXT=1``) or the
-input is not on the CPU, the functions here compute the same result with the reference decode
+buffer (or, for Linear / 1x1 convs with <= 8 input rows, straight into registers) and run the dense
+ATen convolution / GEMM on it; no dense weight is ever kept. They are built on first use
+(:mod:`bgd_det.ops._build`, cached). When the build is not possible (no compiler, ``BGD_NO_EXT=1``)
+or the input is not on the CPU, the functions here compute the same result with the reference decode
 :func:`bgd_det.quantization.pq.pq_decode` and the dense functional op; this is logged once.
 
-Every function takes ``codes (Tensor[C_out, n_blocks] uint8/int16)``, ``codebook (Tensor[K, d] float32)``
-and an optional ``scale (Tensor[C_out] float32)`` that multiplies row ``o`` of the decoded weight (a
-BatchNorm folded into the layer).
+Every function takes ``codes (Tensor[C_out, n_blocks] uint8/int16)``, ``codebook (Tensor[K, d]
+float32)`` and an optional ``scale (Tensor[C_out] float32)`` that multiplies row ``o`` of the
+decoded weight (a BatchNorm folded into the layer).
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,16 @@ from ..quantization.pq import pq_decode as _reference_decode
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ops_available", "build_status", "pq_decode", "pq_conv2d", "pq_linear", "pq_conv_transpose2d",
-           "reference_weight", "simd_mode"]
+__all__ = [
+    "ops_available",
+    "build_status",
+    "pq_decode",
+    "pq_conv2d",
+    "pq_linear",
+    "pq_conv_transpose2d",
+    "reference_weight",
+    "simd_mode",
+]
 
 _IntOrPair = Union[int, Sequence[int]]
 
@@ -36,7 +45,7 @@ _state = {"tried": False, "ok": False, "reason": None}
 
 
 def ops_available() -> bool:
-    """Whether the compiled ops are loaded (builds them on the first call; logs once if not possible)."""
+    """Whether the compiled ops are loaded (built on the first call; logs once if not possible)."""
     if _state["tried"]:
         return _state["ok"]
     with _lock:
@@ -47,7 +56,9 @@ def ops_available() -> bool:
             if reason is None:
                 _register_fakes()
             else:
-                logger.warning("compiled bgd ops not available (%s); using the reference decode", reason)
+                logger.warning(
+                    "compiled bgd ops not available (%s); using the reference decode", reason
+                )
             _state.update(tried=True, ok=reason is None, reason=reason)
     return _state["ok"]
 
@@ -78,20 +89,42 @@ def _register_fakes() -> None:
         return input.new_empty((*input.shape[:-1], codes.shape[0]))
 
     @torch.library.register_fake("bgd::pq_conv2d")
-    def _conv_fake(input, codes, codebook, weight_shape, scale, bias, stride, padding, dilation, groups):
-        out = F.conv2d(input, input.new_empty(weight_shape), None, stride, padding, dilation, groups)
+    def _conv_fake(
+        input, codes, codebook, weight_shape, scale, bias, stride, padding, dilation, groups
+    ):
+        out = F.conv2d(
+            input, input.new_empty(weight_shape), None, stride, padding, dilation, groups
+        )
         return out.contiguous()
 
     @torch.library.register_fake("bgd::pq_conv_transpose2d")
-    def _convt_fake(input, codes, codebook, weight_shape, bias, stride, padding, output_padding, groups,
-                    dilation):
-        out = F.conv_transpose2d(input, input.new_empty(weight_shape), None, stride, padding,
-                                 output_padding, groups, dilation)
+    def _convt_fake(
+        input,
+        codes,
+        codebook,
+        weight_shape,
+        bias,
+        stride,
+        padding,
+        output_padding,
+        groups,
+        dilation,
+    ):
+        out = F.conv_transpose2d(
+            input,
+            input.new_empty(weight_shape),
+            None,
+            stride,
+            padding,
+            output_padding,
+            groups,
+            dilation,
+        )
         return out.contiguous()
 
 
 def simd_mode(mode: int = -1) -> int:
-    """Kernel instruction set: -1 queries; 0 forces the portable scalar path; 1 AVX2/FMA (if the CPU has it).
+    """Kernel instruction set: -1 queries; 0 forces the portable scalar path; 1 AVX2/FMA (if any).
 
     Returns:
         The mode now active, or -1 when the compiled ops are not available.
@@ -101,8 +134,9 @@ def simd_mode(mode: int = -1) -> int:
     return int(torch.ops.bgd._simd_mode(mode))
 
 
-def reference_weight(codes: Tensor, codebook: Tensor, shape: Sequence[int],
-                     scale: Optional[Tensor] = None) -> Tensor:
+def reference_weight(
+    codes: Tensor, codebook: Tensor, shape: Sequence[int], scale: Optional[Tensor] = None
+) -> Tensor:
     """Dense weight from the reference decode, rows multiplied by ``scale`` when given."""
     w = _reference_decode(codes, codebook, tuple(shape))
     if scale is not None:
@@ -110,18 +144,29 @@ def reference_weight(codes: Tensor, codebook: Tensor, shape: Sequence[int],
     return w
 
 
-def pq_decode(codes: Tensor, codebook: Tensor, shape: Sequence[int], *,
-              scale: Optional[Tensor] = None) -> Tensor:
+def pq_decode(
+    codes: Tensor, codebook: Tensor, shape: Sequence[int], *, scale: Optional[Tensor] = None
+) -> Tensor:
     """Decoded dense weight Tensor[shape] (a new tensor; the compiled decode on CPU)."""
     if _use_op(codebook):
         return torch.ops.bgd.pq_decode(codes, codebook, list(shape), scale)
     return reference_weight(codes, codebook, shape, scale)
 
 
-def pq_conv2d(input: Tensor, codes: Tensor, codebook: Tensor, weight_shape: Sequence[int], *,
-              scale: Optional[Tensor] = None, bias: Optional[Tensor] = None, stride: _IntOrPair = 1,
-              padding: _IntOrPair = 0, dilation: _IntOrPair = 1, groups: int = 1) -> Tensor:
-    """``F.conv2d(input, scale * decode(codes, codebook), bias, ...)`` without keeping the dense weight.
+def pq_conv2d(
+    input: Tensor,
+    codes: Tensor,
+    codebook: Tensor,
+    weight_shape: Sequence[int],
+    *,
+    scale: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    stride: _IntOrPair = 1,
+    padding: _IntOrPair = 0,
+    dilation: _IntOrPair = 1,
+    groups: int = 1,
+) -> Tensor:
+    """``F.conv2d(input, scale * decode(codes, codebook), bias, ...)``, no dense weight kept.
 
     Args:
         input (Tensor[B, C_in, H, W] float32); weight_shape: ``(C_out, C_in // groups, kh, kw)``;
@@ -132,15 +177,31 @@ def pq_conv2d(input: Tensor, codes: Tensor, codebook: Tensor, weight_shape: Sequ
     """
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     if _use_op(input):
-        return torch.ops.bgd.pq_conv2d(input, codes, codebook, list(weight_shape), scale, bias,
-                                       list(stride), list(padding), list(dilation), int(groups))
+        return torch.ops.bgd.pq_conv2d(
+            input,
+            codes,
+            codebook,
+            list(weight_shape),
+            scale,
+            bias,
+            list(stride),
+            list(padding),
+            list(dilation),
+            int(groups),
+        )
     w = reference_weight(codes, codebook, weight_shape, scale).to(input.dtype)
     return F.conv2d(input, w, bias, stride, padding, dilation, groups)
 
 
-def pq_linear(input: Tensor, codes: Tensor, codebook: Tensor, *, scale: Optional[Tensor] = None,
-              bias: Optional[Tensor] = None) -> Tensor:
-    """``F.linear(input, scale * decode(codes, codebook), bias)``: fused decode-dot for <= 8 rows of input.
+def pq_linear(
+    input: Tensor,
+    codes: Tensor,
+    codebook: Tensor,
+    *,
+    scale: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+) -> Tensor:
+    """``F.linear(input, scale * decode(codes, codebook), bias)``; fused decode-dot for <= 8 rows.
 
     Args:
         input (Tensor[..., in_features] float32).
@@ -154,17 +215,34 @@ def pq_linear(input: Tensor, codes: Tensor, codebook: Tensor, *, scale: Optional
     return F.linear(input, w, bias)
 
 
-def pq_conv_transpose2d(input: Tensor, codes: Tensor, codebook: Tensor, weight_shape: Sequence[int], *,
-                        bias: Optional[Tensor] = None, stride: _IntOrPair = 1, padding: _IntOrPair = 0,
-                        output_padding: _IntOrPair = 0, groups: int = 1,
-                        dilation: _IntOrPair = 1) -> Tensor:
+def pq_conv_transpose2d(
+    input: Tensor,
+    codes: Tensor,
+    codebook: Tensor,
+    weight_shape: Sequence[int],
+    *,
+    bias: Optional[Tensor] = None,
+    stride: _IntOrPair = 1,
+    padding: _IntOrPair = 0,
+    output_padding: _IntOrPair = 0,
+    groups: int = 1,
+    dilation: _IntOrPair = 1,
+) -> Tensor:
     """``F.conv_transpose2d`` with the decoded weight Tensor[C_in, C_out // groups, kh, kw]."""
     stride, padding = _pair(stride), _pair(padding)
     output_padding, dilation = _pair(output_padding), _pair(dilation)
     if _use_op(input):
-        return torch.ops.bgd.pq_conv_transpose2d(input, codes, codebook, list(weight_shape), bias,
-                                                 list(stride), list(padding), list(output_padding),
-                                                 int(groups), list(dilation))
+        return torch.ops.bgd.pq_conv_transpose2d(
+            input,
+            codes,
+            codebook,
+            list(weight_shape),
+            bias,
+            list(stride),
+            list(padding),
+            list(output_padding),
+            int(groups),
+            list(dilation),
+        )
     w = reference_weight(codes, codebook, weight_shape).to(input.dtype)
     return F.conv_transpose2d(input, w, bias, stride, padding, output_padding, groups, dilation)
-

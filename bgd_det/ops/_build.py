@@ -5,6 +5,7 @@ The library is compiled once into a cache directory and reused by every later pr
 triggers a rebuild (torch hashes the sources and flags). Set ``BGD_NO_EXT=1`` to skip the build and
 use the reference decode.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,7 +28,8 @@ def build_dir() -> str:
     """Directory holding the built library (created if missing)."""
     path = os.environ.get("BGD_EXT_DIR")
     if not path:
-        tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}"
+        py = f"py{sys.version_info[0]}{sys.version_info[1]}"
+        tag = f"torch{torch.__version__.replace('+', '_')}-{py}"
         path = os.path.join(os.path.expanduser("~"), ".cache", "bgd_det_ext", tag)
     os.makedirs(path, exist_ok=True)
     return path
@@ -47,8 +49,8 @@ def load_library(*, verbose: bool = False) -> Optional[str]:
         load(
             name=NAME,
             sources=SOURCES,
-            # -fopenmp: at::parallel_for is inline and only runs in parallel when compiled with OpenMP
-            # (it binds to the libgomp that torch already loaded).
+            # -fopenmp: at::parallel_for is inline and only runs in parallel when compiled with
+            # OpenMP (it binds to the libgomp that torch already loaded).
             extra_cflags=["-O3", "-DNDEBUG", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             extra_include_paths=[_CSRC],

@@ -1,16 +1,18 @@
 """Inference model of a compressed network: codebook layers that run through the compiled ops.
 
-:func:`to_inference` replaces the training-time codebook layers (:mod:`bgd_det.quantization.layers`) by
-inference layers that hold only ``codes`` (uint8/int16) and an fp32 ``codebook`` (converted once here,
-whatever the checkpoint stored) and call :mod:`bgd_det.ops`; no dense weight is ever kept. With
-``fold_bn=True`` a BatchNorm that directly follows a :class:`PQConv2d` is folded into it: its scale multiplies
-the decoded rows inside the op, its shift becomes the bias, and the BatchNorm becomes ``nn.Identity``.
-Conv -> BN pairs are found by tracing the model with ``torch.fx`` (codebook layers and BatchNorms as leaves);
-parts of a model that cannot be traced are traced child by child, and whatever is not found is left unfolded.
+:func:`to_inference` replaces the training-time codebook layers (:mod:`bgd_det.quantization.layers`)
+by inference layers that hold only ``codes`` (uint8/int16) and an fp32 ``codebook`` (converted once
+here, whatever the checkpoint stored) and call :mod:`bgd_det.ops`; no dense weight is ever kept.
+With ``fold_bn=True`` a BatchNorm that directly follows a :class:`PQConv2d` is folded into it: its
+scale multiplies the decoded rows inside the op, its shift becomes the bias, and the BatchNorm
+becomes ``nn.Identity``. Conv -> BN pairs are found by tracing the model with ``torch.fx`` (codebook
+layers and BatchNorms as leaves); parts of a model that cannot be traced are traced child by child,
+and whatever is not found is left unfolded.
 
-:func:`load_inference` builds the inference model straight from a compressed checkpoint: the architecture is
-built on the ``meta`` device, so its dense weights are never allocated.
+:func:`load_inference` builds the inference model straight from a compressed checkpoint: the
+architecture is built on the ``meta`` device, so its dense weights are never allocated.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,8 +33,17 @@ from . import ops_available, pq_conv2d, pq_conv_transpose2d, pq_linear
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PQConv2dInfer", "PQLinearInfer", "PQConvTranspose2dInfer", "INFER_LAYER_TYPES",
-           "conv_bn_pairs", "to_inference", "load_inference", "inference_bytes", "max_scratch_bytes"]
+__all__ = [
+    "PQConv2dInfer",
+    "PQLinearInfer",
+    "PQConvTranspose2dInfer",
+    "INFER_LAYER_TYPES",
+    "conv_bn_pairs",
+    "to_inference",
+    "load_inference",
+    "inference_bytes",
+    "max_scratch_bytes",
+]
 
 
 def _bn_types() -> tuple:
@@ -50,8 +61,8 @@ BN_TYPES = _bn_types()
 
 
 def bn_scale_shift(bn: nn.Module) -> Optional[Tuple[Tensor, Tensor]]:
-    """Per-channel ``(scale, shift)`` with ``bn(y) == scale * y + shift`` in eval mode, or None if ``bn``
-    normalises with batch statistics (no running statistics)."""
+    """Per-channel ``(scale, shift)`` with ``bn(y) == scale * y + shift`` in eval mode, or None if
+    ``bn`` normalises with batch statistics (no running statistics)."""
     mean, var = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
     if mean is None or var is None or (isinstance(bn, _BatchNorm) and not bn.track_running_stats):
         return None
@@ -64,7 +75,9 @@ def bn_scale_shift(bn: nn.Module) -> Optional[Tuple[Tensor, Tensor]]:
 
 def _check_codes(codes: Tensor, n_centroids: int) -> None:
     if codes.numel() and (int(codes.max()) >= n_centroids or int(codes.min()) < 0):
-        raise ValueError(f"codes out of range [0, {n_centroids}) for a codebook of {n_centroids} centroids")
+        raise ValueError(
+            f"codes out of range [0, {n_centroids}) for a codebook of {n_centroids} centroids"
+        )
 
 
 class _PQInfer(nn.Module):
@@ -77,8 +90,9 @@ class _PQInfer(nn.Module):
         bias (Tensor[C_out] float32 or None): buffer.
     """
 
-    def _init_pq(self, codes: Tensor, codebook: Tensor, weight_shape: Sequence[int],
-                 bias: Optional[Tensor]) -> None:
+    def _init_pq(
+        self, codes: Tensor, codebook: Tensor, weight_shape: Sequence[int], bias: Optional[Tensor]
+    ) -> None:
         _check_codes(codes, codebook.shape[0])
         self.weight_shape = tuple(int(s) for s in weight_shape)
         self.register_buffer("codes", codes.detach().contiguous())
@@ -94,8 +108,10 @@ class _PQInfer(nn.Module):
         return self.codebook.shape[0]
 
     def _pq_repr(self) -> str:
-        return (f"weight_shape={self.weight_shape}, block_size={self.block_size}, "
-                f"n_centroids={self.n_centroids}, bias={self.bias is not None}")
+        return (
+            f"weight_shape={self.weight_shape}, block_size={self.block_size}, "
+            f"n_centroids={self.n_centroids}, bias={self.bias is not None}"
+        )
 
 
 class PQConv2dInfer(_PQInfer):
@@ -105,13 +121,26 @@ class PQConv2dInfer(_PQInfer):
     Tensor[C_out, C_in // groups, kh, kw].
     """
 
-    def __init__(self, codes: Tensor, codebook: Tensor, weight_shape: Sequence[int], *,
-                 bias: Optional[Tensor] = None, scale: Optional[Tensor] = None, stride=1, padding=0,
-                 dilation=1, groups: int = 1, pre_pad: Optional[Sequence[int]] = None,
-                 pad_mode: str = "constant") -> None:
+    def __init__(
+        self,
+        codes: Tensor,
+        codebook: Tensor,
+        weight_shape: Sequence[int],
+        *,
+        bias: Optional[Tensor] = None,
+        scale: Optional[Tensor] = None,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        pre_pad: Optional[Sequence[int]] = None,
+        pad_mode: str = "constant",
+    ) -> None:
         super().__init__()
         self._init_pq(codes, codebook, weight_shape, bias)
-        self.register_buffer("scale", None if scale is None else scale.detach().float().contiguous())
+        self.register_buffer(
+            "scale", None if scale is None else scale.detach().float().contiguous()
+        )
         self.stride = tuple(nn.modules.utils._pair(stride))
         self.padding = tuple(nn.modules.utils._pair(padding))
         self.dilation = tuple(nn.modules.utils._pair(dilation))
@@ -125,10 +154,14 @@ class PQConv2dInfer(_PQInfer):
 
     @classmethod
     def from_pq(cls, layer: PQConv2d, *, bn: Optional[nn.Module] = None) -> "PQConv2dInfer":
-        """Inference layer of ``layer``, with the eval-mode ``bn`` that follows it folded in when given."""
+        """Inference layer of ``layer``; the eval-mode ``bn`` after it is folded in if given."""
         pre_pad, pad_mode, padding = None, "constant", layer.padding
         if layer.padding_mode != "zeros":
-            pre_pad, pad_mode, padding = layer._reversed_padding_repeated_twice, layer.padding_mode, 0
+            pre_pad, pad_mode, padding = (
+                layer._reversed_padding_repeated_twice,
+                layer.padding_mode,
+                0,
+            )
         elif isinstance(padding, str):
             left_w, right_w, top_h, bottom_h = layer._reversed_padding_repeated_twice
             if left_w == right_w and top_h == bottom_h:
@@ -142,31 +175,69 @@ class PQConv2dInfer(_PQInfer):
                 raise ValueError(f"cannot fold {type(bn).__name__} without running statistics")
             scale, shift = affine
             bias = shift if bias is None else bias.detach().float() * scale + shift
-        return cls(layer.codes, layer.codebook, layer.weight_shape, bias=bias, scale=scale,
-                   stride=layer.stride, padding=padding, dilation=layer.dilation, groups=layer.groups,
-                   pre_pad=pre_pad, pad_mode=pad_mode)
+        return cls(
+            layer.codes,
+            layer.codebook,
+            layer.weight_shape,
+            bias=bias,
+            scale=scale,
+            stride=layer.stride,
+            padding=padding,
+            dilation=layer.dilation,
+            groups=layer.groups,
+            pre_pad=pre_pad,
+            pad_mode=pad_mode,
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if self.pre_pad is not None:
             x = F.pad(x, self.pre_pad, mode=self.pad_mode)
-        if x.device.type == "cpu" and ops_available():  # the op directly: no per-call argument juggling
+        if (
+            x.device.type == "cpu" and ops_available()
+        ):  # the op directly: no per-call argument juggling
             return torch.ops.bgd.pq_conv2d.default(
-                x, self.codes, self.codebook, self._op_shape, self.scale, self.bias, self._op_stride,
-                self._op_padding, self._op_dilation, self.groups)
-        return pq_conv2d(x, self.codes, self.codebook, self.weight_shape, scale=self.scale, bias=self.bias,
-                         stride=self.stride, padding=self.padding, dilation=self.dilation,
-                         groups=self.groups)
+                x,
+                self.codes,
+                self.codebook,
+                self._op_shape,
+                self.scale,
+                self.bias,
+                self._op_stride,
+                self._op_padding,
+                self._op_dilation,
+                self.groups,
+            )
+        return pq_conv2d(
+            x,
+            self.codes,
+            self.codebook,
+            self.weight_shape,
+            scale=self.scale,
+            bias=self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+        )
 
     def extra_repr(self) -> str:
-        return (f"{self._pq_repr()}, stride={self.stride}, padding={self.padding}, "
-                f"dilation={self.dilation}, groups={self.groups}, folded_bn={self.scale is not None}")
+        return (
+            f"{self._pq_repr()}, stride={self.stride}, padding={self.padding}, "
+            f"dilation={self.dilation}, groups={self.groups}, folded_bn={self.scale is not None}"
+        )
 
 
 class PQLinearInfer(_PQInfer):
-    """Linear from codes + codebook through ``bgd::pq_linear`` (fused decode-dot for <= 8 input rows)."""
+    """Linear from codes + codebook through ``bgd::pq_linear`` (fused decode-dot for <= 8 rows)."""
 
-    def __init__(self, codes: Tensor, codebook: Tensor, weight_shape: Sequence[int], *,
-                 bias: Optional[Tensor] = None) -> None:
+    def __init__(
+        self,
+        codes: Tensor,
+        codebook: Tensor,
+        weight_shape: Sequence[int],
+        *,
+        bias: Optional[Tensor] = None,
+    ) -> None:
         super().__init__()
         self._init_pq(codes, codebook, weight_shape, bias)
         self.out_features, self.in_features = self.weight_shape
@@ -187,9 +258,19 @@ class PQLinearInfer(_PQInfer):
 class PQConvTranspose2dInfer(_PQInfer):
     """ConvTranspose2d from codes + codebook (weight Tensor[C_in, C_out // groups, kh, kw])."""
 
-    def __init__(self, codes: Tensor, codebook: Tensor, weight_shape: Sequence[int], *,
-                 bias: Optional[Tensor] = None, stride=1, padding=0, output_padding=0, groups: int = 1,
-                 dilation=1) -> None:
+    def __init__(
+        self,
+        codes: Tensor,
+        codebook: Tensor,
+        weight_shape: Sequence[int],
+        *,
+        bias: Optional[Tensor] = None,
+        stride=1,
+        padding=0,
+        output_padding=0,
+        groups: int = 1,
+        dilation=1,
+    ) -> None:
         super().__init__()
         self._init_pq(codes, codebook, weight_shape, bias)
         self.stride = tuple(nn.modules.utils._pair(stride))
@@ -202,20 +283,43 @@ class PQConvTranspose2dInfer(_PQInfer):
     def from_pq(cls, layer: PQConvTranspose2d) -> "PQConvTranspose2dInfer":
         if layer.padding_mode != "zeros":
             raise ValueError("ConvTranspose2d supports only padding_mode='zeros'")
-        return cls(layer.codes, layer.codebook, layer.weight_shape, bias=layer.bias, stride=layer.stride,
-                   padding=layer.padding, output_padding=layer.output_padding, groups=layer.groups,
-                   dilation=layer.dilation)
+        return cls(
+            layer.codes,
+            layer.codebook,
+            layer.weight_shape,
+            bias=layer.bias,
+            stride=layer.stride,
+            padding=layer.padding,
+            output_padding=layer.output_padding,
+            groups=layer.groups,
+            dilation=layer.dilation,
+        )
 
     def forward(self, x: Tensor, output_size: Optional[Sequence[int]] = None) -> Tensor:
         output_padding = self.output_padding
         if output_size is not None:
             output_padding = nn.ConvTranspose2d._output_padding(
-                self, x, output_size, list(self.stride), list(self.padding),
-                list(self.weight_shape[2:]), 2, list(self.dilation))
-        return pq_conv_transpose2d(x, self.codes, self.codebook, self.weight_shape, bias=self.bias,
-                                   stride=self.stride, padding=self.padding,
-                                   output_padding=output_padding, groups=self.groups,
-                                   dilation=self.dilation)
+                self,
+                x,
+                output_size,
+                list(self.stride),
+                list(self.padding),
+                list(self.weight_shape[2:]),
+                2,
+                list(self.dilation),
+            )
+        return pq_conv_transpose2d(
+            x,
+            self.codes,
+            self.codebook,
+            self.weight_shape,
+            bias=self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            output_padding=output_padding,
+            groups=self.groups,
+            dilation=self.dilation,
+        )
 
     def extra_repr(self) -> str:
         return f"{self._pq_repr()}, stride={self.stride}, padding={self.padding}"
@@ -232,10 +336,12 @@ class _LeafTracer(torch.fx.Tracer):
 
 
 def conv_bn_pairs(model: nn.Module) -> List[Tuple[str, str]]:
-    """``(conv, bn)`` module names where a BatchNorm is applied to, and only to, a :class:`PQConv2d`'s output.
+    """``(conv, bn)`` module names where a BatchNorm is applied to, and only to, a
+    :class:`PQConv2d`'s output.
 
-    The model is traced with ``torch.fx``; a part that cannot be traced is tried child by child. A pair is
-    kept only if the conv output has no other user and each module is called once in the traced forward.
+    The model is traced with ``torch.fx``; a part that cannot be traced is tried child by child. A
+    pair is kept only if the conv output has no other user and each module is called once in the
+    traced forward.
     """
     pairs: List[Tuple[str, str]] = []
 
@@ -252,7 +358,9 @@ def conv_bn_pairs(model: nn.Module) -> List[Tuple[str, str]]:
             return
         calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
         for node in graph.nodes:
-            if node.op != "call_module" or not isinstance(module.get_submodule(node.target), PQConv2d):
+            if node.op != "call_module" or not isinstance(
+                module.get_submodule(node.target), PQConv2d
+            ):
                 continue
             users = list(node.users)
             if len(users) != 1 or users[0].op != "call_module":
@@ -275,7 +383,8 @@ def to_inference(model: nn.Module, *, fold_bn: bool = False) -> nn.Module:
 
     Args:
         model: a model holding :data:`PQ_LAYER_TYPES` layers (e.g. from ``load_compressed``).
-        fold_bn: fold each BatchNorm that directly follows a :class:`PQConv2d` into it (eval statistics).
+        fold_bn: fold each BatchNorm that directly follows a :class:`PQConv2d` into it (eval
+        statistics).
 
     Returns:
         The converted model (the same object, unless ``model`` itself is a codebook layer).
@@ -313,8 +422,9 @@ def to_inference(model: nn.Module, *, fold_bn: bool = False) -> nn.Module:
 def load_inference(path: str, *, fold_bn: bool = False, cfg=None) -> nn.Module:
     """Inference model of a compressed checkpoint, built without allocating the dense weights.
 
-    The architecture is built on the ``meta`` device, codebook layers are swapped in, and the checkpoint's
-    tensors are assigned directly (``load_state_dict(assign=True)``); then :func:`to_inference`.
+    The architecture is built on the ``meta`` device, codebook layers are swapped in, and the
+    checkpoint's tensors are assigned directly (``load_state_dict(assign=True)``); then
+    :func:`to_inference`.
 
     Args:
         path: compressed checkpoint (see :mod:`bgd_det.checkpoint`); cfg: optional config, as in
@@ -337,10 +447,14 @@ def load_inference(path: str, *, fold_bn: bool = False, cfg=None) -> nn.Module:
         modules = dict(model.named_modules())
         unknown = [n for n in ckpt["layers"] if n not in modules]
         if unknown:
-            raise ValueError(f"{path}: quantized layers {unknown[:5]} do not exist in the model "
-                             f"(architecture mismatch?)")
-        plan = [LayerPlan(n, int(v["block_size"]), int(v["n_centroids"]), 0)
-                for n, v in ckpt["layers"].items()]
+            raise ValueError(
+                f"{path}: quantized layers {unknown[:5]} do not exist in the model "
+                f"(architecture mismatch?)"
+            )
+        plan = [
+            LayerPlan(n, int(v["block_size"]), int(v["n_centroids"]), 0)
+            for n, v in ckpt["layers"].items()
+        ]
         swap_in_skeleton(model, plan)
     try:
         model.load_state_dict(ckpt["model"], strict=True, assign=True)
@@ -350,7 +464,9 @@ def load_inference(path: str, *, fold_bn: bool = False, cfg=None) -> nn.Module:
     del ckpt
     on_meta = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if on_meta:  # non-persistent buffers are not in the checkpoint: build the ordinary way instead
-        logger.info("%s: %s not in the checkpoint; building the dense model first", path, on_meta[:3])
+        logger.info(
+            "%s: %s not in the checkpoint; building the dense model first", path, on_meta[:3]
+        )
         model = load_compressed(path, cfg=cfg)
     return to_inference(model, fold_bn=fold_bn)
 
@@ -362,5 +478,7 @@ def inference_bytes(model: nn.Module) -> int:
 
 def max_scratch_bytes(model: nn.Module) -> int:
     """Size of the decode scratch buffer the largest inference conv/linear layer needs (fp32)."""
-    sizes = [4 * math.prod(m.weight_shape) for m in model.modules() if isinstance(m, INFER_LAYER_TYPES)]
+    sizes = [
+        4 * math.prod(m.weight_shape) for m in model.modules() if isinstance(m, INFER_LAYER_TYPES)
+    ]
     return max(sizes, default=0)

@@ -1,5 +1,6 @@
-// Decode and fused decode-dot kernels: a portable scalar path and an AVX2/FMA path compiled with target
-// attributes (no -mavx2 for the whole file), chosen at run time. See kernels.h for the layout.
+// Decode and fused decode-dot kernels: a portable scalar path and an AVX2/FMA path compiled with
+// target attributes (no -mavx2 for the whole file), chosen at run time. See kernels.h for the
+// layout.
 #include "kernels.h"
 
 #include <algorithm>
@@ -20,7 +21,7 @@
 namespace bgd {
 namespace {
 
-// ---------------------------------------------------------------------------------------------------
+// -------------------------------------------------------------------------------------------------
 // Run-time choice of the instruction set.
 
 bool cpu_has_avx2() {
@@ -46,16 +47,18 @@ std::atomic<int>& mode_ref() {
 
 template <typename CodeT>
 inline uint32_t code_at(const CodeT* p, int64_t i) {
-  // int16 codes are read as uint16 so that a negative code is out of range, never a negative offset.
+  // int16 codes are read as uint16 so that a negative code is out of range, never a negative
+  // offset.
   return static_cast<uint32_t>(static_cast<std::make_unsigned_t<CodeT>>(p[i]));
 }
 
-// ---------------------------------------------------------------------------------------------------
+// -------------------------------------------------------------------------------------------------
 // Scalar path.
 
 template <typename CodeT, bool CHECK, int D = 0>
 bool decode_row_scalar(const CodeT* codes, const PQArgs& a, const float* scale_ptr, float* out) {
-  const int64_t d = D ? D : a.d;  // a compile-time d lets the compiler unroll / vectorize the copies
+  const int64_t d =
+      D ? D : a.d;  // a compile-time d lets the compiler unroll / vectorize the copies
   const uint32_t K = static_cast<uint32_t>(a.K);
   const int64_t nfull = a.cols / d;
   const int64_t rem = a.cols - nfull * d;
@@ -86,7 +89,8 @@ bool decode_rows_scalar_d(const PQArgs& a, int64_t r0, int64_t r1, float* out, i
   const CodeT* codes = static_cast<const CodeT*>(a.codes);
   for (int64_t o = r0; o < r1; ++o) {
     const float* s = a.scale ? a.scale + o : nullptr;
-    if (!decode_row_scalar<CodeT, CHECK, D>(codes + o * a.n_blocks, a, s, out + (o - r0) * ld)) return false;
+    if (!decode_row_scalar<CodeT, CHECK, D>(codes + o * a.n_blocks, a, s, out + (o - r0) * ld))
+      return false;
   }
   return true;
 }
@@ -94,12 +98,18 @@ bool decode_rows_scalar_d(const PQArgs& a, int64_t r0, int64_t r1, float* out, i
 template <typename CodeT, bool CHECK>
 bool decode_rows_scalar(const PQArgs& a, int64_t r0, int64_t r1, float* out, int64_t ld) {
   switch (a.d) {
-    case 4: return decode_rows_scalar_d<CodeT, CHECK, 4>(a, r0, r1, out, ld);
-    case 8: return decode_rows_scalar_d<CodeT, CHECK, 8>(a, r0, r1, out, ld);
-    case 9: return decode_rows_scalar_d<CodeT, CHECK, 9>(a, r0, r1, out, ld);
-    case 16: return decode_rows_scalar_d<CodeT, CHECK, 16>(a, r0, r1, out, ld);
-    case 18: return decode_rows_scalar_d<CodeT, CHECK, 18>(a, r0, r1, out, ld);
-    default: return decode_rows_scalar_d<CodeT, CHECK, 0>(a, r0, r1, out, ld);
+    case 4:
+      return decode_rows_scalar_d<CodeT, CHECK, 4>(a, r0, r1, out, ld);
+    case 8:
+      return decode_rows_scalar_d<CodeT, CHECK, 8>(a, r0, r1, out, ld);
+    case 9:
+      return decode_rows_scalar_d<CodeT, CHECK, 9>(a, r0, r1, out, ld);
+    case 16:
+      return decode_rows_scalar_d<CodeT, CHECK, 16>(a, r0, r1, out, ld);
+    case 18:
+      return decode_rows_scalar_d<CodeT, CHECK, 18>(a, r0, r1, out, ld);
+    default:
+      return decode_rows_scalar_d<CodeT, CHECK, 0>(a, r0, r1, out, ld);
   }
 }
 
@@ -120,8 +130,8 @@ std::vector<float>& row_buffer(int64_t n) {
 }
 
 template <typename CodeT, bool CHECK>
-bool fused_rows_scalar(const PQArgs& a, int64_t r0, int64_t r1, const float* x, int64_t ldx, int64_t N,
-                       const float* bias, float* y, int64_t ldy) {
+bool fused_rows_scalar(const PQArgs& a, int64_t r0, int64_t r1, const float* x, int64_t ldx,
+                       int64_t N, const float* bias, float* y, int64_t ldy) {
   const CodeT* codes = static_cast<const CodeT*>(a.codes);
   float* row = row_buffer(a.cols).data();
   for (int64_t o = r0; o < r1; ++o) {
@@ -133,7 +143,7 @@ bool fused_rows_scalar(const PQArgs& a, int64_t r0, int64_t r1, const float* x, 
   return true;
 }
 
-// ---------------------------------------------------------------------------------------------------
+// -------------------------------------------------------------------------------------------------
 // AVX2 + FMA path.
 
 #if BGD_HAVE_AVX2
@@ -148,12 +158,14 @@ inline void load8(const CodeT* p, uint32_t (&c)[8]) {
   } else {
     uint64_t v[2];
     std::memcpy(v, p, 16);
-    for (int i = 0; i < 8; ++i) c[i] = static_cast<uint32_t>((v[i / 4] >> (16 * (i % 4))) & 0xffffu);
+    for (int i = 0; i < 8; ++i)
+      c[i] = static_cast<uint32_t>((v[i / 4] >> (16 * (i % 4))) & 0xffffu);
   }
 }
 
 // Byte offsets code * 2^SHIFT of eight consecutive codes (the centroid stride is a power of two for
-// d in {4, 8, 16}): one or two 64-bit loads and two ALU operations per code (shrx + and), no multiply.
+// d in {4, 8, 16}): one or two 64-bit loads and two ALU operations per code (shrx + and), no
+// multiply.
 template <typename CodeT, int SHIFT>
 BGD_AVX2 inline void load8_offsets(const CodeT* p, uint64_t (&off)[8]) {
   constexpr int BITS = 8 * sizeof(CodeT);
@@ -188,8 +200,8 @@ BGD_AVX2 uint32_t max_code_avx2(const CodeT* p, int64_t n) {
   return best;
 }
 
-// Copy (and scale) one centroid of d floats. d >= 8: 8-float chunks, the last one shifted back to end at
-// d (overlapping stores of equal values); 4 <= d < 8: two 4-float chunks; d < 4: scalar.
+// Copy (and scale) one centroid of d floats. d >= 8: 8-float chunks, the last one shifted back to
+// end at d (overlapping stores of equal values); 4 <= d < 8: two 4-float chunks; d < 4: scalar.
 template <int D, bool SCALED>
 BGD_AVX2 inline void copy_block_avx2(const float* src, float* dst, int64_t d_rt, __m256 vs) {
   const int64_t d = D ? D : d_rt;
@@ -213,10 +225,10 @@ BGD_AVX2 inline void copy_block_avx2(const float* src, float* dst, int64_t d_rt,
   }
 }
 
-// Eight blocks of an odd d (9, 18) written as d whole 8-float vectors, no overlapping stores: vector j
-// takes floats from block k = 8j / d at offset s = 8j % d and, where it runs past that block, the start of
-// block k + 1 (a blend of two loads). Loads may read up to 7 floats beyond a centroid, so `c` point into a
-// copy of the codebook padded by 8 floats on both sides.
+// Eight blocks of an odd d (9, 18) written as d whole 8-float vectors, no overlapping stores:
+// vector j takes floats from block k = 8j / d at offset s = 8j % d and, where it runs past that
+// block, the start of block k + 1 (a blend of two loads). Loads may read up to 7 floats beyond a
+// centroid, so `c` point into a copy of the codebook padded by 8 floats on both sides.
 template <int D, int J, bool SCALED>
 BGD_AVX2 inline void packed8_avx2(const float* const* c, float* dst, __m256 vs) {
   constexpr int k = 8 * J / D, s = 8 * J % D;
@@ -224,7 +236,8 @@ BGD_AVX2 inline void packed8_avx2(const float* const* c, float* dst, __m256 vs) 
   if constexpr (s + 8 <= D) {
     v = _mm256_loadu_ps(c[k] + s);
   } else {
-    v = _mm256_blend_ps(_mm256_loadu_ps(c[k] + s), _mm256_loadu_ps(c[k + 1] + s - D), (0xFF << (D - s)) & 0xFF);
+    v = _mm256_blend_ps(_mm256_loadu_ps(c[k] + s), _mm256_loadu_ps(c[k + 1] + s - D),
+                        (0xFF << (D - s)) & 0xFF);
   }
   _mm256_storeu_ps(dst + 8 * J, SCALED ? _mm256_mul_ps(v, vs) : v);
   if constexpr (J + 1 < D) packed8_avx2<D, J + 1, SCALED>(c, dst, vs);
@@ -272,7 +285,8 @@ BGD_AVX2 bool decode_rows_avx2(const PQArgs& a, int64_t r0, int64_t r1, float* o
         const char* Cb = reinterpret_cast<const char*>(C);
 #pragma GCC unroll 8
         for (int i = 0; i < 8; ++i)
-          copy_block_avx2<D, SCALED>(reinterpret_cast<const float*>(Cb + off[i]), dst + (b + i) * D, D, vs);
+          copy_block_avx2<D, SCALED>(reinterpret_cast<const float*>(Cb + off[i]), dst + (b + i) * D,
+                                     D, vs);
       } else if constexpr (PACKED) {
         uint32_t c[8];
         load8(rc + b, c);
@@ -305,9 +319,9 @@ BGD_AVX2 inline float hsum_avx2(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(lo, sh));
 }
 
-// Register blocking of the fused kernel: a tile is R weight rows x NT inputs with U accumulator chains
-// each, chosen so that the accumulators, the shared input vectors and the centroids fit in 16 ymm
-// registers and >= 8 independent FMA chains hide the FMA latency when possible.
+// Register blocking of the fused kernel: a tile is R weight rows x NT inputs with U accumulator
+// chains each, chosen so that the accumulators, the shared input vectors and the centroids fit in
+// 16 ymm registers and >= 8 independent FMA chains hide the FMA latency when possible.
 constexpr int vecs_per_unit(int D) { return D == 16 ? 2 : 1; }
 constexpr int tile_rows(int D, int NT) {
   return vecs_per_unit(D) == 1 ? (NT <= 2 ? 4 : NT <= 4 ? 2 : 1) : (NT == 1 ? 4 : NT == 2 ? 2 : 1);
@@ -318,28 +332,32 @@ constexpr int tile_chains(int D, int NT) {
 
 // Centroid vectors of one unit: d=4 packs two centroids into one ymm, d=8 is one ymm, d=16 two.
 template <int D>
-BGD_AVX2 inline void unit_weights(const float* C, const uint32_t* c, __m256 (&w)[vecs_per_unit(D)]) {
+BGD_AVX2 inline void unit_weights(const float* C, const uint32_t* c,
+                                  __m256 (&w)[vecs_per_unit(D)]) {
   if constexpr (D == 4) {
-    w[0] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(C + 4 * static_cast<int64_t>(c[0]))),
-                                _mm_loadu_ps(C + 4 * static_cast<int64_t>(c[1])), 1);
+    w[0] = _mm256_insertf128_ps(
+        _mm256_castps128_ps256(_mm_loadu_ps(C + 4 * static_cast<int64_t>(c[0]))),
+        _mm_loadu_ps(C + 4 * static_cast<int64_t>(c[1])), 1);
   } else {
-    for (int v = 0; v < vecs_per_unit(D); ++v) w[v] = _mm256_loadu_ps(C + static_cast<int64_t>(c[0]) * D + 8 * v);
+    for (int v = 0; v < vecs_per_unit(D); ++v)
+      w[v] = _mm256_loadu_ps(C + static_cast<int64_t>(c[0]) * D + 8 * v);
   }
 }
 
-// Decode-in-register dot products of R rows with NT inputs, for d in {4, 8, 16}. Each centroid is loaded
-// once by its code and multiplied into the NT inputs; each input vector is loaded once per R rows. A
-// "unit" is 8 floats of a row (d=4: two centroids) or 16 (d=16); codes are read 8 at a time.
-// Units [u0, u1) (u0 a multiple of the group) of rows [o, o + R): the partial sums are stored into y
-// (`first`) or added to it; `last` adds the scalar tail and applies scale and bias.
+// Decode-in-register dot products of R rows with NT inputs, for d in {4, 8, 16}. Each centroid is
+// loaded once by its code and multiplied into the NT inputs; each input vector is loaded once per R
+// rows. A "unit" is 8 floats of a row (d=4: two centroids) or 16 (d=16); codes are read 8 at a
+// time. Units [u0, u1) (u0 a multiple of the group) of rows [o, o + R): the partial sums are stored
+// into y (`first`) or added to it; `last` adds the scalar tail and applies scale and bias.
 template <int D, int NT, int R, typename CodeT>
-BGD_AVX2 void fused_tile_reg(const PQArgs& a, int64_t o, int64_t u0, int64_t u1, bool first, bool last,
-                             const float* x, int64_t ldx, const float* bias, float* y, int64_t ldy) {
+BGD_AVX2 void fused_tile_reg(const PQArgs& a, int64_t o, int64_t u0, int64_t u1, bool first,
+                             bool last, const float* x, int64_t ldx, const float* bias, float* y,
+                             int64_t ldy) {
   constexpr int U = tile_chains(D, NT);
   constexpr int BPU = D == 4 ? 2 : 1;  // blocks per unit
   constexpr int VPU = vecs_per_unit(D);
-  constexpr int FPU = BPU * D;         // floats per unit
-  constexpr int G = 8 / BPU;           // units per group of 8 codes
+  constexpr int FPU = BPU * D;  // floats per unit
+  constexpr int G = 8 / BPU;    // units per group of 8 codes
   const float* C = a.codebook;
   const CodeT* rc[R];
   for (int r = 0; r < R; ++r) rc[r] = static_cast<const CodeT*>(a.codes) + (o + r) * a.n_blocks;
@@ -358,7 +376,8 @@ BGD_AVX2 void fused_tile_reg(const PQArgs& a, int64_t o, int64_t u0, int64_t u1,
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g) {
       const int64_t off = (u + g) * FPU;
-      __m256 xv[R == 1 ? 1 : NT][VPU];  // inputs shared by the R rows (R == 1: straight from memory)
+      __m256 xv[R == 1 ? 1 : NT]
+               [VPU];  // inputs shared by the R rows (R == 1: straight from memory)
       if constexpr (R > 1) {
         for (int n = 0; n < NT; ++n)
           for (int v = 0; v < VPU; ++v) xv[n][v] = _mm256_loadu_ps(x + n * ldx + off + 8 * v);
@@ -367,7 +386,8 @@ BGD_AVX2 void fused_tile_reg(const PQArgs& a, int64_t o, int64_t u0, int64_t u1,
         __m256 w[VPU];
         if constexpr (D == 4) {
           w[0] = _mm256_insertf128_ps(
-              _mm256_castps128_ps256(_mm_loadu_ps(reinterpret_cast<const float*>(Cb + c[r][2 * g]))),
+              _mm256_castps128_ps256(
+                  _mm_loadu_ps(reinterpret_cast<const float*>(Cb + c[r][2 * g]))),
               _mm_loadu_ps(reinterpret_cast<const float*>(Cb + c[r][2 * g + 1])), 1);
         } else {
           for (int v = 0; v < VPU; ++v)
@@ -376,7 +396,8 @@ BGD_AVX2 void fused_tile_reg(const PQArgs& a, int64_t o, int64_t u0, int64_t u1,
         for (int n = 0; n < NT; ++n)
           for (int v = 0; v < VPU; ++v) {
             const int k = (g * VPU + v) % U;
-            const __m256 xin = R > 1 ? xv[R > 1 ? n : 0][v] : _mm256_loadu_ps(x + n * ldx + off + 8 * v);
+            const __m256 xin =
+                R > 1 ? xv[R > 1 ? n : 0][v] : _mm256_loadu_ps(x + n * ldx + off + 8 * v);
             acc[r][n][k] = _mm256_fmadd_ps(w[v], xin, acc[r][n][k]);
           }
       }
@@ -390,7 +411,8 @@ BGD_AVX2 void fused_tile_reg(const PQArgs& a, int64_t o, int64_t u0, int64_t u1,
       unit_weights<D>(C, c, w);
       for (int n = 0; n < NT; ++n)
         for (int v = 0; v < VPU; ++v)
-          acc[r][n][0] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(x + n * ldx + off + 8 * v), acc[r][n][0]);
+          acc[r][n][0] =
+              _mm256_fmadd_ps(w[v], _mm256_loadu_ps(x + n * ldx + off + 8 * v), acc[r][n][0]);
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -417,8 +439,8 @@ BGD_AVX2 void fused_tile_reg(const PQArgs& a, int64_t o, int64_t u0, int64_t u1,
 }
 
 template <int D, int NT, typename CodeT, bool CHECK>
-BGD_AVX2 bool fused_rows_reg_avx2(const PQArgs& a, int64_t r0, int64_t r1, const float* x, int64_t ldx,
-                                  const float* bias, float* y, int64_t ldy) {
+BGD_AVX2 bool fused_rows_reg_avx2(const PQArgs& a, int64_t r0, int64_t r1, const float* x,
+                                  int64_t ldx, const float* bias, float* y, int64_t ldy) {
   static_assert(D == 4 || D == 8 || D == 16, "register path is for d in {4, 8, 16}");
   constexpr int R = tile_rows(D, NT);
   if (CHECK) {
@@ -427,7 +449,8 @@ BGD_AVX2 bool fused_rows_reg_avx2(const PQArgs& a, int64_t r0, int64_t r1, const
     for (int64_t o = r0; o < r1; ++o)
       if (max_code_avx2(codes + o * a.n_blocks, a.n_blocks) >= K) return false;
   }
-  // Column blocking: the NT input rows of one chunk stay in L1 (~16 KB) while all rows pass over it.
+  // Column blocking: the NT input rows of one chunk stay in L1 (~16 KB) while all rows pass over
+  // it.
   constexpr int FPU = (D == 4 ? 2 : 1) * D;
   constexpr int G = D == 4 ? 4 : 8;
   constexpr int64_t chunk = std::max<int64_t>(G, (4096 / NT) / FPU / G * G);  // in units
@@ -439,7 +462,8 @@ BGD_AVX2 bool fused_rows_reg_avx2(const PQArgs& a, int64_t r0, int64_t r1, const
     int64_t o = r0;
     for (; o + R <= r1; o += R)
       fused_tile_reg<D, NT, R, CodeT>(a, o, u0, u1, first, last, x, ldx, bias, y, ldy);
-    for (; o < r1; ++o) fused_tile_reg<D, NT, 1, CodeT>(a, o, u0, u1, first, last, x, ldx, bias, y, ldy);
+    for (; o < r1; ++o)
+      fused_tile_reg<D, NT, 1, CodeT>(a, o, u0, u1, first, last, x, ldx, bias, y, ldy);
     u0 = u1;
   } while (u0 < nunits);
   return true;
@@ -447,8 +471,8 @@ BGD_AVX2 bool fused_rows_reg_avx2(const PQArgs& a, int64_t r0, int64_t r1, const
 
 // Any other d: decode the row into an L1/L2-resident buffer, then NT dot products over it.
 template <int NT, typename CodeT, bool CHECK>
-BGD_AVX2 bool fused_rows_buf_avx2(const PQArgs& a, int64_t r0, int64_t r1, const float* x, int64_t ldx,
-                                  const float* bias, float* y, int64_t ldy) {
+BGD_AVX2 bool fused_rows_buf_avx2(const PQArgs& a, int64_t r0, int64_t r1, const float* x,
+                                  int64_t ldx, const float* bias, float* y, int64_t ldy) {
   constexpr int U = NT == 1 ? 4 : (NT <= 3 ? 2 : 1);  // independent accumulator chains
   float* row = row_buffer(a.cols).data();
   const int64_t cols = a.cols;
@@ -490,12 +514,18 @@ BGD_AVX2 bool fused_rows_buf_avx2(const PQArgs& a, int64_t r0, int64_t r1, const
 template <typename CodeT, bool CHECK, bool SCALED>
 bool decode_dispatch_d(const PQArgs& a, int64_t r0, int64_t r1, float* out, int64_t ld) {
   switch (a.d) {
-    case 4: return decode_rows_avx2<4, CodeT, CHECK, SCALED>(a, r0, r1, out, ld);
-    case 8: return decode_rows_avx2<8, CodeT, CHECK, SCALED>(a, r0, r1, out, ld);
-    case 9: return decode_rows_avx2<9, CodeT, CHECK, SCALED>(a, r0, r1, out, ld);
-    case 16: return decode_rows_avx2<16, CodeT, CHECK, SCALED>(a, r0, r1, out, ld);
-    case 18: return decode_rows_avx2<18, CodeT, CHECK, SCALED>(a, r0, r1, out, ld);
-    default: return decode_rows_avx2<0, CodeT, CHECK, SCALED>(a, r0, r1, out, ld);
+    case 4:
+      return decode_rows_avx2<4, CodeT, CHECK, SCALED>(a, r0, r1, out, ld);
+    case 8:
+      return decode_rows_avx2<8, CodeT, CHECK, SCALED>(a, r0, r1, out, ld);
+    case 9:
+      return decode_rows_avx2<9, CodeT, CHECK, SCALED>(a, r0, r1, out, ld);
+    case 16:
+      return decode_rows_avx2<16, CodeT, CHECK, SCALED>(a, r0, r1, out, ld);
+    case 18:
+      return decode_rows_avx2<18, CodeT, CHECK, SCALED>(a, r0, r1, out, ld);
+    default:
+      return decode_rows_avx2<0, CodeT, CHECK, SCALED>(a, r0, r1, out, ld);
   }
 }
 
@@ -503,25 +533,37 @@ template <int NT, typename CodeT, bool CHECK>
 bool fused_dispatch_d(const PQArgs& a, int64_t r0, int64_t r1, const float* x, int64_t ldx,
                       const float* bias, float* y, int64_t ldy) {
   switch (a.d) {
-    case 4: return fused_rows_reg_avx2<4, NT, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
-    case 8: return fused_rows_reg_avx2<8, NT, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
-    case 16: return fused_rows_reg_avx2<16, NT, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
-    default: return fused_rows_buf_avx2<NT, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
+    case 4:
+      return fused_rows_reg_avx2<4, NT, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
+    case 8:
+      return fused_rows_reg_avx2<8, NT, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
+    case 16:
+      return fused_rows_reg_avx2<16, NT, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
+    default:
+      return fused_rows_buf_avx2<NT, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
   }
 }
 
 template <typename CodeT, bool CHECK>
-bool fused_dispatch_n(const PQArgs& a, int64_t r0, int64_t r1, const float* x, int64_t ldx, int64_t N,
-                      const float* bias, float* y, int64_t ldy) {
+bool fused_dispatch_n(const PQArgs& a, int64_t r0, int64_t r1, const float* x, int64_t ldx,
+                      int64_t N, const float* bias, float* y, int64_t ldy) {
   switch (N) {
-    case 1: return fused_dispatch_d<1, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
-    case 2: return fused_dispatch_d<2, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
-    case 3: return fused_dispatch_d<3, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
-    case 4: return fused_dispatch_d<4, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
-    case 5: return fused_dispatch_d<5, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
-    case 6: return fused_dispatch_d<6, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
-    case 7: return fused_dispatch_d<7, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
-    default: return fused_dispatch_d<8, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
+    case 1:
+      return fused_dispatch_d<1, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
+    case 2:
+      return fused_dispatch_d<2, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
+    case 3:
+      return fused_dispatch_d<3, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
+    case 4:
+      return fused_dispatch_d<4, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
+    case 5:
+      return fused_dispatch_d<5, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
+    case 6:
+      return fused_dispatch_d<6, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
+    case 7:
+      return fused_dispatch_d<7, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
+    default:
+      return fused_dispatch_d<8, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy);
   }
 }
 

@@ -1,15 +1,19 @@
 // bgd:: operators: compressed-domain inference for codebook (product-quantized) layers on CPU.
 //
-//   pq_decode(codes, codebook, shape, scale?)                          -> dense weight (a new tensor)
-//   pq_conv2d(input, codes, codebook, weight_shape, scale?, bias?, stride, padding, dilation, groups)
+//   pq_decode(codes, codebook, shape, scale?)                          -> dense weight (a new
+// tensor)
+//   pq_conv2d(input, codes, codebook, weight_shape, scale?, bias?, stride, padding, dilation,
+// groups)
 //   pq_linear(input, codes, codebook, scale?, bias?)
-//   pq_conv_transpose2d(input, codes, codebook, weight_shape, bias?, stride, padding, output_padding,
+//   pq_conv_transpose2d(input, codes, codebook, weight_shape, bias?, stride, padding,
+// output_padding,
 //                       groups, dilation)
 //
-// The convolutions decode the weight into a thread-local fp32 scratch buffer (grown on demand, reused by
-// every later call on that thread), optionally scaling row o by scale[o] (folded BatchNorm), and hand it to
-// the dense ATen convolution (oneDNN). Linear with <= 8 rows of input, and 1x1 convs with <= 8 output
-// pixels, use the fused decode-dot kernel instead and never write the weight to memory.
+// The convolutions decode the weight into a thread-local fp32 scratch buffer (grown on demand,
+// reused by every later call on that thread), optionally scaling row o by scale[o] (folded
+// BatchNorm), and hand it to the dense ATen convolution (oneDNN). Linear with <= 8 rows of input,
+// and 1x1 convs with <= 8 output pixels, use the fused decode-dot kernel instead and never write
+// the weight to memory.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/grad_mode.h>
@@ -32,7 +36,7 @@ namespace {
 
 using at::Tensor;
 
-// ---------------------------------------------------------------------------------------------------
+// -------------------------------------------------------------------------------------------------
 // Scratch: one 64-byte aligned fp32 buffer per calling thread, grown on demand and kept.
 
 class Scratch {
@@ -45,7 +49,8 @@ class Scratch {
       cap_ = 0;
       const size_t bytes = ((static_cast<size_t>(n) * sizeof(float) + 63) / 64) * 64;
       ptr_ = static_cast<float*>(std::aligned_alloc(64, bytes));
-      TORCH_CHECK(ptr_ != nullptr, "bgd: could not allocate a decode scratch buffer of ", bytes, " bytes");
+      TORCH_CHECK(ptr_ != nullptr, "bgd: could not allocate a decode scratch buffer of ", bytes,
+                  " bytes");
       cap_ = n;
     }
     return ptr_;
@@ -62,37 +67,44 @@ Scratch& scratch() {
   return s;
 }
 
-// ---------------------------------------------------------------------------------------------------
+// -------------------------------------------------------------------------------------------------
 // Checks shared by every op.
 
-void check_optional_vector(const c10::optional<Tensor>& t, int64_t n, const char* op, const char* what) {
+void check_optional_vector(const c10::optional<Tensor>& t, int64_t n, const char* op,
+                           const char* what) {
   if (!t.has_value()) return;
   TORCH_CHECK(t->device().is_cpu(), op, ": ", what, " must be a CPU tensor, got ", t->device());
-  TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": ", what, " must be float32, got ", t->scalar_type());
+  TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": ", what, " must be float32, got ",
+              t->scalar_type());
   TORCH_CHECK(t->dim() == 1 && t->size(0) == n, op, ": ", what, " must have shape [", n, "], got ",
               t->sizes());
   TORCH_CHECK(t->is_contiguous(), op, ": ", what, " must be contiguous");
 }
 
-// Validates codes/codebook/scale against a weight of `rows` x `cols` and fills the kernel arguments.
+// Validates codes/codebook/scale against a weight of `rows` x `cols` and fills the kernel
+// arguments.
 PQArgs make_args(const Tensor& codes, const Tensor& codebook, const c10::optional<Tensor>& scale,
                  int64_t rows, int64_t cols, const char* op) {
   TORCH_CHECK(codes.device().is_cpu() && codebook.device().is_cpu(), op,
-              ": codes and codebook must be CPU tensors, got ", codes.device(), " and ", codebook.device());
+              ": codes and codebook must be CPU tensors, got ", codes.device(), " and ",
+              codebook.device());
   TORCH_CHECK(codes.scalar_type() == at::kByte || codes.scalar_type() == at::kShort, op,
               ": codes must be uint8 (K <= 256) or int16, got ", codes.scalar_type());
-  TORCH_CHECK(codes.dim() == 2, op, ": codes must be 2-D [C_out, n_blocks], got shape ", codes.sizes());
+  TORCH_CHECK(codes.dim() == 2, op, ": codes must be 2-D [C_out, n_blocks], got shape ",
+              codes.sizes());
   TORCH_CHECK(codes.is_contiguous(), op, ": codes must be contiguous");
-  TORCH_CHECK(codebook.scalar_type() == at::kFloat, op, ": codebook must be float32 (convert an fp16 "
-              "codebook once at load), got ", codebook.scalar_type());
+  TORCH_CHECK(codebook.scalar_type() == at::kFloat, op,
+              ": codebook must be float32 (convert an fp16 "
+              "codebook once at load), got ",
+              codebook.scalar_type());
   TORCH_CHECK(codebook.dim() == 2 && codebook.size(0) >= 1 && codebook.size(1) >= 1, op,
               ": codebook must be 2-D [K, d] with K, d >= 1, got shape ", codebook.sizes());
   TORCH_CHECK(codebook.is_contiguous(), op, ": codebook must be contiguous");
   const int64_t K = codebook.size(0), d = codebook.size(1), n_blocks = codes.size(1);
-  TORCH_CHECK(codes.size(0) == rows, op, ": codes has ", codes.size(0), " rows, the weight has ", rows,
-              " output rows");
-  TORCH_CHECK(cols >= 1 && n_blocks * d >= cols && (n_blocks - 1) * d < cols, op, ": codes [", rows, ", ",
-              n_blocks, "] with block size d=", d, " cannot hold weight rows of ", cols,
+  TORCH_CHECK(codes.size(0) == rows, op, ": codes has ", codes.size(0), " rows, the weight has ",
+              rows, " output rows");
+  TORCH_CHECK(cols >= 1 && n_blocks * d >= cols && (n_blocks - 1) * d < cols, op, ": codes [", rows,
+              ", ", n_blocks, "] with block size d=", d, " cannot hold weight rows of ", cols,
               " values (need n_blocks = ceil(", cols, " / ", d, ") = ", (cols + d - 1) / d, ")");
   check_optional_vector(scale, rows, op, "scale");
   PQArgs a;
@@ -108,13 +120,15 @@ PQArgs make_args(const Tensor& codes, const Tensor& codebook, const c10::optiona
 }
 
 [[noreturn]] void fail_range(const PQArgs& a, const char* op) {
-  TORCH_CHECK(false, op, ": codes out of range for a codebook of ", a.K, " centroids (valid: 0..", a.K - 1,
-              ")");
+  TORCH_CHECK(false, op, ": codes out of range for a codebook of ", a.K, " centroids (valid: 0..",
+              a.K - 1, ")");
   std::abort();
 }
 
 // Rows per parallel task: at least ~16k decoded floats of work each.
-int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cols)); }
+int64_t grain_rows(int64_t cols) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cols));
+}
 
 void decode_into(const PQArgs& a, int64_t rows, float* out, const char* op) {
   std::atomic<bool> ok{true};
@@ -125,8 +139,8 @@ void decode_into(const PQArgs& a, int64_t rows, float* out, const char* op) {
 }
 
 // x2: [N, cols] contiguous fp32, N <= kMaxFusedN. Returns [N, rows].
-Tensor fused_linear(const PQArgs& a, int64_t rows, const Tensor& x2, const c10::optional<Tensor>& bias,
-                    const char* op) {
+Tensor fused_linear(const PQArgs& a, int64_t rows, const Tensor& x2,
+                    const c10::optional<Tensor>& bias, const char* op) {
   const int64_t N = x2.size(0);
   Tensor y = at::empty({N, rows}, x2.options());
   const float* x = x2.data_ptr<float>();
@@ -142,7 +156,8 @@ Tensor fused_linear(const PQArgs& a, int64_t rows, const Tensor& x2, const c10::
 
 void check_input(const Tensor& input, int64_t dim, const char* op) {
   TORCH_CHECK(input.device().is_cpu(), op, ": input must be a CPU tensor, got ", input.device());
-  TORCH_CHECK(input.scalar_type() == at::kFloat, op, ": input must be float32, got ", input.scalar_type());
+  TORCH_CHECK(input.scalar_type() == at::kFloat, op, ": input must be float32, got ",
+              input.scalar_type());
   if (dim > 0) {
     TORCH_CHECK(input.dim() == dim, op, ": input must be ", dim, "-D, got shape ", input.sizes());
   } else {
@@ -161,7 +176,7 @@ int64_t row_length(at::IntArrayRef shape, const char* op) {
   return cols;
 }
 
-// ---------------------------------------------------------------------------------------------------
+// -------------------------------------------------------------------------------------------------
 // Operators.
 
 Tensor pq_decode_cpu(const Tensor& codes, const Tensor& codebook, at::IntArrayRef shape,
@@ -198,30 +213,31 @@ Tensor pq_linear_cpu(const Tensor& input, const Tensor& codes, const Tensor& cod
 
 Tensor pq_conv2d_cpu(const Tensor& input, const Tensor& codes, const Tensor& codebook,
                      at::IntArrayRef weight_shape, const c10::optional<Tensor>& scale,
-                     const c10::optional<Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                     at::IntArrayRef dilation, int64_t groups) {
+                     const c10::optional<Tensor>& bias, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   // Inference op without an autograd formula: the ATen ops inside must not record a graph.
   at::NoGradGuard no_grad;
   const char* op = "bgd::pq_conv2d";
   check_input(input, 4, op);
-  TORCH_CHECK(weight_shape.size() == 4, op, ": weight_shape must be [C_out, C_in/groups, kh, kw], got ",
-              weight_shape);
+  TORCH_CHECK(weight_shape.size() == 4, op,
+              ": weight_shape must be [C_out, C_in/groups, kh, kw], got ", weight_shape);
   const int64_t cols = row_length(weight_shape, op);
   const int64_t rows = weight_shape[0];
   TORCH_CHECK(groups >= 1 && rows % groups == 0 && weight_shape[1] * groups == input.size(1), op,
-              ": input has ", input.size(1), " channels; weight ", weight_shape, " with groups=", groups,
-              " expects ", weight_shape[1] * groups);
+              ": input has ", input.size(1), " channels; weight ", weight_shape,
+              " with groups=", groups, " expects ", weight_shape[1] * groups);
   const PQArgs a = make_args(codes, codebook, scale, rows, cols, op);
   check_optional_vector(bias, rows, op, "bias");
 
-  const bool pointwise = weight_shape[2] == 1 && weight_shape[3] == 1 && groups == 1 && padding[0] == 0 &&
-                         padding[1] == 0 && stride[0] >= 1 && stride[1] >= 1;
+  const bool pointwise = weight_shape[2] == 1 && weight_shape[3] == 1 && groups == 1 &&
+                         padding[0] == 0 && padding[1] == 0 && stride[0] >= 1 && stride[1] >= 1;
   if (pointwise) {
     const int64_t B = input.size(0), H = input.size(2), W = input.size(3);
     const int64_t Ho = (H - 1) / stride[0] + 1, Wo = (W - 1) / stride[1] + 1;
     if (B * Ho * Wo >= 1 && B * Ho * Wo <= kMaxFusedN) {
       Tensor xs = input;
-      if (stride[0] > 1 || stride[1] > 1) xs = xs.slice(2, 0, H, stride[0]).slice(3, 0, W, stride[1]);
+      if (stride[0] > 1 || stride[1] > 1)
+        xs = xs.slice(2, 0, H, stride[0]).slice(3, 0, W, stride[1]);
       const Tensor x2 = xs.permute({0, 2, 3, 1}).reshape({B * Ho * Wo, cols}).contiguous();
       const Tensor y = fused_linear(a, rows, x2, bias, op);  // [B*Ho*Wo, C_out]
       return y.view({B, Ho, Wo, rows}).permute({0, 3, 1, 2}).contiguous();
@@ -236,13 +252,14 @@ Tensor pq_conv2d_cpu(const Tensor& input, const Tensor& codes, const Tensor& cod
 Tensor pq_conv_transpose2d_cpu(const Tensor& input, const Tensor& codes, const Tensor& codebook,
                                at::IntArrayRef weight_shape, const c10::optional<Tensor>& bias,
                                at::IntArrayRef stride, at::IntArrayRef padding,
-                               at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef dilation) {
+                               at::IntArrayRef output_padding, int64_t groups,
+                               at::IntArrayRef dilation) {
   // Inference op without an autograd formula: the ATen ops inside must not record a graph.
   at::NoGradGuard no_grad;
   const char* op = "bgd::pq_conv_transpose2d";
   check_input(input, 4, op);
-  TORCH_CHECK(weight_shape.size() == 4, op, ": weight_shape must be [C_in, C_out/groups, kh, kw], got ",
-              weight_shape);
+  TORCH_CHECK(weight_shape.size() == 4, op,
+              ": weight_shape must be [C_in, C_out/groups, kh, kw], got ", weight_shape);
   const int64_t cols = row_length(weight_shape, op);
   const int64_t rows = weight_shape[0];
   TORCH_CHECK(groups >= 1 && rows == input.size(1) && rows % groups == 0, op, ": input has ",
@@ -252,7 +269,8 @@ Tensor pq_conv_transpose2d_cpu(const Tensor& input, const Tensor& codes, const T
   float* w = scratch().get(rows * cols);
   decode_into(a, rows, w, op);
   const Tensor weight = at::from_blob(w, weight_shape, codebook.options());
-  return at::conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation);
+  return at::conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups,
+                              dilation);
 }
 
 int64_t simd_mode_op(int64_t mode) { return set_simd_mode(static_cast<int>(mode)); }
@@ -267,10 +285,14 @@ TORCH_LIBRARY(bgd, m) {
   m.def(
       "pq_conv2d(Tensor input, Tensor codes, Tensor codebook, int[] weight_shape, Tensor? scale, "
       "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
-  m.def("pq_linear(Tensor input, Tensor codes, Tensor codebook, Tensor? scale, Tensor? bias) -> Tensor");
   m.def(
-      "pq_conv_transpose2d(Tensor input, Tensor codes, Tensor codebook, int[] weight_shape, Tensor? bias, "
-      "int[2] stride, int[2] padding, int[2] output_padding, int groups, int[2] dilation) -> Tensor");
+      "pq_linear(Tensor input, Tensor codes, Tensor codebook, Tensor? scale, Tensor? bias) -> "
+      "Tensor");
+  m.def(
+      "pq_conv_transpose2d(Tensor input, Tensor codes, Tensor codebook, int[] weight_shape, "
+      "Tensor? bias, "
+      "int[2] stride, int[2] padding, int[2] output_padding, int groups, int[2] dilation) -> "
+      "Tensor");
   // Utilities (no tensors): kernel instruction set (-1 queries, 0 scalar, 1 AVX2) and the calling
   // thread's scratch size in bytes.
   m.def("_simd_mode(int mode=-1) -> int", &bgd::simd_mode_op);
