@@ -188,7 +188,13 @@ def em_quantize(
     split_scale = 1e-3 * float(z.std().clamp_min(1e-12))
     idx = torch.zeros(n, dtype=torch.long, device=z.device)
     for it in range(n_iter):
+        prev = idx
         idx, _ = assign(z, centroids)
+        if it > 0 and torch.equal(idx, prev):
+            # Fixed point: the M-step would give the same means, so further iterations change no code and no
+            # used centroid (at most the values of still-empty, unused centroids after a re-split).
+            logger.debug("EM converged after %d iterations", it)
+            break
         counts = torch.bincount(idx, minlength=n_centroids)
         sums = torch.zeros_like(centroids).index_add_(0, idx, z)
         nonempty = counts > 0
