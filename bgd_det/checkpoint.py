@@ -25,7 +25,7 @@ from .utils.file_io import PathManager
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FORMAT", "VERSION", "compressed_state", "save_compressed", "read_compressed",
+__all__ = ["FORMAT", "VERSION", "compressed_state", "save_compressed", "read_checkpoint_file", "read_compressed",
            "load_compressed_into", "load_compressed", "atomic_save", "round_codebooks_to_fp16"]
 
 FORMAT = "bgd_det.compressed"
@@ -68,17 +68,38 @@ def save_compressed(path: str, model: nn.Module, *, arch: str, num_classes: int,
     logger.info("saved compressed checkpoint %s", path)
 
 
-def read_compressed(path: str) -> Dict[str, Any]:
-    """Read and validate a compressed checkpoint dict (no model built)."""
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """``"Type: message"`` of an exception on one line, cut at ``limit`` characters."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def read_checkpoint_file(path: str, *, what: str = "checkpoint") -> Dict[str, Any]:
+    """Load a checkpoint dict safely (``weights_only``, CPU); a missing or corrupt file: a one-line error.
+
+    Args:
+        what: how the file is named in the "not found" error (e.g. "compressed checkpoint").
+    """
     local = PathManager.get_local_path(path)
     if not os.path.isfile(local):
-        raise FileNotFoundError(f"compressed checkpoint not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        ckpt = torch.load(local, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a bgd_det compressed checkpoint (format={ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__!r}, expected {FORMAT!r})")
+        obj = torch.load(local, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a pickle, disallowed global ...
+        raise ValueError(
+            f"{path} is not a readable checkpoint (truncated or corrupt?): {one_line(e)}"
+        ) from None
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
+    return obj
+
+
+def read_compressed(path: str) -> Dict[str, Any]:
+    """Read and validate a compressed checkpoint dict (no model built)."""
+    ckpt = read_checkpoint_file(path, what="compressed checkpoint")
+    if ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a bgd_det compressed checkpoint (format={ckpt.get('format')!r}, "
+                         f"expected {FORMAT!r})")
     if ckpt.get("version") != VERSION:
         raise ValueError(f"{path} has format version {ckpt.get('version')}; this bgd_det reads version {VERSION}")
     return ckpt

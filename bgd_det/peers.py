@@ -40,7 +40,8 @@ from typing import Any, Dict, Iterable, Tuple
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import FORMAT, atomic_save, compressed_state, load_compressed, load_compressed_into
+from .checkpoint import (FORMAT, atomic_save, compressed_state, load_compressed, load_compressed_into,
+                         one_line, read_checkpoint_file)
 from .quantization.pq import code_dtype
 from .quantization.size import model_size
 from .quantization.swap import pq_layers
@@ -79,27 +80,6 @@ _BLOCK_CONV = re.compile(r"^layer([1-4])\.(\d+)\.conv(\d)$")
 
 # (codes Tensor[C_out, n_blocks], codebook Tensor[K, d] float32) per quantized layer.
 _Quantized = Dict[str, Tuple[Tensor, Tensor]]
-
-
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
-
-
-def read_checkpoint_file(path: str) -> Dict[str, Any]:
-    """Load a checkpoint dict safely (``weights_only``, CPU); a corrupt file: a one-line error."""
-    local = PathManager.get_local_path(path)
-    if not os.path.isfile(local):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(local, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, not a pickle, disallowed global ...
-        raise ValueError(
-            f"{path} is not a readable torch checkpoint (truncated or corrupt?): {_one_line(e)}"
-        ) from None
-    if not isinstance(obj, dict) or not obj:
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
-    return obj
 
 
 def detect_format(obj: Dict[str, Any], *, source: str = "checkpoint") -> str:
@@ -344,7 +324,7 @@ def import_peer(path: str, fmt: str = "auto") -> Tuple[nn.Module, Dict[str, Any]
     try:
         quantized, dense = (_parse_bgd if found == "bgd" else _parse_pqf)(obj, path)
     except (KeyError, AttributeError, TypeError) as e:  # an entry lacks a field or is not a tensor
-        raise ValueError(f"{path}: malformed {found.upper()} entry ({_one_line(e)})") from None
+        raise ValueError(f"{path}: malformed {found.upper()} entry ({one_line(e)})") from None
     model, ckpt = _build_imported(quantized, dense, fmt=found, source=path)
     size = model_size(model)
     logger.info(

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from ..utils.file_io import PathManager
+from ..checkpoint import read_checkpoint_file
 
 logger = logging.getLogger(__name__)
 
@@ -18,13 +18,7 @@ __all__ = ["load_weights", "read_state_dict"]
 
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """A plain state dict from ``path`` (a bare dict, or one under "model"/"state_dict"), loaded safely."""
-    local = PathManager.get_local_path(path)
-    if not os.path.isfile(local):
-        raise FileNotFoundError(f"MODEL.WEIGHTS file not found: {path}")
-    try:
-        obj = torch.load(local, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt / not a torch file
-        raise ValueError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from None
+    obj = read_checkpoint_file(path, what="MODEL.WEIGHTS file")
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
