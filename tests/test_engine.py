@@ -102,3 +102,23 @@ def test_bad_checkpoints(tmp_path, tiny_images):
     (tmp_path / "trunc.pth").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         read_compressed(str(tmp_path / "trunc.pth"))
+
+
+def test_feature_taps_and_loss():
+    from torch import nn
+
+    from bgd_det.engine.finetune import feature_loss, feature_taps
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    other = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    with feature_taps(model, ["0", "2"]) as fa, feature_taps(other, ["0", "2"]) as fb:
+        model(x)
+        other(x)
+    assert not model[0]._forward_hooks and not other[2]._forward_hooks  # removed on exit
+    ref = sum(((model[:i + 1](x) - other[:i + 1](x)) ** 2).sum() / (other[:i + 1](x) ** 2).sum() for i in (0, 2))
+    assert torch.allclose(feature_loss(fa, fb), ref)
+    assert float(feature_loss(fb, fb).detach()) == 0.0
+    with pytest.raises(KeyError, match="no module 'layer9'"):
+        with feature_taps(model, ["layer9"]):
+            pass

@@ -57,6 +57,18 @@ _C.QUANT.EM_ITERS = 100
 # every block's mean input removed (sum of covariances; the mean's share of the error is a per-channel shift
 # that QUANT.BN_CORRECTION removes); "identity": plain k-means on the weights.
 _C.QUANT.METRIC = "shared"
+# Output-space refinement after the EM (bgd_det/quantization/refine.py): alternate exact coordinate descent on
+# the codes and a conjugate-gradient codebook solve on the layer's output error under the full input second
+# moments (D x D, D = C_in*kh*kw), captured from the student and the teacher on the same images.
+_C.QUANT.REFINE = CfgNode()
+_C.QUANT.REFINE.ROUNDS = 0  # 0 = off
+# "teacher": match the teacher's output on the teacher's inputs (absorbs the drift of earlier compressed layers);
+# "weights": match the layer's own dense output on the student's inputs.
+_C.QUANT.REFINE.TARGET = "teacher"
+# Ridge towards the dense weights, relative to the mean input energy (keeps the solve well posed when a layer
+# has more columns than captured rows).
+_C.QUANT.REFINE.DAMPING = 0.01
+_C.QUANT.REFINE.CG_ITERS = 10
 # Activation capture: images forwarded per layer, and input rows (im2col positions) kept per image.
 _C.QUANT.CAPTURE_IMAGES = 128
 _C.QUANT.CAPTURE_ROWS_PER_IMAGE = 256
@@ -75,6 +87,10 @@ _C.FINETUNE.LAYER_LR = 1e-4
 _C.FINETUNE.GLOBAL_ITERS = 0
 _C.FINETUNE.GLOBAL_LR = 1e-4
 _C.FINETUNE.BN = "affine"  # "affine": train BN weight/bias, keep running stats; "frozen": no BN update
+# Feature distillation added to the task's loss: FEATURE_WEIGHT * sum over the modules FEATURE_LAYERS of
+# ||student output - teacher output||^2 / ||teacher output||^2 (e.g. ["layer1", "layer2", "layer3", "layer4"]).
+_C.FINETUNE.FEATURE_LAYERS = []
+_C.FINETUNE.FEATURE_WEIGHT = 0.0
 _C.FINETUNE.AUGMENT = True  # random-resized crops + flips for distillation batches
 
 _C.DATASETS = CfgNode()

@@ -1,8 +1,9 @@
 """Distillation of codebooks against the uncompressed teacher (layer-wise and global)."""
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Iterable, List
+from typing import Dict, Iterable, Iterator, List, Sequence
 
 import torch
 from torch import nn
@@ -13,7 +14,7 @@ from ..tasks.base import Task
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["distill", "bn_affine_params", "codebook_params"]
+__all__ = ["distill", "bn_affine_params", "codebook_params", "feature_taps", "feature_loss"]
 
 _BN_TYPES = (nn.BatchNorm2d, nn.BatchNorm1d, nn.SyncBatchNorm)
 
@@ -26,11 +27,43 @@ def bn_affine_params(model: nn.Module) -> List[nn.Parameter]:
     return [p for m in model.modules() if isinstance(m, _BN_TYPES) for p in (m.weight, m.bias) if p is not None]
 
 
+@contextlib.contextmanager
+def feature_taps(model: nn.Module, names: Sequence[str]) -> Iterator[Dict[str, torch.Tensor]]:
+    """While open, the dict holds the latest output of every module in ``names`` (forward hooks)."""
+    seen: Dict[str, torch.Tensor] = {}
+    handles = []
+    try:
+        for name in names:
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise KeyError(f"FINETUNE.FEATURE_LAYERS: no module {name!r} in {type(model).__name__}") from None
+            handles.append(module.register_forward_hook(
+                lambda _m, _i, out, name=name: seen.__setitem__(name, out)))
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def feature_loss(student_feats: Dict[str, torch.Tensor], teacher_feats: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum over tapped modules of the normalized squared error ``||s - t||^2 / ||t||^2`` (tensor outputs)."""
+    total = None
+    for name, t in teacher_feats.items():
+        s = student_feats[name]
+        term = (s - t.detach()).pow(2).sum() / t.detach().pow(2).sum().clamp_min(1e-12)
+        total = term if total is None else total + term
+    if total is None:
+        raise RuntimeError("no feature was tapped during the forward (FINETUNE.FEATURE_LAYERS)")
+    return total
+
+
 def distill(student: nn.Module, teacher: nn.Module, task: Task, params: Iterable[nn.Parameter], *, iters: int,
             lr: float, batch_size: int, augment: bool, seed: int, desc: str,
-            wrap=None) -> List[float]:
+            wrap=None, feature_layers: Sequence[str] = (), feature_weight: float = 0.0) -> List[float]:
     """Adam on ``params`` for ``iters`` steps of ``task.distill_loss`` (student in eval mode: BatchNorm
-    running statistics are kept; only the given parameters move).
+    running statistics are kept; only the given parameters move), plus ``feature_weight`` times the
+    :func:`feature_loss` of the modules ``feature_layers`` when both are set.
 
     Args:
         wrap: optional ``fn(student) -> module`` (e.g. DistributedDataParallel) used for the forward.
@@ -52,9 +85,16 @@ def distill(student: nn.Module, teacher: nn.Module, task: Task, params: Iterable
     opt = torch.optim.Adam(params, lr=lr)
     losses: List[float] = []
     batches = task.calib_batches(n_images=iters * batch_size, batch_size=batch_size, augment=augment, seed=seed)
+    use_features = bool(feature_layers) and feature_weight > 0
     try:
         for batch in tqdm(batches, total=iters, desc=desc, leave=False):
-            loss = task.distill_loss(runner, teacher, batch)
+            if use_features:
+                with feature_taps(student, feature_layers) as s_feats, \
+                        feature_taps(teacher, feature_layers) as t_feats:
+                    loss = task.distill_loss(runner, teacher, batch)
+                    loss = loss + feature_weight * feature_loss(s_feats, t_feats)
+            else:
+                loss = task.distill_loss(runner, teacher, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

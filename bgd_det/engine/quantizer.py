@@ -19,9 +19,10 @@ from torch import nn
 
 from ..checkpoint import atomic_save, compressed_state, load_compressed_into, round_codebooks_to_fp16
 from ..quantization.bn_correction import channel_stats, correct_batchnorm, following_batchnorms
-from ..quantization.capture import capture_gram, has_input_metric
+from ..quantization.capture import capture_gram, capture_second_moments, has_input_metric
 from ..quantization.plan import LayerPlan, QuantRules, build_plan, execution_order
-from ..quantization.pq import em_quantize
+from ..quantization.pq import PQResult, em_quantize
+from ..quantization.refine import output_objective, refine_pq
 from ..quantization.swap import make_pq_layer, set_module
 from ..tasks.base import Task
 from ..utils import comm
@@ -134,6 +135,8 @@ class Quantizer:
         weight = module.weight.detach()
         result = em_quantize(weight, gram, block_size=layer.block_size, n_centroids=layer.n_centroids,
                              n_iter=cfg.QUANT.EM_ITERS, seed=seed)
+        if cfg.QUANT.REFINE.ROUNDS > 0 and has_input_metric(module):
+            result = self.refine(student, layer.name, weight, result, seed)
         if self.broadcast is not None:
             result = self.broadcast(result)
         pq = make_pq_layer(module, layer)
@@ -144,7 +147,8 @@ class Quantizer:
         self.correct_bn(student, layer.name, seed)
         losses = distill(student, self.teacher, self.task, [pq.codebook], iters=cfg.FINETUNE.LAYER_ITERS,
                          lr=cfg.FINETUNE.LAYER_LR, batch_size=cfg.FINETUNE.BATCH_SIZE,
-                         augment=cfg.FINETUNE.AUGMENT, seed=seed, desc=f"distill {layer.name}", wrap=self.wrap)
+                         augment=cfg.FINETUNE.AUGMENT, seed=seed, desc=f"distill {layer.name}", wrap=self.wrap,
+                         feature_layers=cfg.FINETUNE.FEATURE_LAYERS, feature_weight=cfg.FINETUNE.FEATURE_WEIGHT)
         record = LayerRecord(layer.name, layer.block_size, layer.n_centroids, layer.n_subvectors,
                              objective=result.objective, rel_error=float(err),
                              distill_loss=losses[-1] if losses else float("nan"),
@@ -153,6 +157,32 @@ class Quantizer:
                     layer.n_centroids, record.rel_error,
                     f", distill loss {record.distill_loss:.4f}" if losses else "", record.seconds)
         return record
+
+    def refine(self, student: nn.Module, name: str, weight: torch.Tensor, result: PQResult, seed: int) -> PQResult:
+        """Output-space refinement of the EM's codes and codebook (QUANT.REFINE; see quantization/refine.py).
+
+        The moments are centered when a corrected BatchNorm follows the layer (it restores the output mean).
+        """
+        cfg = self.cfg.QUANT
+        batches = self.task.calib_batches(n_images=cfg.CAPTURE_IMAGES, batch_size=cfg.CAPTURE_BATCH_SIZE,
+                                          augment=False, seed=seed)
+        moments = capture_second_moments(student, self.teacher, name, batches, self.task.forward,
+                                         rows_per_image=cfg.CAPTURE_ROWS_PER_IMAGE, seed=seed,
+                                         reduce=self.gram_reduce)
+        dim = moments.ss.shape[1]
+        if moments.n_rows < dim:
+            logger.info("%s: %d captured rows < %d weight columns: refinement would fit noise; keeping the EM "
+                        "result (raise QUANT.CAPTURE_IMAGES to refine it)", name, moments.n_rows, dim)
+            return result
+        if cfg.BN_CORRECTION != "none" and name in self._bn_pairs:
+            moments = moments.centered()
+        objective = output_objective(weight, moments, damping=cfg.REFINE.DAMPING, target=cfg.REFINE.TARGET)
+        before = objective.value(result.codebook.double()[result.codes.long()].reshape(objective.b.shape))
+        refined = refine_pq(objective, result.codes, result.codebook, rounds=cfg.REFINE.ROUNDS,
+                            cg_iters=cfg.REFINE.CG_ITERS)
+        logger.info("%s: relative output error %.4f -> %.4f (%d captured rows)", name,
+                    before / max(objective.scale, 1e-30), refined.objective, moments.n_rows)
+        return refined
 
     def correct_bn(self, student: nn.Module, name: str, seed: int) -> None:
         """Re-estimate the running statistics of the BatchNorm fed by layer ``name`` (QUANT.BN_CORRECTION)."""
@@ -211,7 +241,8 @@ class Quantizer:
         _seed_all(cfg.SEED * 100003 + len(plan))
         distill(student, self.teacher, self.task, params, iters=cfg.FINETUNE.GLOBAL_ITERS,
                 lr=cfg.FINETUNE.GLOBAL_LR, batch_size=cfg.FINETUNE.BATCH_SIZE, augment=cfg.FINETUNE.AUGMENT,
-                seed=cfg.SEED * 100003 + len(plan), desc="global finetune", wrap=self.wrap)
+                seed=cfg.SEED * 100003 + len(plan), desc="global finetune", wrap=self.wrap,
+                feature_layers=cfg.FINETUNE.FEATURE_LAYERS, feature_weight=cfg.FINETUNE.FEATURE_WEIGHT)
         timings["global_finetune"] = time.perf_counter() - t0
         round_codebooks_to_fp16(student)
         student.eval()

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["input_rows", "has_input_metric", "GramAccumulator", "for_each_input", "capture_gram", "StopForward"]
+__all__ = ["input_rows", "has_input_metric", "GramAccumulator", "for_each_input", "capture_gram", "StopForward",
+           "group_rows", "SecondMoments", "capture_second_moments"]
 
 
 class StopForward(Exception):
@@ -166,3 +167,90 @@ def capture_gram(model: nn.Module, name: str, batches: Iterable[Any], forward: C
         acc.n_rows = int(reduce(torch.tensor(float(acc.n_rows), dtype=torch.float64)))
         acc.n_positions = int(reduce(torch.tensor(float(acc.n_positions), dtype=torch.float64)))
     return acc
+
+
+def group_rows(module: nn.Module, x: Tensor) -> Tensor:
+    """:func:`input_rows` split by group: Tensor[groups, N, cols] (Linear: one group)."""
+    rows = input_rows(module, x)
+    g = module.groups if isinstance(module, nn.Conv2d) else 1
+    if g == 1:
+        return rows.unsqueeze(0)
+    n_images = x.shape[0]
+    return rows.reshape(n_images, g, -1, rows.shape[1]).transpose(0, 1).reshape(g, -1, rows.shape[1])
+
+
+@dataclass
+class SecondMoments:
+    """Full second moments of a layer's input rows in the student (s) and the teacher (t), same positions.
+
+    Attributes:
+        ss, st, tt (Tensor[g, D, D] float64): ``E[x_s x_s^T]``, ``E[x_s x_t^T]``, ``E[x_t x_t^T]`` per group,
+            ``D = C_in/groups * kh * kw``.
+        mean_s, mean_t (Tensor[g, D] float64): mean rows. n_rows: rows per group.
+    """
+
+    ss: Tensor
+    st: Tensor
+    tt: Tensor
+    mean_s: Tensor
+    mean_t: Tensor
+    n_rows: int
+
+    def centered(self) -> "SecondMoments":
+        """The same with the mean rows removed (covariances): only the per-channel output mean is lost, which
+        the BatchNorm statistics correction restores."""
+        ms, mt = self.mean_s.unsqueeze(2), self.mean_t.unsqueeze(2)
+        return SecondMoments(self.ss - ms @ ms.transpose(1, 2), self.st - ms @ mt.transpose(1, 2),
+                             self.tt - mt @ mt.transpose(1, 2), torch.zeros_like(self.mean_s),
+                             torch.zeros_like(self.mean_t), self.n_rows)
+
+
+def capture_second_moments(student: nn.Module, teacher: nn.Module, name: str, batches: Iterable[Any],
+                           forward: Callable[[nn.Module, Any], Any], *, rows_per_image: int = 0, seed: int = 0,
+                           reduce: Optional[Callable[[Tensor], Tensor]] = None) -> SecondMoments:
+    """Second moments of layer ``name``'s input rows in ``student`` and ``teacher`` on the same batches.
+
+    Both models see every batch; the same random positions (``rows_per_image`` per image, 0 = all) are kept
+    from both, so ``st`` pairs the student's input with the teacher's input at the same place.
+
+    Args:
+        reduce: applied to every summed statistic (e.g. a distributed all-reduce).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    sums: dict = {}
+    seen: dict = {}
+
+    def grab(key: str):
+        def fn(mod: nn.Module, x: Tensor) -> None:
+            seen[key] = group_rows(mod, x)
+            seen["images"] = x.shape[0] if x.dim() == 4 else 1
+        return fn
+
+    for batch in batches:
+        for key, model in (("t", teacher), ("s", student)):
+            for_each_input(model, name, [batch], forward, grab(key))
+        if "s" not in seen or "t" not in seen:
+            raise RuntimeError(f"layer {name!r} did not run during the forward")
+        xs, xt = seen.pop("s"), seen.pop("t")
+        if xs.shape != xt.shape:
+            raise RuntimeError(f"layer {name!r}: student input rows {tuple(xs.shape)} != teacher's {tuple(xt.shape)}")
+        n_images = seen.pop("images")
+        if rows_per_image and xs.shape[1] > rows_per_image * n_images:
+            pick = torch.randperm(xs.shape[1], generator=gen)[: rows_per_image * n_images].to(xs.device)
+            xs, xt = xs[:, pick], xt[:, pick]
+        stats = {"ss": xs.transpose(1, 2) @ xs, "st": xs.transpose(1, 2) @ xt, "tt": xt.transpose(1, 2) @ xt,
+                 "sum_s": xs.sum(1), "sum_t": xt.sum(1)}
+        for key, value in stats.items():
+            value = value.double()
+            sums[key] = value if key not in sums else sums[key] + value
+        sums["n"] = sums.get("n", 0.0) + float(xs.shape[1])
+    if not sums:
+        raise RuntimeError("no activations were captured (empty calibration batches?)")
+    n = torch.tensor(sums["n"], dtype=torch.float64)
+    if reduce is not None:
+        sums = {k: reduce(v) for k, v in sums.items() if k != "n"}
+        n = reduce(n)
+    n_rows = max(int(n), 1)
+    return SecondMoments(sums["ss"] / n_rows, sums["st"] / n_rows, sums["tt"] / n_rows, sums["sum_s"] / n_rows,
+                         sums["sum_t"] / n_rows, n_rows)
+

@@ -1,0 +1,185 @@
+"""Output-space refinement of a layer's codes and codebook under the full input second moments.
+
+The EM's shared ``d x d`` metric ignores how a row's sub-vectors interact through the input. With the full
+second moments of the layer's input rows (``D = C_in/groups * kh * kw``) in the student (``H = E[x_s x_s^T]``)
+and against the teacher (``E[x_s x_t^T]``), the error of the student's output against the teacher's output is,
+per group,
+
+    f(W_hat) = E||W_hat x_s - W x_t||^2 = tr(W_hat H W_hat^T) - 2 tr(W_hat B^T) + tr(W T W^T),
+    B = W E[x_t x_s^T],  T = E[x_t x_t^T].
+
+Matching the teacher's output rather than the layer's own weights lets each layer absorb the drift that the
+already-compressed layers before it put into its input. ``f`` is minimised by alternating two steps that never
+increase it:
+
+* code sweep: block by block, every row takes the centroid that minimises ``f`` with its other blocks fixed
+  (exact coordinate descent; the error of earlier blocks is fed forward into later ones, as in GPTQ);
+* codebook solve: ``f`` is quadratic in the centroids; preconditioned conjugate gradients from the current one.
+
+A damping ``lambda * mean(diag H)`` pulls towards the layer's own weights where the captured inputs do not
+determine the output (``D`` larger than the number of captured rows).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .capture import SecondMoments
+from .pq import PQResult
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OutputObjective", "output_objective", "refine_pq"]
+
+
+@dataclass
+class OutputObjective:
+    """The quadratic ``f(W_hat) = tr(W_hat H W_hat^T) - 2 tr(W_hat B^T) + const`` per group.
+
+    Attributes:
+        h (Tensor[g, D, D] float64): damped student second moment.
+        b (Tensor[g, m, D] float64): damped target correlation, ``m = C_out / g`` rows per group.
+        const (float): ``sum tr(W T W^T)`` plus the damping's constant, so ``f >= 0`` and ``f(W) / const`` is
+            relative.
+        scale (float): ``sum tr(W T W^T)``, the teacher's output energy (for relative errors).
+    """
+
+    h: Tensor
+    b: Tensor
+    const: float
+    scale: float
+
+    def value(self, w_hat: Tensor) -> float:
+        """``f`` at ``w_hat`` (Tensor[g, m, D])."""
+        w_hat = w_hat.double()
+        quad = (w_hat @ self.h * w_hat).sum()
+        return float(quad - 2 * (w_hat * self.b).sum()) + self.const
+
+
+def output_objective(weight: Tensor, moments: SecondMoments, *, damping: float = 0.01,
+                     target: str = "teacher") -> OutputObjective:
+    """Build ``f`` for ``weight`` (Tensor[C_out, ...]) from captured moments.
+
+    Args:
+        damping: ``lambda``; adds ``lambda * mean(diag H) * ||W_hat - W||^2``.
+        target: "teacher": match ``W x_t`` (teacher's output); "weights": match ``W x_s`` (the layer's own
+            output on the student's inputs).
+    """
+    if target not in ("teacher", "weights"):
+        raise ValueError(f"QUANT.REFINE.TARGET={target!r}; allowed: 'teacher', 'weights'")
+    g, dim = moments.ss.shape[0], moments.ss.shape[1]
+    w = weight.detach().double().reshape(g, -1, dim)
+    cross = moments.st if target == "teacher" else moments.ss
+    tt = moments.tt if target == "teacher" else moments.ss
+    lam = damping * moments.ss.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)  # Tensor[g]
+    eye = torch.eye(dim, dtype=torch.float64, device=w.device)
+    h = moments.ss.to(w) + lam.view(g, 1, 1).to(w) * eye
+    b = w @ cross.transpose(1, 2).to(w) + lam.view(g, 1, 1).to(w) * w
+    scale = float((w @ tt.to(w) * w).sum())
+    const = scale + float((lam.view(g, 1, 1).to(w) * w * w).sum())
+    return OutputObjective(h, b, const, scale)
+
+
+def _decode(codes: Tensor, codebook: Tensor, g: int) -> Tensor:
+    """Tensor[g, m, D] weight of ``codes`` (Tensor[C_out, n_blocks]) and ``codebook`` (Tensor[K, d])."""
+    c_out = codes.shape[0]
+    return codebook[codes.long()].reshape(g, c_out // g, -1)
+
+
+def _sweep_codes(obj: OutputObjective, codes: Tensor, codebook: Tensor,
+                 dtype: torch.dtype = torch.float64) -> Tensor:
+    """One coordinate-descent pass over the blocks; returns new codes Tensor[C_out, n_blocks] int64."""
+    g, m, dim = obj.b.shape
+    d = codebook.shape[1]
+    h, b = obj.h.to(dtype), obj.b.to(dtype)
+    codes = codes.long().clone()
+    c = codebook.to(dtype)
+    w_hat = _decode(codes, c, g)
+    for blk in range(dim // d):
+        cols = slice(blk * d, (blk + 1) * d)
+        h_bb = h[:, cols, cols]  # Tensor[g, d, d]
+        cur = w_hat[:, :, cols]
+        # Linear coefficient of the block once its own quadratic term is taken out: (W_hat H - B)_b - w_b H_bb.
+        lin = w_hat @ h[:, :, cols] - b[:, :, cols] - cur @ h_bb  # Tensor[g, m, d]
+        quad = torch.einsum("kd,gde,ke->gk", c, h_bb, c)  # Tensor[g, K]
+        score = torch.baddbmm(quad.unsqueeze(1), lin, c.T.expand(g, -1, -1), alpha=2.0)
+        best = score.argmin(2)  # Tensor[g, m]
+        codes[:, blk] = best.reshape(-1)
+        w_hat[:, :, cols] = c[best]
+    return codes
+
+
+def _solve_codebook(obj: OutputObjective, codes: Tensor, codebook: Tensor, iters: int,
+                    dtype: torch.dtype = torch.float64) -> Tensor:
+    """Preconditioned CG on the normal equations of ``f`` in the centroids; returns Tensor[K, d] float64."""
+    g, m, dim = obj.b.shape
+    k, d = codebook.shape
+    h = obj.h.to(dtype)
+    flat = codes.long().reshape(-1)
+
+    def gather(mat: Tensor) -> Tensor:  # Tensor[g, m, D] -> Tensor[K, d], summed by code
+        return torch.zeros(k, d, dtype=mat.dtype, device=mat.device).index_add_(0, flat, mat.reshape(-1, d))
+
+    def apply(p: Tensor) -> Tensor:  # the heavy product in ``dtype``, the CG recurrences in float64
+        return gather(_decode(codes, p.to(dtype), g) @ h).double()
+
+    diag_blocks = obj.h.diagonal(dim1=1, dim2=2).reshape(g, 1, dim).expand(g, m, dim)
+    precond = gather(diag_blocks.contiguous())
+    used = precond > 0
+    precond = torch.where(used, 1.0 / precond.clamp_min(1e-30), torch.zeros_like(precond))
+    x = codebook.double().clone()
+    r = gather(obj.b) - apply(x)
+    z = precond * r
+    p = z.clone()
+    rz = (r * z).sum()
+    rz0 = float(rz)
+    for _ in range(iters):
+        if float(rz) <= 1e-20 * max(rz0, 1e-300):
+            break
+        ap = apply(p)
+        alpha = rz / (p * ap).sum()
+        x += alpha * p
+        r -= alpha * ap
+        z = precond * r
+        rz_new = (r * z).sum()
+        p = z + (rz_new / rz) * p
+        rz = rz_new
+    return x
+
+
+def refine_pq(obj: OutputObjective, codes: Tensor, codebook: Tensor, *, rounds: int = 4,
+              cg_iters: int = 10, dtype: torch.dtype = torch.float32) -> PQResult:
+    """Alternate code sweeps and codebook solves on ``f`` from an initial quantization.
+
+    Args:
+        obj: from :func:`output_objective`.
+        codes (Tensor[C_out, n_blocks]), codebook (Tensor[K, d]): initial quantization (e.g. from the EM).
+        rounds: sweep + solve alternations; a round that does not lower ``f`` (evaluated in float64) ends it.
+        cg_iters: conjugate-gradient iterations per codebook solve.
+        dtype: of the ``C_out x D x D`` products of the sweeps and solves (float32 halves their time).
+
+    Returns:
+        PQResult with the refined codes (initial dtype), codebook (float32) and ``objective = f / scale``
+        (output error relative to the teacher's output energy).
+    """
+    g, m, dim = obj.b.shape
+    if codes.shape[0] != g * m or codes.shape[1] * codebook.shape[1] != dim:
+        raise ValueError(f"codes {tuple(codes.shape)} and codebook {tuple(codebook.shape)} do not match a "
+                         f"[{g * m}, {dim}] weight")
+    code_dtype = codes.dtype
+    cb = codebook.double()
+    best = obj.value(_decode(codes, cb, g))
+    start = best
+    for _ in range(rounds):
+        new_codes = _sweep_codes(obj, codes, cb, dtype)
+        new_cb = _solve_codebook(obj, new_codes, cb, cg_iters, dtype)
+        value = obj.value(_decode(new_codes, new_cb, g))
+        if value >= best:  # rounding noise only: keep the better one
+            break
+        codes, cb, best = new_codes.to(code_dtype), new_cb, value
+    scale = max(obj.scale, 1e-30)
+    logger.debug("output error %.4f -> %.4f (relative)", start / scale, best / scale)
+    return PQResult(codes=codes.to(code_dtype), codebook=cb.float().contiguous(), objective=best / scale)

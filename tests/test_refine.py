@@ -1,0 +1,166 @@
+"""Output-space refinement: the objective, the code sweep and the codebook solve against explicit references."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from bgd_det.quantization.capture import SecondMoments, capture_second_moments, input_rows
+from bgd_det.quantization.pq import em_quantize, pq_decode
+from bgd_det.quantization.refine import _decode, _solve_codebook, _sweep_codes, output_objective, refine_pq
+
+
+def _moments(xs: torch.Tensor, xt: torch.Tensor) -> SecondMoments:
+    """Moments of paired rows Tensor[g, N, D]."""
+    xs, xt = xs.double(), xt.double()
+    n = xs.shape[1]
+    return SecondMoments(xs.transpose(1, 2) @ xs / n, xs.transpose(1, 2) @ xt / n, xt.transpose(1, 2) @ xt / n,
+                         xs.mean(1), xt.mean(1), n)
+
+
+def _problem(g=1, m=24, dim=36, n=3000, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(g, dim, dim, generator=gen) / dim ** 0.5
+    xt = torch.randn(g, n, dim, generator=gen) @ mix + 0.5  # correlated columns, non-zero mean
+    xs = xt + 0.2 * torch.randn(g, n, dim, generator=gen)  # the student's drifted input
+    weight = torch.randn(g * m, dim, generator=gen)
+    return weight, xs, xt
+
+
+def _explicit_f(weight, w_hat, xs, xt, lam):
+    """E||W_hat x_s - W x_t||^2 + sum_g lam_g ||W_hat_g - W_g||^2 from the rows themselves."""
+    g, n, dim = xs.shape
+    w = weight.double().reshape(g, -1, dim)
+    err = xs.double() @ w_hat.double().transpose(1, 2) - xt.double() @ w.transpose(1, 2)
+    return float((err * err).sum() / n + (lam.view(g, 1, 1) * (w_hat.double() - w) ** 2).sum())
+
+
+@pytest.mark.parametrize("target", ["teacher", "weights"])
+def test_objective_matches_explicit_output_error(target):
+    weight, xs, xt = _problem(g=2, m=6, dim=12)
+    obj = output_objective(weight, _moments(xs, xt), damping=0.05, target=target)
+    w_hat = torch.randn(2, 6, 12, dtype=torch.float64)
+    lam = 0.05 * (xs.double().transpose(1, 2) @ xs.double() / xs.shape[1]).diagonal(dim1=1, dim2=2).mean(1)
+    ref = _explicit_f(weight, w_hat, xs, xs if target == "weights" else xt, lam)
+    assert obj.value(w_hat) == pytest.approx(ref, rel=1e-9)
+
+
+def test_code_sweep_is_exact_coordinate_descent():
+    weight, xs, xt = _problem(m=5, dim=12)
+    obj = output_objective(weight, _moments(xs, xt))
+    d, k = 4, 6
+    codebook = torch.randn(k, d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    codes = torch.randint(0, k, (5, 3), generator=torch.Generator().manual_seed(2))
+    swept = _sweep_codes(obj, codes, codebook)
+    # Reference: block by block, try every centroid for every row with the current other blocks.
+    ref = codes.clone()
+    for blk in range(3):
+        for row in range(5):
+            values = []
+            for c in range(k):
+                trial = ref.clone()
+                trial[row, blk] = c
+                values.append(obj.value(_decode(trial, codebook, 1)))
+            ref[row, blk] = int(torch.tensor(values).argmin())
+    assert torch.equal(swept, ref)
+    assert obj.value(_decode(swept, codebook, 1)) <= obj.value(_decode(codes, codebook, 1))
+
+
+def test_codebook_solve_equals_least_squares():
+    weight, xs, xt = _problem(m=8, dim=12)
+    obj = output_objective(weight, _moments(xs, xt))
+    k, d = 5, 4
+    codes = torch.randint(0, k - 1, (8, 3), generator=torch.Generator().manual_seed(3))  # centroid 4 unused
+    start = torch.randn(k, d, dtype=torch.float64)
+    solved = _solve_codebook(obj, codes, start, iters=200)
+    # Reference: the codebook enters f linearly through W_hat = S vec(C); solve the normal equations directly.
+    basis = torch.eye(k * d, dtype=torch.float64)
+    cols = torch.stack([_decode(codes, e.view(k, d), 1).reshape(-1) for e in basis], 1)  # Tensor[m*D, K*d]
+    h_big = torch.block_diag(*[obj.h[0]] * 8)
+    a = cols.T @ h_big @ cols
+    rhs = cols.T @ obj.b.reshape(-1)
+    ref = torch.linalg.lstsq(a, rhs).solution.view(k, d)
+    assert obj.value(_decode(codes, solved, 1)) == pytest.approx(obj.value(_decode(codes, ref, 1)), rel=1e-9)
+    assert torch.equal(solved[4], start[4])  # an unused centroid is left alone
+
+
+def test_refine_lowers_output_error_of_the_em_and_keeps_layout():
+    weight, xs, xt = _problem(m=32, dim=36)
+    moments = _moments(xs, xt)
+    init = em_quantize(weight, None, block_size=9, n_centroids=16, n_iter=20, seed=0)
+    obj = output_objective(weight, moments)
+    before = obj.value(_decode(init.codes, init.codebook.double(), 1)) / obj.scale
+    out = refine_pq(obj, init.codes, init.codebook, rounds=4)
+    assert out.codes.dtype == init.codes.dtype and out.codes.shape == init.codes.shape
+    assert out.objective < 0.8 * before
+    w_hat = pq_decode(out.codes, out.codebook, weight.shape)
+    assert obj.value(w_hat.double().unsqueeze(0)) / obj.scale == pytest.approx(out.objective, rel=1e-5)
+
+
+def test_refine_with_groups_treats_each_group_with_its_own_inputs():
+    weight, xs, xt = _problem(g=2, m=8, dim=18)
+    init = em_quantize(weight, None, block_size=9, n_centroids=8, n_iter=10, seed=0)
+    obj = output_objective(weight, _moments(xs, xt))
+    out = refine_pq(obj, init.codes, init.codebook, rounds=3)
+    lam = 0.01 * obj.h.diagonal(dim1=1, dim2=2).mean(1) / 1.01
+    w_hat = pq_decode(out.codes, out.codebook, weight.shape).reshape(2, 8, 18)
+    assert out.objective * obj.scale == pytest.approx(_explicit_f(weight, w_hat, xs, xt, lam), rel=1e-4)
+
+
+def test_capture_second_moments_pairs_student_and_teacher_positions():
+    teacher = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1, groups=2))
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student[0].weight.mul_(0.9)
+    batches = [torch.randn(2, 3, 5, 5) for _ in range(2)]
+    mom = capture_second_moments(student, teacher, "2", batches, lambda m, b: m(b))
+    with torch.no_grad():
+        def rows(model):
+            r = torch.cat([input_rows(model[2], model[1](model[0](b))).reshape(2, 2, 25, 18) for b in batches])
+            return r.transpose(0, 1).reshape(2, -1, 18).double()
+        xs, xt = rows(student), rows(teacher)
+    ref = _moments(xs, xt)
+    for name in ("ss", "st", "tt", "mean_s", "mean_t"):
+        assert torch.allclose(getattr(mom, name), getattr(ref, name), atol=1e-6), name
+    centered = mom.centered()
+    assert torch.allclose(centered.st[0], torch.cov(torch.cat([xs[0].T, xt[0].T]), correction=0)[:18, 18:],
+                          atol=1e-6)
+
+
+def test_capture_second_moments_samples_the_same_rows_from_both():
+    model = nn.Sequential(nn.Conv2d(2, 3, 1))
+    mom = capture_second_moments(model, model, "0", [torch.randn(4, 2, 6, 6)], lambda m, b: m(b),
+                                 rows_per_image=5)
+    assert mom.n_rows == 20
+    assert torch.allclose(mom.ss, mom.st) and torch.allclose(mom.ss, mom.tt)
+
+
+def test_bad_target_and_shapes_are_named():
+    weight, xs, xt = _problem(m=4, dim=8)
+    with pytest.raises(ValueError, match="TARGET='student'.*allowed"):
+        output_objective(weight, _moments(xs, xt), target="student")
+    obj = output_objective(weight, _moments(xs, xt))
+    with pytest.raises(ValueError, match="do not match"):
+        refine_pq(obj, torch.zeros(4, 3, dtype=torch.uint8), torch.zeros(2, 4))
+
+
+def test_quantizer_refines_conv_layers_and_lowers_their_output_error(tiny_images, tmp_path):
+    from bgd_det.engine.quantizer import Quantizer
+    from bgd_det.modeling import build_model
+    from bgd_det.tasks import build_task
+    from conftest import tiny_cfg
+
+    # 8 capture images of 32x32 give >= 72 rows for every conv; the fc sees 8 rows < 16 columns: kept as is.
+    plain = tiny_cfg(tmp_path / "plain", "QUANT.METRIC", "identity")
+    refined = tiny_cfg(tmp_path / "refined", "QUANT.METRIC", "identity", "QUANT.REFINE.ROUNDS", 2)
+    torch.manual_seed(0)
+    teacher = build_model(plain)
+    a = Quantizer(plain, teacher, build_task(plain)).run()
+    b = Quantizer(refined, teacher, build_task(refined)).run()
+    rec_a = {r.name: r for r in a.records}
+    rec_b = {r.name: r for r in b.records}
+    for name in ("conv1", "conv2", "conv3"):
+        assert rec_b[name].objective < 1.0, name  # relative output error against the teacher
+        assert not torch.equal(a.student.get_submodule(name).codes, b.student.get_submodule(name).codes), name
+    assert torch.equal(a.student.fc.codes, b.student.fc.codes)  # too few rows: the EM result is kept
+    assert rec_a["fc"].objective == rec_b["fc"].objective
