@@ -27,21 +27,24 @@ def _problem(g=1, m=24, dim=36, n=3000, seed=0):
     return weight, xs, xt
 
 
-def _explicit_f(weight, w_hat, xs, xt, lam):
-    """E||W_hat x_s - W x_t||^2 + sum_g lam_g ||W_hat_g - W_g||^2 from the rows themselves."""
+def _explicit_f(weight, w_hat, xs, xt, lam, rows=None):
+    """sum_o r_o (E|w_hat_o x_s - w_o x_t|^2 + lam_g |w_hat_o - w_o|^2) from the rows themselves."""
     g, n, dim = xs.shape
     w = weight.double().reshape(g, -1, dim)
-    err = xs.double() @ w_hat.double().transpose(1, 2) - xt.double() @ w.transpose(1, 2)
-    return float((err * err).sum() / n + (lam.view(g, 1, 1) * (w_hat.double() - w) ** 2).sum())
+    r = torch.ones(g, w.shape[1]) if rows is None else rows.reshape(g, -1)
+    err = xs.double() @ w_hat.double().transpose(1, 2) - xt.double() @ w.transpose(1, 2)  # Tensor[g, n, m]
+    per_row = (err * err).sum(1) / n + (lam.view(g, 1, 1) * (w_hat.double() - w) ** 2).sum(2)
+    return float((per_row * r.double()).sum())
 
 
 @pytest.mark.parametrize("target", ["teacher", "weights"])
 def test_objective_matches_explicit_output_error(target):
     weight, xs, xt = _problem(g=2, m=6, dim=12)
-    obj = output_objective(weight, _moments(xs, xt), damping=0.05, target=target)
+    rows = torch.rand(12) + 0.5
+    obj = output_objective(weight, _moments(xs, xt), damping=0.05, target=target, row_weight=rows)
     w_hat = torch.randn(2, 6, 12, dtype=torch.float64)
     lam = 0.05 * (xs.double().transpose(1, 2) @ xs.double() / xs.shape[1]).diagonal(dim1=1, dim2=2).mean(1)
-    ref = _explicit_f(weight, w_hat, xs, xs if target == "weights" else xt, lam)
+    ref = _explicit_f(weight, w_hat, xs, xs if target == "weights" else xt, lam, rows)
     assert obj.value(w_hat) == pytest.approx(ref, rel=1e-9)
 
 
@@ -66,9 +69,11 @@ def test_code_sweep_is_exact_coordinate_descent():
     assert obj.value(_decode(swept, codebook, 1)) <= obj.value(_decode(codes, codebook, 1))
 
 
-def test_codebook_solve_equals_least_squares():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_codebook_solve_equals_least_squares(weighted):
     weight, xs, xt = _problem(m=8, dim=12)
-    obj = output_objective(weight, _moments(xs, xt))
+    rows = torch.rand(8, generator=torch.Generator().manual_seed(4)) * 10 + 0.1 if weighted else torch.ones(8)
+    obj = output_objective(weight, _moments(xs, xt), row_weight=rows if weighted else None)
     k, d = 5, 4
     codes = torch.randint(0, k - 1, (8, 3), generator=torch.Generator().manual_seed(3))  # centroid 4 unused
     start = torch.randn(k, d, dtype=torch.float64)
@@ -76,9 +81,9 @@ def test_codebook_solve_equals_least_squares():
     # Reference: the codebook enters f linearly through W_hat = S vec(C); solve the normal equations directly.
     basis = torch.eye(k * d, dtype=torch.float64)
     cols = torch.stack([_decode(codes, e.view(k, d), 1).reshape(-1) for e in basis], 1)  # Tensor[m*D, K*d]
-    h_big = torch.block_diag(*[obj.h[0]] * 8)
+    h_big = torch.block_diag(*[obj.h[0] * float(r) for r in rows])
     a = cols.T @ h_big @ cols
-    rhs = cols.T @ obj.b.reshape(-1)
+    rhs = cols.T @ (obj.b[0] * rows.double().unsqueeze(1)).reshape(-1)
     ref = torch.linalg.lstsq(a, rhs).solution.view(k, d)
     assert obj.value(_decode(codes, solved, 1)) == pytest.approx(obj.value(_decode(codes, ref, 1)), rel=1e-9)
     assert torch.equal(solved[4], start[4])  # an unused centroid is left alone
@@ -142,6 +147,8 @@ def test_bad_target_and_shapes_are_named():
     obj = output_objective(weight, _moments(xs, xt))
     with pytest.raises(ValueError, match="do not match"):
         refine_pq(obj, torch.zeros(4, 3, dtype=torch.uint8), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="row_weight must be positive"):
+        output_objective(weight, _moments(xs, xt), row_weight=torch.zeros(4))
 
 
 def test_quantizer_refines_conv_layers_and_lowers_their_output_error(tiny_images, tmp_path):
@@ -164,3 +171,54 @@ def test_quantizer_refines_conv_layers_and_lowers_their_output_error(tiny_images
         assert not torch.equal(a.student.get_submodule(name).codes, b.student.get_submodule(name).codes), name
     assert torch.equal(a.student.fc.codes, b.student.fc.codes)  # too few rows: the EM result is kept
     assert rec_a["fc"].objective == rec_b["fc"].objective
+
+
+def test_objective_with_skip_difference_matches_explicit_error():
+    weight, xs, xt = _problem(m=6, dim=12)
+    resid = torch.randn(1, xs.shape[1], 6, generator=torch.Generator().manual_seed(5))  # skip_t - skip_s rows
+    gain = torch.rand(6) + 0.5
+    mom = _moments(xs, xt)
+    n = xs.shape[1]
+    mom.sd, mom.td = xs.double().transpose(1, 2) @ resid.double() / n, xt.double().transpose(1, 2) @ resid.double() / n
+    mom.dd, mom.mean_d = (resid.double() ** 2).mean(1), resid.double().mean(1)
+    for m in (mom, mom.centered()):
+        obj = output_objective(weight, m, damping=0.0, residual_gain=gain)
+        w_hat = torch.randn(1, 6, 12, dtype=torch.float64)
+        a, b, r = xs.double(), xt.double(), resid.double()
+        if m is not mom:  # centered: every stream minus its mean
+            a, b, r = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True), r - r.mean(1, keepdim=True)
+        err = a @ w_hat.transpose(1, 2) - b @ weight.double().T - r / gain.double()
+        assert obj.value(w_hat) == pytest.approx(float((err * err).sum() / n), rel=1e-9)
+    with pytest.raises(ValueError, match="residual_gain is required"):
+        output_objective(weight, mom)
+
+
+def test_residual_rules_and_skip_capture():
+    from torchvision.models import resnet18
+
+    from bgd_det.quantization.residual import residual_branch_end
+
+    net = resnet18(num_classes=4).eval()
+    assert residual_branch_end(net, "layer1.0.conv1") is None and residual_branch_end(net, "fc") is None
+    block_name, skip_fn = residual_branch_end(net, "layer2.0.conv2")
+    assert block_name == "layer2.0"
+    student = copy.deepcopy(net)
+    with torch.no_grad():
+        student.conv1.weight.mul_(0.8)
+    x = torch.randn(2, 3, 64, 64)
+    mom = capture_second_moments(student, net, "layer2.0.conv2", [x], lambda m, b: m(b),
+                                 skip=(block_name, skip_fn))
+    with torch.no_grad():
+        def parts(model):
+            h = model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x)))))
+            block = model.layer2[0]
+            inner = block.relu(block.bn1(block.conv1(h)))
+            rows = input_rows(block.conv2, inner).double()
+            skip = block.downsample(h)
+            return rows, skip.flatten(2).transpose(1, 2).reshape(-1, skip.shape[1]).double()
+        rs, ss = parts(student)
+        rt, st = parts(net)
+    r = st - ss
+    assert torch.allclose(mom.sd[0], rs.T @ r / r.shape[0], atol=1e-5)
+    assert torch.allclose(mom.td[0], rt.T @ r / r.shape[0], atol=1e-5)
+    assert torch.allclose(mom.dd[0], (r * r).mean(0), atol=1e-6)

@@ -69,6 +69,12 @@ _C.QUANT.REFINE.TARGET = "teacher"
 # has more columns than captured rows).
 _C.QUANT.REFINE.DAMPING = 0.01
 _C.QUANT.REFINE.CG_ITERS = 10
+# Weight each output channel's error by (gamma / sqrt(running_var + eps))^2 of the teacher's BatchNorm that follows
+# the layer, i.e. measure the error after that BatchNorm.
+_C.QUANT.REFINE.BN_WEIGHTED = False
+# The last conv of a residual branch (bgd_det/quantization/residual.py) also matches the drift of the student's skip
+# path: its target becomes the teacher's output plus (skip_t - skip_s) / (BatchNorm gain).
+_C.QUANT.REFINE.RESIDUAL = False
 # Activation capture: images forwarded per layer, and input rows (im2col positions) kept per image.
 _C.QUANT.CAPTURE_IMAGES = 128
 _C.QUANT.CAPTURE_ROWS_PER_IMAGE = 256

@@ -23,6 +23,7 @@ from ..quantization.capture import capture_gram, capture_second_moments, has_inp
 from ..quantization.plan import LayerPlan, QuantRules, build_plan, execution_order
 from ..quantization.pq import PQResult, em_quantize
 from ..quantization.refine import output_objective, refine_pq
+from ..quantization.residual import residual_branch_end
 from ..quantization.swap import make_pq_layer, set_module
 from ..tasks.base import Task
 from ..utils import comm
@@ -161,22 +162,35 @@ class Quantizer:
     def refine(self, student: nn.Module, name: str, weight: torch.Tensor, result: PQResult, seed: int) -> PQResult:
         """Output-space refinement of the EM's codes and codebook (QUANT.REFINE; see quantization/refine.py).
 
-        The moments are centered when a corrected BatchNorm follows the layer (it restores the output mean).
+        The moments are centered when a corrected BatchNorm follows the layer (it restores the output mean);
+        with QUANT.REFINE.BN_WEIGHTED, each output channel's error is weighted by the square of the scale the
+        teacher's following BatchNorm applies to it (the error is measured after that BatchNorm); with
+        QUANT.REFINE.RESIDUAL, the last conv of a residual branch also absorbs the drift of the skip path.
         """
         cfg = self.cfg.QUANT
         batches = self.task.calib_batches(n_images=cfg.CAPTURE_IMAGES, batch_size=cfg.CAPTURE_BATCH_SIZE,
                                           augment=False, seed=seed)
+        bn_name = self._bn_pairs.get(name)
+        skip = residual_branch_end(self.teacher, name) if cfg.REFINE.RESIDUAL and bn_name else None
         moments = capture_second_moments(student, self.teacher, name, batches, self.task.forward,
                                          rows_per_image=cfg.CAPTURE_ROWS_PER_IMAGE, seed=seed,
-                                         reduce=self.gram_reduce)
+                                         reduce=self.gram_reduce, skip=skip)
         dim = moments.ss.shape[1]
         if moments.n_rows < dim:
             logger.info("%s: %d captured rows < %d weight columns: refinement would fit noise; keeping the EM "
                         "result (raise QUANT.CAPTURE_IMAGES to refine it)", name, moments.n_rows, dim)
             return result
-        if cfg.BN_CORRECTION != "none" and name in self._bn_pairs:
+        if cfg.BN_CORRECTION != "none" and bn_name:
             moments = moments.centered()
-        objective = output_objective(weight, moments, damping=cfg.REFINE.DAMPING, target=cfg.REFINE.TARGET)
+        gain = None
+        if bn_name:
+            bn = self.teacher.get_submodule(bn_name)
+            gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+            gain = gamma.detach().double() / (bn.running_var.double() + bn.eps).sqrt()
+            gain = torch.where(gain.abs() < 1e-6, torch.full_like(gain, 1e-6), gain)
+        row_weight = gain ** 2 if cfg.REFINE.BN_WEIGHTED and gain is not None else None
+        objective = output_objective(weight, moments, damping=cfg.REFINE.DAMPING, target=cfg.REFINE.TARGET,
+                                     row_weight=row_weight, residual_gain=gain)
         before = objective.value(result.codebook.double()[result.codes.long()].reshape(objective.b.shape))
         refined = refine_pq(objective, result.codes, result.codebook, rounds=cfg.REFINE.ROUNDS,
                             cg_iters=cfg.REFINE.CG_ITERS)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -187,6 +187,9 @@ class SecondMoments:
         ss, st, tt (Tensor[g, D, D] float64): ``E[x_s x_s^T]``, ``E[x_s x_t^T]``, ``E[x_t x_t^T]`` per group,
             ``D = C_in/groups * kh * kw``.
         mean_s, mean_t (Tensor[g, D] float64): mean rows. n_rows: rows per group.
+        sd, td (Tensor[g, D, m] float64 or None): ``E[x_s r^T]``, ``E[x_t r^T]`` with ``r = skip_t - skip_s``
+            (Tensor[m], ``m = C_out / g``) at the layer's output positions, when a skip path was captured.
+        dd (Tensor[g, m] float64 or None): ``E[r * r]``; mean_d (Tensor[g, m] or None): ``E[r]``.
     """
 
     ss: Tensor
@@ -195,19 +198,30 @@ class SecondMoments:
     mean_s: Tensor
     mean_t: Tensor
     n_rows: int
+    sd: Optional[Tensor] = None
+    td: Optional[Tensor] = None
+    dd: Optional[Tensor] = None
+    mean_d: Optional[Tensor] = None
 
     def centered(self) -> "SecondMoments":
         """The same with the mean rows removed (covariances): only the per-channel output mean is lost, which
         the BatchNorm statistics correction restores."""
         ms, mt = self.mean_s.unsqueeze(2), self.mean_t.unsqueeze(2)
-        return SecondMoments(self.ss - ms @ ms.transpose(1, 2), self.st - ms @ mt.transpose(1, 2),
-                             self.tt - mt @ mt.transpose(1, 2), torch.zeros_like(self.mean_s),
-                             torch.zeros_like(self.mean_t), self.n_rows)
+        out = SecondMoments(self.ss - ms @ ms.transpose(1, 2), self.st - ms @ mt.transpose(1, 2),
+                            self.tt - mt @ mt.transpose(1, 2), torch.zeros_like(self.mean_s),
+                            torch.zeros_like(self.mean_t), self.n_rows)
+        if self.sd is not None:
+            md = self.mean_d.unsqueeze(1)  # Tensor[g, 1, m]
+            out.sd, out.td = self.sd - ms @ md, self.td - mt @ md
+            out.dd, out.mean_d = self.dd - self.mean_d ** 2, torch.zeros_like(self.mean_d)
+        return out
 
 
 def capture_second_moments(student: nn.Module, teacher: nn.Module, name: str, batches: Iterable[Any],
                            forward: Callable[[nn.Module, Any], Any], *, rows_per_image: int = 0, seed: int = 0,
-                           reduce: Optional[Callable[[Tensor], Tensor]] = None) -> SecondMoments:
+                           reduce: Optional[Callable[[Tensor], Tensor]] = None,
+                           skip: Optional[Tuple[str, Callable[[nn.Module, Tensor], Tensor]]] = None
+                           ) -> SecondMoments:
     """Second moments of layer ``name``'s input rows in ``student`` and ``teacher`` on the same batches.
 
     Both models see every batch; the same random positions (``rows_per_image`` per image, 0 = all) are kept
@@ -215,6 +229,9 @@ def capture_second_moments(student: nn.Module, teacher: nn.Module, name: str, ba
 
     Args:
         reduce: applied to every summed statistic (e.g. a distributed all-reduce).
+        skip: ``(block name, skip_fn)`` (see :mod:`.residual`): also capture the moments of the difference of
+            the skip tensors ``skip_fn(block, block input)`` (teacher minus student) at the layer's output
+            positions (a Conv2d with groups=1 whose output has the skip tensor's shape).
     """
     gen = torch.Generator().manual_seed(seed)
     sums: dict = {}
@@ -226,20 +243,44 @@ def capture_second_moments(student: nn.Module, teacher: nn.Module, name: str, ba
             seen["images"] = x.shape[0] if x.dim() == 4 else 1
         return fn
 
+    def grab_skip(key: str, block: nn.Module, fn: Callable[[nn.Module, Tensor], Tensor]):
+        def hook(_m: nn.Module, args: tuple) -> None:
+            with torch.no_grad():
+                out = fn(block, args[0])
+            seen["skip_" + key] = out.flatten(2).transpose(1, 2).reshape(1, -1, out.shape[1])
+        return hook
+
     for batch in batches:
         for key, model in (("t", teacher), ("s", student)):
-            for_each_input(model, name, [batch], forward, grab(key))
+            handle = None
+            if skip is not None:
+                block = model.get_submodule(skip[0])
+                handle = block.register_forward_pre_hook(grab_skip(key, block, skip[1]))
+            try:
+                for_each_input(model, name, [batch], forward, grab(key))
+            finally:
+                if handle is not None:
+                    handle.remove()
         if "s" not in seen or "t" not in seen:
             raise RuntimeError(f"layer {name!r} did not run during the forward")
         xs, xt = seen.pop("s"), seen.pop("t")
         if xs.shape != xt.shape:
             raise RuntimeError(f"layer {name!r}: student input rows {tuple(xs.shape)} != teacher's {tuple(xt.shape)}")
+        r = None
+        if skip is not None:
+            r = seen.pop("skip_t") - seen.pop("skip_s")
+            if r.shape[:2] != xs.shape[:2]:
+                raise RuntimeError(f"layer {name!r}: skip tensor of {skip[0]!r} gives {r.shape[1]} positions, "
+                                   f"the layer {xs.shape[1]}")
         n_images = seen.pop("images")
         if rows_per_image and xs.shape[1] > rows_per_image * n_images:
             pick = torch.randperm(xs.shape[1], generator=gen)[: rows_per_image * n_images].to(xs.device)
             xs, xt = xs[:, pick], xt[:, pick]
+            r = r[:, pick] if r is not None else None
         stats = {"ss": xs.transpose(1, 2) @ xs, "st": xs.transpose(1, 2) @ xt, "tt": xt.transpose(1, 2) @ xt,
                  "sum_s": xs.sum(1), "sum_t": xt.sum(1)}
+        if r is not None:
+            stats.update(sd=xs.transpose(1, 2) @ r, td=xt.transpose(1, 2) @ r, dd=(r * r).sum(1), sum_d=r.sum(1))
         for key, value in stats.items():
             value = value.double()
             sums[key] = value if key not in sums else sums[key] + value
@@ -251,6 +292,9 @@ def capture_second_moments(student: nn.Module, teacher: nn.Module, name: str, ba
         sums = {k: reduce(v) for k, v in sums.items() if k != "n"}
         n = reduce(n)
     n_rows = max(int(n), 1)
-    return SecondMoments(sums["ss"] / n_rows, sums["st"] / n_rows, sums["tt"] / n_rows, sums["sum_s"] / n_rows,
-                         sums["sum_t"] / n_rows, n_rows)
-
+    out = SecondMoments(sums["ss"] / n_rows, sums["st"] / n_rows, sums["tt"] / n_rows, sums["sum_s"] / n_rows,
+                        sums["sum_t"] / n_rows, n_rows)
+    if "sd" in sums:
+        out.sd, out.td, out.dd = sums["sd"] / n_rows, sums["td"] / n_rows, sums["dd"] / n_rows
+        out.mean_d = sums["sum_d"] / n_rows
+    return out

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -37,11 +38,14 @@ __all__ = ["OutputObjective", "output_objective", "refine_pq"]
 
 @dataclass
 class OutputObjective:
-    """The quadratic ``f(W_hat) = tr(W_hat H W_hat^T) - 2 tr(W_hat B^T) + const`` per group.
+    """The quadratic ``f(W_hat) = sum_o r_o (w_o H w_o^T - 2 w_o b_o^T) + const`` per group (``w_o``: row o of
+    ``W_hat``, ``r_o``: its weight).
 
     Attributes:
         h (Tensor[g, D, D] float64): damped student second moment.
         b (Tensor[g, m, D] float64): damped target correlation, ``m = C_out / g`` rows per group.
+        row_weight (Tensor[g, m, 1] float64): ``r_o``, e.g. the squared scale a following BatchNorm applies to
+            output channel ``o`` (the error is then measured after it).
         const (float): ``sum tr(W T W^T)`` plus the damping's constant, so ``f >= 0`` and ``f(W) / const`` is
             relative.
         scale (float): ``sum tr(W T W^T)``, the teacher's output energy (for relative errors).
@@ -49,24 +53,29 @@ class OutputObjective:
 
     h: Tensor
     b: Tensor
+    row_weight: Tensor
     const: float
     scale: float
 
     def value(self, w_hat: Tensor) -> float:
         """``f`` at ``w_hat`` (Tensor[g, m, D])."""
         w_hat = w_hat.double()
-        quad = (w_hat @ self.h * w_hat).sum()
-        return float(quad - 2 * (w_hat * self.b).sum()) + self.const
+        quad = (w_hat @ self.h * w_hat * self.row_weight).sum()
+        return float(quad - 2 * (w_hat * self.b * self.row_weight).sum()) + self.const
 
 
-def output_objective(weight: Tensor, moments: SecondMoments, *, damping: float = 0.01,
-                     target: str = "teacher") -> OutputObjective:
+def output_objective(weight: Tensor, moments: SecondMoments, *, damping: float = 0.01, target: str = "teacher",
+                     row_weight: Optional[Tensor] = None, residual_gain: Optional[Tensor] = None) -> OutputObjective:
     """Build ``f`` for ``weight`` (Tensor[C_out, ...]) from captured moments.
 
     Args:
         damping: ``lambda``; adds ``lambda * mean(diag H) * ||W_hat - W||^2``.
         target: "teacher": match ``W x_t`` (teacher's output); "weights": match ``W x_s`` (the layer's own
             output on the student's inputs).
+        row_weight (Tensor[C_out] or None): per output channel weight of the error (None: all 1).
+        residual_gain (Tensor[C_out] or None): when ``moments`` hold a skip-path difference ``r``, the target
+            becomes ``W x_t + r / a`` with ``a`` this per-channel gain (of the BatchNorm between the layer and
+            the addition; see :mod:`.residual`).
     """
     if target not in ("teacher", "weights"):
         raise ValueError(f"QUANT.REFINE.TARGET={target!r}; allowed: 'teacher', 'weights'")
@@ -78,9 +87,20 @@ def output_objective(weight: Tensor, moments: SecondMoments, *, damping: float =
     eye = torch.eye(dim, dtype=torch.float64, device=w.device)
     h = moments.ss.to(w) + lam.view(g, 1, 1).to(w) * eye
     b = w @ cross.transpose(1, 2).to(w) + lam.view(g, 1, 1).to(w) * w
-    scale = float((w @ tt.to(w) * w).sum())
-    const = scale + float((lam.view(g, 1, 1).to(w) * w * w).sum())
-    return OutputObjective(h, b, const, scale)
+    r = torch.ones(g, w.shape[1], 1, dtype=w.dtype) if row_weight is None else \
+        row_weight.detach().to(w).reshape(g, -1, 1)
+    if bool((r <= 0).any()) or not bool(torch.isfinite(r).all()):
+        raise ValueError("row_weight must be positive and finite for every output channel")
+    scale = float((w @ tt.to(w) * w * r).sum())
+    if moments.sd is not None:
+        if residual_gain is None:
+            raise ValueError("the moments hold a skip-path difference: residual_gain is required")
+        inv = 1.0 / residual_gain.detach().to(w).reshape(g, 1, -1)  # Tensor[g, 1, m]
+        b = b + (moments.sd.to(w) * inv).transpose(1, 2)
+        scale += float(2 * ((w @ moments.td.to(w) * inv).diagonal(dim1=1, dim2=2) * r.squeeze(2)).sum()
+                       + (moments.dd.to(w) * inv.squeeze(1) ** 2 * r.squeeze(2)).sum())
+    const = scale + float((lam.view(g, 1, 1).to(w) * w * w * r).sum())
+    return OutputObjective(h, b, r, const, scale)
 
 
 def _decode(codes: Tensor, codebook: Tensor, g: int) -> Tensor:
@@ -91,7 +111,9 @@ def _decode(codes: Tensor, codebook: Tensor, g: int) -> Tensor:
 
 def _sweep_codes(obj: OutputObjective, codes: Tensor, codebook: Tensor,
                  dtype: torch.dtype = torch.float64) -> Tensor:
-    """One coordinate-descent pass over the blocks; returns new codes Tensor[C_out, n_blocks] int64."""
+    """One coordinate-descent pass over the blocks; returns new codes Tensor[C_out, n_blocks] int64.
+
+    Rows are independent here, so the (positive) row weights do not change any row's best code."""
     g, m, dim = obj.b.shape
     d = codebook.shape[1]
     h, b = obj.h.to(dtype), obj.b.to(dtype)
@@ -119,8 +141,10 @@ def _solve_codebook(obj: OutputObjective, codes: Tensor, codebook: Tensor, iters
     k, d = codebook.shape
     h = obj.h.to(dtype)
     flat = codes.long().reshape(-1)
+    row_weight = obj.row_weight.to(dtype)
 
-    def gather(mat: Tensor) -> Tensor:  # Tensor[g, m, D] -> Tensor[K, d], summed by code
+    def gather(mat: Tensor) -> Tensor:  # Tensor[g, m, D] -> Tensor[K, d], row-weighted sums by code
+        mat = mat * row_weight.to(mat.dtype)
         return torch.zeros(k, d, dtype=mat.dtype, device=mat.device).index_add_(0, flat, mat.reshape(-1, d))
 
     def apply(p: Tensor) -> Tensor:  # the heavy product in ``dtype``, the CG recurrences in float64
