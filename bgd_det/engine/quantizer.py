@@ -48,6 +48,7 @@ class LayerRecord:
     rel_error: float = 0.0
     distill_loss: float = float("nan")
     seconds: float = 0.0
+    output_error: float = float("nan")  # relative output error after QUANT.REFINE (nan: not refined)
 
 
 @dataclass
@@ -136,8 +137,11 @@ class Quantizer:
         weight = module.weight.detach()
         result = em_quantize(weight, gram, block_size=layer.block_size, n_centroids=layer.n_centroids,
                              n_iter=cfg.QUANT.EM_ITERS, seed=seed)
+        output_error = float("nan")
         if cfg.QUANT.REFINE.ROUNDS > 0 and has_input_metric(module):
-            result = self.refine(student, layer.name, weight, result, seed)
+            refined = self.refine(student, layer.name, weight, result, seed)
+            if refined is not None:
+                result, output_error = refined, refined.objective
         if self.broadcast is not None:
             result = self.broadcast(result)
         pq = make_pq_layer(module, layer)
@@ -153,19 +157,21 @@ class Quantizer:
         record = LayerRecord(layer.name, layer.block_size, layer.n_centroids, layer.n_subvectors,
                              objective=result.objective, rel_error=float(err),
                              distill_loss=losses[-1] if losses else float("nan"),
-                             seconds=time.perf_counter() - start)
+                             seconds=time.perf_counter() - start, output_error=output_error)
         logger.info("[%d] %s d=%d K=%d: rel. weight error %.4f%s (%.1fs)", index, layer.name, layer.block_size,
                     layer.n_centroids, record.rel_error,
                     f", distill loss {record.distill_loss:.4f}" if losses else "", record.seconds)
         return record
 
-    def refine(self, student: nn.Module, name: str, weight: torch.Tensor, result: PQResult, seed: int) -> PQResult:
+    def refine(self, student: nn.Module, name: str, weight: torch.Tensor, result: PQResult,
+               seed: int) -> Optional[PQResult]:
         """Output-space refinement of the EM's codes and codebook (QUANT.REFINE; see quantization/refine.py).
 
         The moments are centered when a corrected BatchNorm follows the layer (it restores the output mean);
         with QUANT.REFINE.BN_WEIGHTED, each output channel's error is weighted by the square of the scale the
         teacher's following BatchNorm applies to it (the error is measured after that BatchNorm); with
         QUANT.REFINE.RESIDUAL, the last conv of a residual branch also absorbs the drift of the skip path.
+        Returns None (keep the EM result) when fewer rows than weight columns were captured.
         """
         cfg = self.cfg.QUANT
         batches = self.task.calib_batches(n_images=cfg.CAPTURE_IMAGES, batch_size=cfg.CAPTURE_BATCH_SIZE,
@@ -179,7 +185,7 @@ class Quantizer:
         if moments.n_rows < dim:
             logger.info("%s: %d captured rows < %d weight columns: refinement would fit noise; keeping the EM "
                         "result (raise QUANT.CAPTURE_IMAGES to refine it)", name, moments.n_rows, dim)
-            return result
+            return None
         if cfg.BN_CORRECTION != "none" and bn_name:
             moments = moments.centered()
         gain = None

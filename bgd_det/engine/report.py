@@ -22,15 +22,21 @@ def _layer_rows(size: SizeReport, records: Sequence) -> List[list]:
         r = rec.get(layer.name)
         rows.append([layer.name, layer.kind, layer.block_size or "-", layer.n_centroids or "-",
                      f"{layer.dense_bytes / 1024:.1f}", f"{layer.bytes / 1024:.1f}", f"{layer.ratio:.1f}",
-                     f"{r.rel_error:.4f}" if r else "-"])
+                     f"{r.rel_error:.4f}" if r else "-",
+                     f"{r.output_error:.4f}" if r and r.output_error == r.output_error else "-"])
     return rows
 
 
 def format_report(size: SizeReport, records: Sequence = (), metrics: Optional[Dict[str, Dict]] = None,
                   timings: Optional[Dict[str, float]] = None) -> str:
-    """Markdown report: per-layer table, then uncompressed vs compressed size/ratio/metrics."""
+    """Markdown report: per-layer table, then uncompressed vs compressed size/ratio/metrics.
+
+    Per layer: "rel. err" is ``||W_hat - W||^2 / ||W||^2``; "out. err" the refined layer's output error relative
+    to the teacher's output energy (QUANT.REFINE), "-" where the layer was not refined.
+    """
     per_layer = tabulate(_layer_rows(size, records),
-                         headers=["layer", "kind", "d", "K", "dense KiB", "compressed KiB", "ratio", "rel. err"],
+                         headers=["layer", "kind", "d", "K", "dense KiB", "compressed KiB", "ratio", "rel. err",
+                                  "out. err"],
                          tablefmt="github")
     metrics = metrics or {}
     keys = sorted({k for m in metrics.values() for k in m if k != "n_images"})
