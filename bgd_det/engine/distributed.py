@@ -84,7 +84,7 @@ def check_distributed_config(cfg) -> None:
     - ``FINETUNE.BATCH_SIZE`` must be a multiple of the world size: each rank takes ``BATCH_SIZE // world`` images
       per step from its shard; otherwise ranks get different step counts.
     - ``QUANT.CAPTURE_IMAGES`` must be at least the world size: a rank without images would skip the Gram
-      reduction.
+      (or, with QUANT.REFINE, the second-moment) reduction.
     """
     world = comm.get_world_size()
     if world == 1:
@@ -93,7 +93,8 @@ def check_distributed_config(cfg) -> None:
     if finetunes and cfg.FINETUNE.BATCH_SIZE % world:
         raise ValueError(f"FINETUNE.BATCH_SIZE={cfg.FINETUNE.BATCH_SIZE} is not a multiple of the {world} "
                          f"processes; allowed: multiples of {world}")
-    if cfg.QUANT.METRIC in ("shared", "centered") and cfg.QUANT.CAPTURE_IMAGES < world:
+    captures = cfg.QUANT.METRIC in ("shared", "centered") or cfg.QUANT.REFINE.ROUNDS > 0
+    if captures and cfg.QUANT.CAPTURE_IMAGES < world:
         raise ValueError(f"QUANT.CAPTURE_IMAGES={cfg.QUANT.CAPTURE_IMAGES} is smaller than the {world} "
                          f"processes; every process needs at least one image")
     if cfg.QUANT.CAPTURE_IMAGES % world:
