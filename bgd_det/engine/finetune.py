@@ -86,22 +86,20 @@ def distill(student: nn.Module, teacher: nn.Module, task: Task, params: Iterable
     losses: List[float] = []
     batches = task.calib_batches(n_images=iters * batch_size, batch_size=batch_size, augment=augment, seed=seed)
     use_features = bool(feature_layers) and feature_weight > 0
-    try:
+    with contextlib.ExitStack() as stack:
+        for p, r in zip(all_params, requires):  # restored whatever happens
+            stack.callback(p.requires_grad_, r)
+        if use_features:  # hooks stay on for the whole loop; each forward overwrites the outputs
+            s_feats = stack.enter_context(feature_taps(student, feature_layers))
+            t_feats = stack.enter_context(feature_taps(teacher, feature_layers))
         for batch in tqdm(batches, total=iters, desc=desc, leave=False):
+            loss = task.distill_loss(runner, teacher, batch)
             if use_features:
-                with feature_taps(student, feature_layers) as s_feats, \
-                        feature_taps(teacher, feature_layers) as t_feats:
-                    loss = task.distill_loss(runner, teacher, batch)
-                    loss = loss + feature_weight * feature_loss(s_feats, t_feats)
-            else:
-                loss = task.distill_loss(runner, teacher, batch)
+                loss = loss + feature_weight * feature_loss(s_feats, t_feats)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(loss.item())
-    finally:
-        for p, r in zip(all_params, requires):
-            p.requires_grad_(r)
     if losses:
         logger.info("%s: loss %.4f -> %.4f over %d steps", desc, losses[0], losses[-1], len(losses))
     return losses

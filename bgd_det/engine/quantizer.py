@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import atomic_save, compressed_state, load_compressed_into, round_codebooks_to_fp16
-from ..quantization.bn_correction import channel_stats, correct_batchnorm, following_batchnorms
+from ..quantization.bn_correction import bn_scale_shift, channel_stats, correct_batchnorm, following_batchnorms
 from ..quantization.capture import capture_gram, capture_second_moments, has_input_metric
 from ..quantization.plan import LayerPlan, QuantRules, build_plan, execution_order
 from ..quantization.pq import PQResult, em_quantize
@@ -188,21 +188,16 @@ class Quantizer:
             return None
         if cfg.BN_CORRECTION != "none" and bn_name:
             moments = moments.centered()
+        affine = bn_scale_shift(self.teacher.get_submodule(bn_name)) if bn_name else None
         gain = None
-        if bn_name:
-            bn = self.teacher.get_submodule(bn_name)
-            gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
-            gain = gamma.detach().double() / (bn.running_var.double() + bn.eps).sqrt()
+        if affine is not None:
+            gain = affine[0].double()
             gain = torch.where(gain.abs() < 1e-6, torch.full_like(gain, 1e-6), gain)
         row_weight = gain ** 2 if cfg.REFINE.BN_WEIGHTED and gain is not None else None
         objective = output_objective(weight, moments, damping=cfg.REFINE.DAMPING, target=cfg.REFINE.TARGET,
                                      row_weight=row_weight, residual_gain=gain)
-        before = objective.value(result.codebook.double()[result.codes.long()].reshape(objective.b.shape))
-        refined = refine_pq(objective, result.codes, result.codebook, rounds=cfg.REFINE.ROUNDS,
-                            cg_iters=cfg.REFINE.CG_ITERS)
-        logger.info("%s: relative output error %.4f -> %.4f (%d captured rows)", name,
-                    before / max(objective.scale, 1e-30), refined.objective, moments.n_rows)
-        return refined
+        return refine_pq(objective, result.codes, result.codebook, rounds=cfg.REFINE.ROUNDS,
+                         cg_iters=cfg.REFINE.CG_ITERS, label=f"{name} ({moments.n_rows} captured rows)")
 
     def correct_bn(self, student: nn.Module, name: str, seed: int) -> None:
         """Re-estimate the running statistics of the BatchNorm fed by layer ``name`` (QUANT.BN_CORRECTION)."""

@@ -25,8 +25,8 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..quantization.bn_correction import BN_TYPES, bn_scale_shift
 from ..quantization.layers import PQ_LAYER_TYPES, PQConv2d, PQConvTranspose2d, PQLinear
 from ..quantization.swap import set_module
 from . import ops_available, pq_conv2d, pq_conv_transpose2d, pq_linear
@@ -44,33 +44,6 @@ __all__ = [
     "inference_bytes",
     "max_scratch_bytes",
 ]
-
-
-def _bn_types() -> tuple:
-    types: tuple = (_BatchNorm,)
-    try:
-        from torchvision.ops.misc import FrozenBatchNorm2d
-
-        types += (FrozenBatchNorm2d,)
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        pass
-    return types
-
-
-BN_TYPES = _bn_types()
-
-
-def bn_scale_shift(bn: nn.Module) -> Optional[Tuple[Tensor, Tensor]]:
-    """Per-channel ``(scale, shift)`` with ``bn(y) == scale * y + shift`` in eval mode, or None if
-    ``bn`` normalises with batch statistics (no running statistics)."""
-    mean, var = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
-    if mean is None or var is None or (isinstance(bn, _BatchNorm) and not bn.track_running_stats):
-        return None
-    var64, mean64 = var.detach().double(), mean.detach().double()
-    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var64)
-    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(var64)
-    scale = gamma / torch.sqrt(var64 + bn.eps)
-    return scale.float(), (beta - mean64 * scale).float()
 
 
 def _check_codes(codes: Tensor, n_centroids: int) -> None:

@@ -12,15 +12,29 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .capture import for_each_input
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BN_TYPES", "following_batchnorms", "channel_stats", "correct_batchnorm"]
+__all__ = ["BN_TYPES", "bn_scale_shift", "following_batchnorms", "channel_stats", "correct_batchnorm"]
 
-BN_TYPES = (nn.BatchNorm2d, nn.BatchNorm1d, nn.SyncBatchNorm, FrozenBatchNorm2d)
+BN_TYPES = (_BatchNorm, FrozenBatchNorm2d)
+
+
+def bn_scale_shift(bn: nn.Module) -> Optional[Tuple[Tensor, Tensor]]:
+    """Per-channel ``(scale, shift)`` with ``bn(y) == scale * y + shift`` in eval mode, or None if
+    ``bn`` normalises with batch statistics (no running statistics)."""
+    mean, var = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
+    if mean is None or var is None or (isinstance(bn, _BatchNorm) and not bn.track_running_stats):
+        return None
+    var64, mean64 = var.detach().double(), mean.detach().double()
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var64)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(var64)
+    scale = gamma / torch.sqrt(var64 + bn.eps)
+    return scale.float(), (beta - mean64 * scale).float()
 
 
 def following_batchnorms(model: nn.Module, run: Callable[[nn.Module], Any]) -> Dict[str, str]:

@@ -46,8 +46,7 @@ class OutputObjective:
         b (Tensor[g, m, D] float64): damped target correlation, ``m = C_out / g`` rows per group.
         row_weight (Tensor[g, m, 1] float64): ``r_o``, e.g. the squared scale a following BatchNorm applies to
             output channel ``o`` (the error is then measured after it).
-        const (float): ``sum tr(W T W^T)`` plus the damping's constant, so ``f >= 0`` and ``f(W) / const`` is
-            relative.
+        const (float): ``sum tr(W T W^T)`` plus the damping's constant, so ``f >= 0``.
         scale (float): ``sum tr(W T W^T)``, the teacher's output energy (for relative errors).
     """
 
@@ -83,10 +82,10 @@ def output_objective(weight: Tensor, moments: SecondMoments, *, damping: float =
     w = weight.detach().double().reshape(g, -1, dim)
     cross = moments.st if target == "teacher" else moments.ss
     tt = moments.tt if target == "teacher" else moments.ss
-    lam = damping * moments.ss.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)  # Tensor[g]
+    lam = (damping * moments.ss.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)).view(g, 1, 1).to(w)
     eye = torch.eye(dim, dtype=torch.float64, device=w.device)
-    h = moments.ss.to(w) + lam.view(g, 1, 1).to(w) * eye
-    b = w @ cross.transpose(1, 2).to(w) + lam.view(g, 1, 1).to(w) * w
+    h = moments.ss.to(w) + lam * eye
+    b = w @ cross.transpose(1, 2).to(w) + lam * w
     r = torch.ones(g, w.shape[1], 1, dtype=w.dtype) if row_weight is None else \
         row_weight.detach().to(w).reshape(g, -1, 1)
     if bool((r <= 0).any()) or not bool(torch.isfinite(r).all()):
@@ -99,7 +98,7 @@ def output_objective(weight: Tensor, moments: SecondMoments, *, damping: float =
         b = b + (moments.sd.to(w) * inv).transpose(1, 2)
         scale += float(2 * ((w @ moments.td.to(w) * inv).diagonal(dim1=1, dim2=2) * r.squeeze(2)).sum()
                        + (moments.dd.to(w) * inv.squeeze(1) ** 2 * r.squeeze(2)).sum())
-    const = scale + float((lam.view(g, 1, 1).to(w) * w * w * r).sum())
+    const = scale + float((lam * w * w * r).sum())
     return OutputObjective(h, b, r, const, scale)
 
 
@@ -175,7 +174,7 @@ def _solve_codebook(obj: OutputObjective, codes: Tensor, codebook: Tensor, iters
 
 
 def refine_pq(obj: OutputObjective, codes: Tensor, codebook: Tensor, *, rounds: int = 4,
-              cg_iters: int = 10, dtype: torch.dtype = torch.float32) -> PQResult:
+              cg_iters: int = 10, dtype: torch.dtype = torch.float32, label: str = "layer") -> PQResult:
     """Alternate code sweeps and codebook solves on ``f`` from an initial quantization.
 
     Args:
@@ -184,6 +183,7 @@ def refine_pq(obj: OutputObjective, codes: Tensor, codebook: Tensor, *, rounds: 
         rounds: sweep + solve alternations; a round that does not lower ``f`` (evaluated in float64) ends it.
         cg_iters: conjugate-gradient iterations per codebook solve.
         dtype: of the ``C_out x D x D`` products of the sweeps and solves (float32 halves their time).
+        label: names the layer in the log line (relative output error before -> after).
 
     Returns:
         PQResult with the refined codes (initial dtype), codebook (float32) and ``objective = f / scale``
@@ -205,5 +205,5 @@ def refine_pq(obj: OutputObjective, codes: Tensor, codebook: Tensor, *, rounds: 
             break
         codes, cb, best = new_codes.to(code_dtype), new_cb, value
     scale = max(obj.scale, 1e-30)
-    logger.debug("output error %.4f -> %.4f (relative)", start / scale, best / scale)
-    return PQResult(codes=codes.to(code_dtype), codebook=cb.float().contiguous(), objective=best / scale)
+    logger.info("%s: relative output error %.4f -> %.4f", label, start / scale, best / scale)
+    return PQResult(codes=codes, codebook=cb.float().contiguous(), objective=best / scale)
