@@ -132,6 +132,19 @@ def test_capture_second_moments_pairs_student_and_teacher_positions():
                           atol=1e-6)
 
 
+def test_merged_moments_equal_the_moments_of_all_rows():
+    _, xs, xt = _problem(g=2, m=4, dim=6, n=50)
+    whole = _moments(xs, xt)
+    parts = _moments(xs[:, :20], xt[:, :20]).merged(_moments(xs[:, 20:], xt[:, 20:]))
+    assert parts.n_rows == 50
+    for name in ("ss", "st", "tt", "mean_s", "mean_t"):
+        assert torch.allclose(getattr(parts, name), getattr(whole, name), atol=1e-12), name
+    with_skip = _moments(xs, xt)
+    with_skip.sd = torch.zeros(2, 6, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="with and without a captured skip path"):
+        whole.merged(with_skip)
+
+
 def test_capture_second_moments_samples_the_same_rows_from_both():
     model = nn.Sequential(nn.Conv2d(2, 3, 1))
     mom = capture_second_moments(model, model, "0", [torch.randn(4, 2, 6, 6)], lambda m, b: m(b),
@@ -172,6 +185,56 @@ def test_quantizer_refines_conv_layers_and_lowers_their_output_error(tiny_images
         assert not torch.equal(a.student.get_submodule(name).codes, b.student.get_submodule(name).codes), name
     assert torch.equal(a.student.fc.codes, b.student.fc.codes)  # too few rows: the EM result is kept
     assert rec_b["fc"].output_error != rec_b["fc"].output_error
+
+
+def test_augmented_views_give_short_layers_enough_rows_to_refine(tiny_images, tmp_path, caplog):
+    from bgd_det.engine.quantizer import Quantizer
+    from bgd_det.modeling import build_model
+    from bgd_det.tasks import build_task
+    from conftest import tiny_cfg
+
+    # The fc sees 8 rows (one per capture image) for 16 columns: 2 augmented passes give it 24 >= 16; the convs
+    # have >= 8 x 16 rows per column from the plain pass and take none.
+    cfg = tiny_cfg(tmp_path, "QUANT.METRIC", "identity", "QUANT.REFINE.ROUNDS", 2,
+                   "QUANT.REFINE.AUGMENTED_VIEWS", 2, "QUANT.REFINE.MIN_ROWS_PER_COLUMN", 8)
+    torch.manual_seed(0)
+    teacher = build_model(cfg)
+    with caplog.at_level("INFO", logger="bgd_det.engine.quantizer"):
+        result = Quantizer(cfg, teacher, build_task(cfg)).run()
+    records = {r.name: r for r in result.records}
+    assert 0 < records["fc"].output_error < 1.0  # refined
+    assert [m for m in caplog.messages if "augmented passes" in m] == [
+        "fc: 8 rows from the plain pass < 8 x 16 columns: 2 augmented passes -> 24 rows"]
+    bad = tiny_cfg(tmp_path / "bad", "QUANT.REFINE.ROUNDS", 1, "QUANT.REFINE.AUGMENTED_VIEWS", -1)
+    with pytest.raises(ValueError, match="AUGMENTED_VIEWS=-1; allowed: an integer >= 0"):
+        Quantizer(bad, teacher, build_task(bad)).run()
+
+
+def test_damping_grows_with_the_columns_per_captured_row(tiny_images, tmp_path, monkeypatch):
+    import bgd_det.engine.quantizer as quantizer
+    from bgd_det.modeling import build_model
+    from bgd_det.tasks import build_task
+    from conftest import tiny_cfg
+
+    seen = []
+    real = quantizer.output_objective
+
+    def spy(weight, moments, **kwargs):
+        seen.append((moments.ss.shape[1], moments.n_rows, kwargs["damping"]))
+        return real(weight, moments, **kwargs)
+
+    monkeypatch.setattr(quantizer, "output_objective", spy)
+    cfg = tiny_cfg(tmp_path, "QUANT.METRIC", "identity", "QUANT.REFINE.ROUNDS", 1,
+                   "QUANT.REFINE.DAMPING_PER_COLUMN", 3.0)
+    torch.manual_seed(0)
+    teacher = build_model(cfg)
+    quantizer.Quantizer(cfg, teacher, build_task(cfg)).run()
+    assert len(seen) == 3  # the three convs (the fc has too few rows and is not refined)
+    for dim, rows, damping in seen:
+        assert damping == pytest.approx(0.01 + 3.0 * dim / rows)
+    bad = tiny_cfg(tmp_path / "bad", "QUANT.REFINE.ROUNDS", 1, "QUANT.REFINE.DAMPING_PER_COLUMN", -1.0)
+    with pytest.raises(ValueError, match="DAMPING_PER_COLUMN=-1.0; allowed: numbers >= 0"):
+        quantizer.Quantizer(bad, teacher, build_task(bad)).run()
 
 
 def test_objective_with_skip_difference_matches_explicit_error():

@@ -68,6 +68,10 @@ _C.QUANT.REFINE.TARGET = "teacher"
 # Ridge towards the dense weights, relative to the mean input energy (keeps the solve well posed when a layer
 # has more columns than captured rows).
 _C.QUANT.REFINE.DAMPING = 0.01
+# Extra damping where the captured rows are few for the layer's width: the ridge becomes
+# DAMPING + DAMPING_PER_COLUMN * D / n_rows (the refinement otherwise fits the calibration images' sampling noise:
+# measured on the demo, the deep layers' held-out output error grew to 1.6x their calibration error).
+_C.QUANT.REFINE.DAMPING_PER_COLUMN = 0.0
 _C.QUANT.REFINE.CG_ITERS = 10
 # Weight each output channel's error by (gamma / sqrt(running_var + eps))^2 of the teacher's BatchNorm that follows
 # the layer, i.e. measure the error after that BatchNorm.
@@ -75,6 +79,11 @@ _C.QUANT.REFINE.BN_WEIGHTED = False
 # The last conv of a residual branch (bgd_det/quantization/residual.py) also matches the drift of the student's skip
 # path: its target becomes the teacher's output plus (skip_t - skip_s) / (BatchNorm gain).
 _C.QUANT.REFINE.RESIDUAL = False
+# Augmented passes for layers short of rows: when one plain pass over the capture images gives a layer fewer than
+# MIN_ROWS_PER_COLUMN * D input rows (deep layers with few positions per image, the classifier with one), its
+# moments also take AUGMENTED_VIEWS passes of random-resized crops + flips of the same images (0 = never).
+_C.QUANT.REFINE.AUGMENTED_VIEWS = 0
+_C.QUANT.REFINE.MIN_ROWS_PER_COLUMN = 20
 # Activation capture: images forwarded per layer, and input rows (im2col positions) kept per image.
 _C.QUANT.CAPTURE_IMAGES = 128
 _C.QUANT.CAPTURE_ROWS_PER_IMAGE = 256

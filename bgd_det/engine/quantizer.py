@@ -182,6 +182,18 @@ class Quantizer:
                                          rows_per_image=cfg.CAPTURE_ROWS_PER_IMAGE, seed=seed,
                                          reduce=self.gram_reduce, skip=skip)
         dim = moments.ss.shape[1]
+        views = cfg.REFINE.AUGMENTED_VIEWS
+        if views < 0:
+            raise ValueError(f"QUANT.REFINE.AUGMENTED_VIEWS={views}; allowed: an integer >= 0")
+        if views and moments.n_rows < cfg.REFINE.MIN_ROWS_PER_COLUMN * dim:
+            plain_rows = moments.n_rows
+            batches = self.task.calib_batches(n_images=cfg.CAPTURE_IMAGES * views,
+                                              batch_size=cfg.CAPTURE_BATCH_SIZE, augment=True, seed=seed + 1)
+            moments = moments.merged(capture_second_moments(
+                student, self.teacher, name, batches, self.task.forward, rows_per_image=cfg.CAPTURE_ROWS_PER_IMAGE,
+                seed=seed + 1, reduce=self.gram_reduce, skip=skip))
+            logger.info("%s: %d rows from the plain pass < %d x %d columns: %d augmented passes -> %d rows", name,
+                        plain_rows, cfg.REFINE.MIN_ROWS_PER_COLUMN, dim, views, moments.n_rows)
         if moments.n_rows < dim:
             logger.info("%s: %d captured rows < %d weight columns: refinement would fit noise; keeping the EM "
                         "result (raise QUANT.CAPTURE_IMAGES to refine it)", name, moments.n_rows, dim)
@@ -194,10 +206,15 @@ class Quantizer:
             gain = affine[0].double()
             gain = torch.where(gain.abs() < 1e-6, torch.full_like(gain, 1e-6), gain)
         row_weight = gain ** 2 if cfg.REFINE.BN_WEIGHTED and gain is not None else None
-        objective = output_objective(weight, moments, damping=cfg.REFINE.DAMPING, target=cfg.REFINE.TARGET,
+        if cfg.REFINE.DAMPING < 0 or cfg.REFINE.DAMPING_PER_COLUMN < 0:
+            raise ValueError(f"QUANT.REFINE.DAMPING={cfg.REFINE.DAMPING}, DAMPING_PER_COLUMN="
+                             f"{cfg.REFINE.DAMPING_PER_COLUMN}; allowed: numbers >= 0")
+        damping = cfg.REFINE.DAMPING + cfg.REFINE.DAMPING_PER_COLUMN * dim / moments.n_rows
+        objective = output_objective(weight, moments, damping=damping, target=cfg.REFINE.TARGET,
                                      row_weight=row_weight, residual_gain=gain)
         return refine_pq(objective, result.codes, result.codebook, rounds=cfg.REFINE.ROUNDS,
-                         cg_iters=cfg.REFINE.CG_ITERS, label=f"{name} ({moments.n_rows} captured rows)")
+                         cg_iters=cfg.REFINE.CG_ITERS,
+                         label=f"{name} ({moments.n_rows} captured rows, damping {damping:.3g})")
 
     def correct_bn(self, student: nn.Module, name: str, seed: int) -> None:
         """Re-estimate the running statistics of the BatchNorm fed by layer ``name`` (QUANT.BN_CORRECTION)."""

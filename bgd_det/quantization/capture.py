@@ -203,6 +203,21 @@ class SecondMoments:
     dd: Optional[Tensor] = None
     mean_d: Optional[Tensor] = None
 
+    def merged(self, other: "SecondMoments") -> "SecondMoments":
+        """The moments of both captures' rows together (row-count weighted means of every statistic)."""
+        if (self.sd is None) != (other.sd is None):
+            raise ValueError("cannot merge second moments with and without a captured skip path")
+        n = self.n_rows + other.n_rows
+        a, b = self.n_rows / n, other.n_rows / n
+
+        def mix(x: Optional[Tensor], y: Optional[Tensor]) -> Optional[Tensor]:
+            return None if x is None else a * x + b * y
+
+        return SecondMoments(mix(self.ss, other.ss), mix(self.st, other.st), mix(self.tt, other.tt),
+                             mix(self.mean_s, other.mean_s), mix(self.mean_t, other.mean_t), n,
+                             mix(self.sd, other.sd), mix(self.td, other.td), mix(self.dd, other.dd),
+                             mix(self.mean_d, other.mean_d))
+
     def centered(self) -> "SecondMoments":
         """The same with the mean rows removed (covariances): only the per-channel output mean is lost, which
         the BatchNorm statistics correction restores."""
