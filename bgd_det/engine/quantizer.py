@@ -174,24 +174,27 @@ class Quantizer:
         Returns None (keep the EM result) when fewer rows than weight columns were captured.
         """
         cfg = self.cfg.QUANT
-        batches = self.task.calib_batches(n_images=cfg.CAPTURE_IMAGES, batch_size=cfg.CAPTURE_BATCH_SIZE,
-                                          augment=False, seed=seed)
-        bn_name = self._bn_pairs.get(name)
-        skip = residual_branch_end(self.teacher, name) if cfg.REFINE.RESIDUAL and bn_name else None
-        moments = capture_second_moments(student, self.teacher, name, batches, self.task.forward,
-                                         rows_per_image=cfg.CAPTURE_ROWS_PER_IMAGE, seed=seed,
-                                         reduce=self.gram_reduce, skip=skip)
-        dim = moments.ss.shape[1]
         views = cfg.REFINE.AUGMENTED_VIEWS
         if views < 0:
             raise ValueError(f"QUANT.REFINE.AUGMENTED_VIEWS={views}; allowed: an integer >= 0")
+        if cfg.REFINE.DAMPING < 0 or cfg.REFINE.DAMPING_PER_COLUMN < 0:
+            raise ValueError(f"QUANT.REFINE.DAMPING={cfg.REFINE.DAMPING}, DAMPING_PER_COLUMN="
+                             f"{cfg.REFINE.DAMPING_PER_COLUMN}; allowed: numbers >= 0")
+        bn_name = self._bn_pairs.get(name)
+        skip = residual_branch_end(self.teacher, name) if cfg.REFINE.RESIDUAL and bn_name else None
+
+        def capture(n_images: int, augment: bool, pass_seed: int):
+            batches = self.task.calib_batches(n_images=n_images, batch_size=cfg.CAPTURE_BATCH_SIZE,
+                                              augment=augment, seed=pass_seed)
+            return capture_second_moments(student, self.teacher, name, batches, self.task.forward,
+                                          rows_per_image=cfg.CAPTURE_ROWS_PER_IMAGE, seed=pass_seed,
+                                          reduce=self.gram_reduce, skip=skip)
+
+        moments = capture(cfg.CAPTURE_IMAGES, False, seed)
+        dim = moments.ss.shape[1]
         if views and moments.n_rows < cfg.REFINE.MIN_ROWS_PER_COLUMN * dim:
             plain_rows = moments.n_rows
-            batches = self.task.calib_batches(n_images=cfg.CAPTURE_IMAGES * views,
-                                              batch_size=cfg.CAPTURE_BATCH_SIZE, augment=True, seed=seed + 1)
-            moments = moments.merged(capture_second_moments(
-                student, self.teacher, name, batches, self.task.forward, rows_per_image=cfg.CAPTURE_ROWS_PER_IMAGE,
-                seed=seed + 1, reduce=self.gram_reduce, skip=skip))
+            moments = moments.merged(capture(cfg.CAPTURE_IMAGES * views, True, seed + 1))
             logger.info("%s: %d rows from the plain pass < %d x %d columns: %d augmented passes -> %d rows", name,
                         plain_rows, cfg.REFINE.MIN_ROWS_PER_COLUMN, dim, views, moments.n_rows)
         if moments.n_rows < dim:
@@ -206,9 +209,6 @@ class Quantizer:
             gain = affine[0].double()
             gain = torch.where(gain.abs() < 1e-6, torch.full_like(gain, 1e-6), gain)
         row_weight = gain ** 2 if cfg.REFINE.BN_WEIGHTED and gain is not None else None
-        if cfg.REFINE.DAMPING < 0 or cfg.REFINE.DAMPING_PER_COLUMN < 0:
-            raise ValueError(f"QUANT.REFINE.DAMPING={cfg.REFINE.DAMPING}, DAMPING_PER_COLUMN="
-                             f"{cfg.REFINE.DAMPING_PER_COLUMN}; allowed: numbers >= 0")
         damping = cfg.REFINE.DAMPING + cfg.REFINE.DAMPING_PER_COLUMN * dim / moments.n_rows
         objective = output_objective(weight, moments, damping=damping, target=cfg.REFINE.TARGET,
                                      row_weight=row_weight, residual_gain=gain)
