@@ -80,6 +80,8 @@ def test_pipeline_checkpoint_roundtrip_and_report(tiny_images, tmp_path):
     text = open(tmp_path / "report.md").read()
     assert "| compressed" in text and "| uncompressed" in text and "top1" in text
     assert out["metrics"]["compressed"]["n_images"] == 10
+    assert out["metrics"]["compressed"]["kl_to_reference"] >= 0.0  # measured against the teacher
+    assert 0.0 <= out["metrics"]["compressed"]["top1_agreement"] <= 100.0
 
 
 def test_bad_checkpoints(tmp_path, tiny_images):
@@ -122,3 +124,31 @@ def test_feature_taps_and_loss():
     with pytest.raises(KeyError, match="no module 'layer9'"):
         with feature_taps(model, ["layer9"]):
             pass
+
+
+def test_classification_evaluator_against_reference_model():
+    """kl_to_reference / top1_agreement against a direct computation over two batches; labels untouched."""
+    from bgd_det.evaluation import ClassificationEvaluator
+
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(6, 5)
+    model = torch.nn.Linear(6, 5)
+    batches = [(torch.randn(7, 6), torch.randint(0, 5, (7,))), (torch.randn(4, 6), torch.randint(0, 5, (4,)))]
+    ev = ClassificationEvaluator(topk=(1,), reference=reference)
+    with torch.no_grad():
+        for x, y in batches:
+            ev.process((x, y), model(x))
+        out = ev.evaluate()
+        x = torch.cat([b[0] for b in batches])
+        y = torch.cat([b[1] for b in batches])
+        p, q = torch.softmax(reference(x).double(), 1), torch.softmax(model(x).double(), 1)
+    kl = float((p * (p.log() - q.log())).sum(1).mean())
+    assert out["kl_to_reference"] == pytest.approx(kl, rel=1e-5)
+    assert out["top1_agreement"] == pytest.approx(100.0 * float((p.argmax(1) == q.argmax(1)).double().mean()))
+    assert out["top1"] == pytest.approx(100.0 * float((q.argmax(1) == y).double().mean()))
+    assert out["n_images"] == 11
+    # the model against itself: zero divergence, full agreement
+    ev = ClassificationEvaluator(topk=(1,), reference=model)
+    with torch.no_grad():
+        ev.process(batches[0], model(batches[0][0]))
+    assert ev.evaluate()["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)

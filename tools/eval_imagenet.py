@@ -8,6 +8,9 @@
     # a compressed checkpoint: bgd_det's own, or an original BGD / PQF file (format detected)
     python tools/eval_imagenet.py --checkpoint $BGD_DATASETS/peers/bgd/resnet18_small_blocks.pth \
         DATASETS.TEST imagenet_sample
+    # also the KL divergence to, and top-1 agreement with, a reference model (e.g. the teacher)
+    python tools/eval_imagenet.py --checkpoint output/demo_resnet18_large_blocks/model_final.pth \
+        --reference $BGD_DATASETS/teachers/resnet18_pqf_small_dense.pth
 
 Datasets are looked up under ``$BGD_DATASETS``; for the real sample images the class index comes
 from the WordNet id in each file name (see ``bgd_det/data/imagenet.py``). The default split is
@@ -34,8 +37,11 @@ def main(args) -> dict:
         model, fmt = load_checkpoint_model(args.checkpoint, cfg=cfg, device=cfg.MODEL.DEVICE)
     else:
         model, fmt = build_model(cfg), "uncompressed"
+    reference = None
+    if args.reference:
+        reference, _ = load_checkpoint_model(args.reference, cfg=cfg, device=cfg.MODEL.DEVICE)
     size = model_size(model)
-    metrics = ClassificationTask(cfg).evaluate(model)
+    metrics = ClassificationTask(cfg).evaluate(model, reference=reference)
     result = {
         "model": args.checkpoint or f"{cfg.MODEL.ARCH} {cfg.MODEL.WEIGHTS}",
         "format": fmt,
@@ -55,6 +61,12 @@ if __name__ == "__main__":
         default="",
         metavar="FILE",
         help="compressed checkpoint (bgd_det, BGD or PQF; a plain state dict uses MODEL.ARCH)",
+    )
+    parser.add_argument(
+        "--reference",
+        default="",
+        metavar="FILE",
+        help="also report kl_to_reference and top1_agreement against this model (same formats as --checkpoint)",
     )
     args = parser.parse_args()
     try:

@@ -47,7 +47,8 @@ def quantize_and_report(cfg, *, resume: bool = False, **quantizer_kwargs) -> Dic
         save_compressed(os.path.join(cfg.OUTPUT_DIR, FINAL_CHECKPOINT), result.student, arch=cfg.MODEL.ARCH,
                         num_classes=cfg.MODEL.NUM_CLASSES, config=cfg.dump())
     t0 = time.perf_counter()
-    metrics["compressed"] = task.evaluate(result.student)
+    compare = {"reference": teacher} if task.compares_to_reference else {}
+    metrics["compressed"] = task.evaluate(result.student, **compare)
     timings["eval_compressed"] = time.perf_counter() - t0
     if comm.is_main_process():
         text = write_report(cfg.OUTPUT_DIR, size, result.records, metrics, timings)

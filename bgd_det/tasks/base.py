@@ -46,6 +46,8 @@ class Task:
 
     #: name of the headline metric in :meth:`evaluate`'s dict (for reports).
     main_metrics: tuple = ()
+    #: whether :meth:`evaluate` accepts ``reference=`` (a model to compare the outputs with, e.g. the teacher).
+    compares_to_reference: bool = False
 
 
 def build_task(cfg) -> Task:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ def kl_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
 class ClassificationTask(Task):
     main_metrics = ("top1", "top5")
+    compares_to_reference = True
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -75,9 +76,10 @@ class ClassificationTask(Task):
         return DataLoader(Subset(ds, indices), batch_size=self.cfg.TEST.BATCH_SIZE,
                           num_workers=self.cfg.DATALOADER.NUM_WORKERS)
 
-    def evaluate(self, model: nn.Module) -> Dict[str, float]:
+    def evaluate(self, model: nn.Module, *, reference: Optional[nn.Module] = None) -> Dict[str, float]:
+        """Top-1/top-5 (%) on ``DATASETS.TEST``; with ``reference`` also its KL and top-1 agreement to it."""
         device = self.device
-        return inference_on_dataset(model, self.test_loader(), ClassificationEvaluator(),
+        return inference_on_dataset(model, self.test_loader(), ClassificationEvaluator(reference=reference),
                                     forward=lambda m, b: m(b[0].to(device)), desc=self.cfg.DATASETS.TEST)
 
 
