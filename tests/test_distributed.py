@@ -148,7 +148,11 @@ def test_two_processes_with_int16_codes_and_centered_metric(runs):
 def test_distributed_evaluation_equals_single_process(runs):
     single, double = runs[0]["exact"], runs[1]["exact"]
     for which in ("uncompressed", "compressed"):
-        assert single["metrics"][which] == double["metrics"][which], which
+        one, two = single["metrics"][which], double["metrics"][which]
+        assert one.keys() == two.keys(), which
+        # counts are exact; the KL to the teacher is a float sum whose order depends on the sharding
+        assert one == pytest.approx(two, rel=1e-5, abs=1e-7), which
+    assert "kl_to_reference" in single["metrics"]["compressed"]
     assert single["metrics"]["uncompressed"]["n_images"] == 9
     assert double["logits"].shape == single["logits"].shape == (9, 10)
     assert torch.allclose(single["logits"], double["logits"], atol=1e-4)

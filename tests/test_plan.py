@@ -46,6 +46,32 @@ def test_rules_types_overrides_skip_and_clamp():
         build_plan(model, order, QuantRules(skip=["early"], overrides=[["late", "BLOCK_SIZE", 8]]))
 
 
+def test_refinement_damping_overrides():
+    """REFINE.* overrides reach the matching layers' plan entries and the ridge; later entries win."""
+    from types import SimpleNamespace
+
+    from bgd_det.engine.quantizer import refine_damping
+
+    model = Reordered()
+    order = execution_order(model, run)
+    rules = QuantRules(overrides=[["conv*", "REFINE.DAMPING_PER_COLUMN", 15], ["*", "REFINE.DAMPING", 0.5],
+                                  ["late", "REFINE.DAMPING", 0.0]])
+    plan = {p.name: p for p in build_plan(model, order, rules)}
+    assert (plan["conv1x1"].damping, plan["conv1x1"].damping_per_column) == (0.5, 15.0)
+    assert (plan["early"].damping, plan["early"].damping_per_column) == (0.5, None)
+    assert (plan["late"].damping, plan["late"].damping_per_column) == (0.0, None)
+    refine_cfg = SimpleNamespace(DAMPING=0.01, DAMPING_PER_COLUMN=5.0)
+    assert refine_damping(refine_cfg, plan["conv1x1"], 8, 100) == pytest.approx(0.5 + 15 * 8 / 100)
+    assert refine_damping(refine_cfg, plan["early"], 27, 270) == pytest.approx(0.5 + 5 * 27 / 270)
+    # no override: the QUANT.REFINE values, and the same plan as before the override keys existed
+    plain = build_plan(model, order, QuantRules())
+    assert refine_damping(refine_cfg, plain[0], 27, 270) == pytest.approx(0.01 + 0.5)
+    assert plain == build_plan(model, order, QuantRules(overrides=[["late", "SKIP", False]]))
+    for bad in (-1.0, "1e-2", True):
+        with pytest.raises(ValueError, match=r"REFINE.DAMPING_PER_COLUMN=.* for 'early'; allowed: a number >= 0"):
+            build_plan(model, order, QuantRules(overrides=[["early", "REFINE.DAMPING_PER_COLUMN", bad]]))
+
+
 def test_clamp_to_power_of_two():
     model = nn.Sequential(nn.Linear(48, 10))
     plan = build_plan(model, ["0"], QuantRules(block_size_linear=4))

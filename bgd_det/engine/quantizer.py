@@ -31,7 +31,7 @@ from .finetune import bn_affine_params, codebook_params, distill
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LayerRecord", "QuantizationResult", "Quantizer", "PROGRESS_FILE"]
+__all__ = ["LayerRecord", "QuantizationResult", "Quantizer", "PROGRESS_FILE", "refine_damping"]
 
 PROGRESS_FILE = "progress.pth"
 
@@ -57,6 +57,16 @@ class QuantizationResult:
     plan: List[LayerPlan]
     records: List[LayerRecord] = field(default_factory=list)
     timings: Dict[str, float] = field(default_factory=dict)
+
+
+def refine_damping(refine_cfg, layer: LayerPlan, dim: int, n_rows: int) -> float:
+    """Ridge of ``layer``'s refinement: ``DAMPING + DAMPING_PER_COLUMN * dim / n_rows``.
+
+    ``refine_cfg`` is ``cfg.QUANT.REFINE``; a value the plan's overrides set for the layer replaces it.
+    """
+    base = refine_cfg.DAMPING if layer.damping is None else layer.damping
+    per_column = refine_cfg.DAMPING_PER_COLUMN if layer.damping_per_column is None else layer.damping_per_column
+    return base + per_column * dim / n_rows
 
 
 def _seed_all(seed: int) -> None:
@@ -139,7 +149,7 @@ class Quantizer:
                              n_iter=cfg.QUANT.EM_ITERS, seed=seed)
         output_error = float("nan")
         if cfg.QUANT.REFINE.ROUNDS > 0 and has_input_metric(module):
-            refined = self.refine(student, layer.name, weight, result, seed)
+            refined = self.refine(student, layer, weight, result, seed)
             if refined is not None:
                 result, output_error = refined, refined.objective
         if self.broadcast is not None:
@@ -163,7 +173,7 @@ class Quantizer:
                     f", distill loss {record.distill_loss:.4f}" if losses else "", record.seconds)
         return record
 
-    def refine(self, student: nn.Module, name: str, weight: torch.Tensor, result: PQResult,
+    def refine(self, student: nn.Module, layer: LayerPlan, weight: torch.Tensor, result: PQResult,
                seed: int) -> Optional[PQResult]:
         """Output-space refinement of the EM's codes and codebook (QUANT.REFINE; see quantization/refine.py).
 
@@ -173,7 +183,7 @@ class Quantizer:
         QUANT.REFINE.RESIDUAL, the last conv of a residual branch also absorbs the drift of the skip path.
         Returns None (keep the EM result) when fewer rows than weight columns were captured.
         """
-        cfg = self.cfg.QUANT
+        cfg, name = self.cfg.QUANT, layer.name
         views = cfg.REFINE.AUGMENTED_VIEWS
         if views < 0:
             raise ValueError(f"QUANT.REFINE.AUGMENTED_VIEWS={views}; allowed: an integer >= 0")
@@ -209,7 +219,7 @@ class Quantizer:
             gain = affine[0].double()
             gain = torch.where(gain.abs() < 1e-6, torch.full_like(gain, 1e-6), gain)
         row_weight = gain ** 2 if cfg.REFINE.BN_WEIGHTED and gain is not None else None
-        damping = cfg.REFINE.DAMPING + cfg.REFINE.DAMPING_PER_COLUMN * dim / moments.n_rows
+        damping = refine_damping(cfg.REFINE, layer, dim, moments.n_rows)
         objective = output_objective(weight, moments, damping=damping, target=cfg.REFINE.TARGET,
                                      row_weight=row_weight, residual_gain=gain)
         return refine_pq(objective, result.codes, result.codebook, rounds=cfg.REFINE.ROUNDS,

@@ -21,8 +21,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["LayerPlan", "QuantRules", "execution_order", "build_plan", "OVERRIDE_KEYS"]
 
-#: keys a ``[pattern, KEY, value]`` override may set.
-OVERRIDE_KEYS = ("BLOCK_SIZE", "N_CENTROIDS", "SKIP")
+#: keys a ``[pattern, KEY, value]`` override may set (REFINE.*: that layer's QUANT.REFINE value).
+OVERRIDE_KEYS = ("BLOCK_SIZE", "N_CENTROIDS", "SKIP", "REFINE.DAMPING", "REFINE.DAMPING_PER_COLUMN")
 
 
 @dataclass(frozen=True)
@@ -31,13 +31,16 @@ class LayerPlan:
 
     Attributes:
         name: module name in the model; block_size: sub-vector size d; n_centroids: K (after clamping);
-        n_subvectors: C_out * n_blocks.
+        n_subvectors: C_out * n_blocks; damping, damping_per_column: this layer's QUANT.REFINE.DAMPING /
+        DAMPING_PER_COLUMN when an override sets them (None: the QUANT.REFINE value).
     """
 
     name: str
     block_size: int
     n_centroids: int
     n_subvectors: int
+    damping: Optional[float] = None
+    damping_per_column: Optional[float] = None
 
 
 @dataclass
@@ -136,6 +139,8 @@ def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> Lis
             "BLOCK_SIZE": rules.default_block_size(module),
             "N_CENTROIDS": rules.n_centroids,
             "SKIP": any(fnmatch.fnmatchcase(name, p) for p in rules.skip),
+            "REFINE.DAMPING": None,
+            "REFINE.DAMPING_PER_COLUMN": None,
         }
         for pattern, key, value in rules.overrides:  # later overrides win
             if fnmatch.fnmatchcase(name, pattern):
@@ -159,8 +164,18 @@ def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> Lis
         clamped = min(k, 2 ** int(math.floor(math.log2(cap))))
         if clamped != k:
             logger.info("%s: K clamped from %d to %d (%d sub-vectors)", name, k, clamped, n_sub)
-        plan.append(LayerPlan(name, d, clamped, n_sub))
+        ridge = [_ridge(name, setting, key) for key in ("REFINE.DAMPING", "REFINE.DAMPING_PER_COLUMN")]
+        plan.append(LayerPlan(name, d, clamped, n_sub, *ridge))
     return plan
+
+
+def _ridge(name: str, setting: Dict[str, Any], key: str) -> Optional[float]:
+    value = setting[key]
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"QUANT.OVERRIDES {key}={value!r} for {name!r}; allowed: a number >= 0")
+    return float(value)
 
 
 def _weight_shape(module: nn.Module) -> torch.Size:
