@@ -21,8 +21,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["LayerPlan", "QuantRules", "execution_order", "build_plan", "OVERRIDE_KEYS"]
 
-#: keys a ``[pattern, KEY, value]`` override may set (REFINE.*: that layer's QUANT.REFINE value).
-OVERRIDE_KEYS = ("BLOCK_SIZE", "N_CENTROIDS", "SKIP", "REFINE.DAMPING", "REFINE.DAMPING_PER_COLUMN")
+#: override keys that replace a QUANT.REFINE value for the matching layers (LayerPlan.damping, .damping_per_column).
+REFINE_OVERRIDE_KEYS = ("REFINE.DAMPING", "REFINE.DAMPING_PER_COLUMN")
+#: keys a ``[pattern, KEY, value]`` override may set.
+OVERRIDE_KEYS = ("BLOCK_SIZE", "N_CENTROIDS", "SKIP") + REFINE_OVERRIDE_KEYS
 
 
 @dataclass(frozen=True)
@@ -139,8 +141,7 @@ def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> Lis
             "BLOCK_SIZE": rules.default_block_size(module),
             "N_CENTROIDS": rules.n_centroids,
             "SKIP": any(fnmatch.fnmatchcase(name, p) for p in rules.skip),
-            "REFINE.DAMPING": None,
-            "REFINE.DAMPING_PER_COLUMN": None,
+            **dict.fromkeys(REFINE_OVERRIDE_KEYS),  # None: the QUANT.REFINE value
         }
         for pattern, key, value in rules.overrides:  # later overrides win
             if fnmatch.fnmatchcase(name, pattern):
@@ -164,7 +165,7 @@ def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> Lis
         clamped = min(k, 2 ** int(math.floor(math.log2(cap))))
         if clamped != k:
             logger.info("%s: K clamped from %d to %d (%d sub-vectors)", name, k, clamped, n_sub)
-        ridge = [_ridge(name, setting, key) for key in ("REFINE.DAMPING", "REFINE.DAMPING_PER_COLUMN")]
+        ridge = [_ridge(name, setting, key) for key in REFINE_OVERRIDE_KEYS]
         plan.append(LayerPlan(name, d, clamped, n_sub, *ridge))
     return plan
 
