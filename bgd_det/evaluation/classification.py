@@ -45,8 +45,8 @@ class ClassificationEvaluator(DatasetEvaluator):
             self.reference.eval()
             ref = self.reference(inputs[0].to(outputs.device)).float()
             self.reference.train(was_training)
-            log_p, log_q = F.log_softmax(ref, 1), F.log_softmax(outputs.float(), 1)
-            self._kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
+            self._kl_sum += float(F.kl_div(F.log_softmax(outputs.float(), 1), F.log_softmax(ref, 1),
+                                           reduction="sum", log_target=True))
             self._agree += int((ref.argmax(1) == outputs.argmax(1)).sum())
 
     def evaluate(self) -> Dict[str, float]:
