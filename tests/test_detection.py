@@ -238,6 +238,8 @@ def test_distill_and_supervised_losses(compressed, small_inputs, cfg):
                                                                              {"images": batch["images"]})
     with pytest.raises(ValueError, match="DETECTION.LOSS='labels'; allowed"):
         DetectionTask(small_cfg("DETECTION.LOSS", "labels"))
+    with pytest.raises(ValueError, match="FINETUNE.MIXUP_ALPHA=0.2; allowed for detection: 0"):
+        DetectionTask(small_cfg("FINETUNE.MIXUP_ALPHA", 0.2))
 
 
 def test_category_mismatch_between_checkpoint_and_dataset(compressed, cfg, tmp_path, monkeypatch):

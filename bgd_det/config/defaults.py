@@ -108,6 +108,9 @@ _C.FINETUNE.BN = "affine"  # "affine": train BN weight/bias, keep running stats;
 _C.FINETUNE.FEATURE_LAYERS = []
 _C.FINETUNE.FEATURE_WEIGHT = 0.0
 _C.FINETUNE.AUGMENT = True  # random-resized crops + flips for distillation batches
+# Classification: mixup of distillation batches, one Beta(alpha, alpha) weight per image, seen identically by
+# teacher and student (0 = off). Detection tasks refuse a value > 0.
+_C.FINETUNE.MIXUP_ALPHA = 0.0
 
 _C.DATASETS = CfgNode()
 # Registered dataset names (bgd_det.data.DatasetCatalog).

@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 from typing import Any, Dict, Iterator, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,7 +16,7 @@ from ..evaluation import ClassificationEvaluator, inference_on_dataset
 from ..utils import comm
 from .base import TASK_REGISTRY, Task
 
-__all__ = ["ClassificationTask", "kl_distill_loss"]
+__all__ = ["ClassificationTask", "kl_distill_loss", "mix_images"]
 
 
 def kl_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0):
@@ -23,6 +24,15 @@ def kl_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     t = temperature
     return F.kl_div(F.log_softmax(student_logits / t, 1), F.log_softmax(teacher_logits / t, 1),
                     reduction="batchmean", log_target=True) * (t * t)
+
+
+def mix_images(images: torch.Tensor, alpha: float, rng: np.random.Generator) -> torch.Tensor:
+    """Mixup of a batch with a shuffled copy of itself: ``lam * x + (1 - lam) * x[perm]``, one
+    ``lam ~ Beta(alpha, alpha)`` per image; images Tensor[B, C, H, W] -> Tensor[B, C, H, W]."""
+    b = images.shape[0]
+    lam = torch.from_numpy(rng.beta(alpha, alpha, size=b)).to(images).view(b, *([1] * (images.dim() - 1)))
+    perm = torch.from_numpy(rng.permutation(b)).to(images.device)
+    return lam * images + (1 - lam) * images[perm]
 
 
 class ClassificationTask(Task):
@@ -33,6 +43,10 @@ class ClassificationTask(Task):
         super().__init__(cfg)
         self.device = torch.device(cfg.MODEL.DEVICE)
         self._calib = None
+        alpha = cfg.FINETUNE.MIXUP_ALPHA
+        if not alpha >= 0:
+            raise ValueError(f"FINETUNE.MIXUP_ALPHA={alpha}; allowed: a number >= 0 (0 = no mixup)")
+        self._mix_rng = np.random.default_rng([cfg.SEED, comm.get_rank()])
 
     def calib_dataset(self):
         if self._calib is None:
@@ -62,9 +76,14 @@ class ClassificationTask(Task):
         return model(batch[0])
 
     def distill_loss(self, student: nn.Module, teacher: nn.Module, batch: Any) -> torch.Tensor:
+        """KL to the teacher's logits; with ``FINETUNE.MIXUP_ALPHA`` > 0 both models see the same mixed-up
+        images ("function matching": the student copies the teacher between the calibration images too)."""
+        images = batch[0]
+        if self.cfg.FINETUNE.MIXUP_ALPHA > 0:
+            images = mix_images(images, self.cfg.FINETUNE.MIXUP_ALPHA, self._mix_rng)
         with torch.no_grad():
-            target = teacher(batch[0])
-        return kl_distill_loss(student(batch[0]), target, self.cfg.FINETUNE.TEMPERATURE)
+            target = teacher(images)
+        return kl_distill_loss(student(images), target, self.cfg.FINETUNE.TEMPERATURE)
 
     def test_loader(self) -> DataLoader:
         ds = DatasetCatalog.get(self.cfg.DATASETS.TEST)

@@ -295,6 +295,9 @@ class DetectionTask(Task):
         self.device = torch.device(cfg.MODEL.DEVICE)
         if cfg.DETECTION.LOSS not in LOSSES:
             raise ValueError(f"DETECTION.LOSS={cfg.DETECTION.LOSS!r}; allowed: {list(LOSSES)}")
+        if cfg.FINETUNE.MIXUP_ALPHA != 0:
+            raise ValueError(f"FINETUNE.MIXUP_ALPHA={cfg.FINETUNE.MIXUP_ALPHA}; allowed for detection: 0 "
+                             "(mixup is a classification option)")
         found = _weights_num_classes(cfg.MODEL.WEIGHTS)
         if found is not None and found[0] != cfg.MODEL.NUM_CLASSES:
             raise ValueError(f"category mismatch: MODEL.WEIGHTS {found[1]} has {found[0]} classes but "
