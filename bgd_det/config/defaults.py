@@ -109,7 +109,7 @@ _C.FINETUNE.FEATURE_LAYERS = []
 _C.FINETUNE.FEATURE_WEIGHT = 0.0
 _C.FINETUNE.AUGMENT = True  # random-resized crops + flips for distillation batches
 # Classification: mixup of distillation batches, one Beta(alpha, alpha) weight per image, seen identically by
-# teacher and student (0 = off). Detection tasks refuse a value > 0.
+# teacher and student (0 = off). Detection tasks refuse any value other than 0.
 _C.FINETUNE.MIXUP_ALPHA = 0.0
 
 _C.DATASETS = CfgNode()
