@@ -7,7 +7,8 @@ from torch import nn
 
 from bgd_det.quantization.capture import SecondMoments, capture_second_moments, input_rows
 from bgd_det.quantization.pq import em_quantize, pq_decode
-from bgd_det.quantization.refine import _decode, _solve_codebook, _sweep_codes, output_objective, refine_pq
+from bgd_det.quantization.refine import (_decode, _solve_codebook, _sweep_codes, damping_metric, output_objective,
+                                         refine_pq)
 
 
 def _moments(xs: torch.Tensor, xt: torch.Tensor) -> SecondMoments:
@@ -46,6 +47,40 @@ def test_objective_matches_explicit_output_error(target):
     lam = 0.05 * (xs.double().transpose(1, 2) @ xs.double() / xs.shape[1]).diagonal(dim1=1, dim2=2).mean(1)
     ref = _explicit_f(weight, w_hat, xs, xs if target == "weights" else xt, lam, rows)
     assert obj.value(w_hat) == pytest.approx(ref, rel=1e-9)
+
+
+@pytest.mark.parametrize("metric", ["identity", "diagonal", "channel"])
+def test_damping_metric_matches_explicit_ridge(metric):
+    """f = E|w_hat x_s - w x_t|^2 + lam (w_hat - w) M (w_hat - w)^T, M built here from the rows themselves."""
+    g, m, c_in, k = 2, 5, 4, 3
+    dim = c_in * k * k
+    _, xs, xt = _problem(g=g, m=m, dim=dim)
+    weight = torch.randn(g * m, c_in, k, k, generator=torch.Generator().manual_seed(3))
+    obj = output_objective(weight, _moments(xs, xt), damping=0.3, metric=metric)
+    h = xs.double().transpose(1, 2) @ xs.double() / xs.shape[1]  # Tensor[g, D, D]
+    if metric == "identity":
+        ref_m = torch.eye(dim, dtype=torch.float64) * h.diagonal(dim1=1, dim2=2).mean(1).view(g, 1, 1)
+    elif metric == "diagonal":
+        ref_m = torch.diag_embed(h.diagonal(dim1=1, dim2=2))
+    else:  # one k*k block per input channel, nothing across channels
+        ref_m = torch.zeros_like(h)
+        for c in range(c_in):
+            cols = slice(c * k * k, (c + 1) * k * k)
+            ref_m[:, cols, cols] = h[:, cols, cols]
+    assert torch.allclose(damping_metric(h, metric, k * k), ref_m, atol=1e-9)
+    # every metric carries the trace of H, so one damping value means a comparable strength
+    assert torch.allclose(ref_m.diagonal(dim1=1, dim2=2).sum(1), h.diagonal(dim1=1, dim2=2).sum(1))
+    w = weight.double().reshape(g, m, dim)
+    w_hat = w + 0.5 * torch.randn(g, m, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    err = xs.double() @ w_hat.transpose(1, 2) - xt.double() @ w.transpose(1, 2)
+    diff = w_hat - w
+    ref = float((err * err).sum() / xs.shape[1] + 0.3 * (diff @ ref_m * diff).sum())
+    assert obj.value(w_hat) == pytest.approx(ref, rel=1e-9)
+    # a Linear layer (kernel 1): "channel" is "diagonal"
+    lin = torch.randn(g * m, dim, generator=torch.Generator().manual_seed(5))
+    a = output_objective(lin, _moments(xs, xt), damping=0.3, metric="channel")
+    b = output_objective(lin, _moments(xs, xt), damping=0.3, metric="diagonal")
+    assert torch.allclose(a.h, b.h, atol=1e-9) and a.const == pytest.approx(b.const, rel=1e-12)
 
 
 def test_code_sweep_is_exact_coordinate_descent():
@@ -162,6 +197,8 @@ def test_bad_target_and_shapes_are_named():
         refine_pq(obj, torch.zeros(4, 3, dtype=torch.uint8), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="row_weight must be positive"):
         output_objective(weight, _moments(xs, xt), row_weight=torch.zeros(4))
+    with pytest.raises(ValueError, match="DAMPING_METRIC='block'; allowed: 'identity', 'diagonal', 'channel'"):
+        output_objective(weight, _moments(xs, xt), metric="block")
 
 
 def test_quantizer_refines_conv_layers_and_lowers_their_output_error(tiny_images, tmp_path):
@@ -220,20 +257,24 @@ def test_damping_grows_with_the_columns_per_captured_row(tiny_images, tmp_path, 
     real = quantizer.output_objective
 
     def spy(weight, moments, **kwargs):
-        seen.append((moments.ss.shape[1], moments.n_rows, kwargs["damping"]))
+        seen.append((moments.ss.shape[1], moments.n_rows, kwargs["damping"], kwargs["metric"]))
         return real(weight, moments, **kwargs)
 
     monkeypatch.setattr(quantizer, "output_objective", spy)
     cfg = tiny_cfg(tmp_path, "QUANT.METRIC", "identity", "QUANT.REFINE.ROUNDS", 1,
-                   "QUANT.REFINE.DAMPING_PER_COLUMN", 3.0)
+                   "QUANT.REFINE.DAMPING_PER_COLUMN", 3.0, "QUANT.REFINE.DAMPING_METRIC", "channel")
     torch.manual_seed(0)
     teacher = build_model(cfg)
     quantizer.Quantizer(cfg, teacher, build_task(cfg)).run()
     assert len(seen) == 3  # the three convs (the fc has too few rows and is not refined)
-    for dim, rows, damping in seen:
+    for dim, rows, damping, metric in seen:
         assert damping == pytest.approx(0.01 + 3.0 * dim / rows)
+        assert metric == "channel"
     bad = tiny_cfg(tmp_path / "bad", "QUANT.REFINE.ROUNDS", 1, "QUANT.REFINE.DAMPING_PER_COLUMN", -1.0)
     with pytest.raises(ValueError, match="DAMPING_PER_COLUMN=-1.0; allowed: numbers >= 0"):
+        quantizer.Quantizer(bad, teacher, build_task(bad)).run()
+    bad = tiny_cfg(tmp_path / "bad2", "QUANT.REFINE.ROUNDS", 1, "QUANT.REFINE.DAMPING_METRIC", "full")
+    with pytest.raises(ValueError, match="DAMPING_METRIC='full'; allowed: 'identity', 'diagonal', 'channel'"):
         quantizer.Quantizer(bad, teacher, build_task(bad)).run()
 
 

@@ -73,6 +73,10 @@ _C.QUANT.REFINE.DAMPING = 0.01
 # DAMPING + DAMPING_PER_COLUMN * D / n_rows (the refinement otherwise fits the calibration images' sampling noise:
 # measured on the demo, the deep layers' held-out output error grew to 1.6x their calibration error).
 _C.QUANT.REFINE.DAMPING_PER_COLUMN = 0.0
+# Metric of that ridge (all have the trace of the input's second moment H): "identity" (mean input energy on every
+# column), "diagonal" (each column's own energy), "channel" (H's kh x kw blocks, one per input channel: the
+# cross-channel correlations, the worst estimated from few rows, are left out of the prior).
+_C.QUANT.REFINE.DAMPING_METRIC = "identity"
 _C.QUANT.REFINE.CG_ITERS = 10
 # Weight each output channel's error by (gamma / sqrt(running_var + eps))^2 of the teacher's BatchNorm that follows
 # the layer, i.e. measure the error after that BatchNorm.

@@ -22,7 +22,7 @@ from ..quantization.bn_correction import bn_scale_shift, channel_stats, correct_
 from ..quantization.capture import capture_gram, capture_second_moments, has_input_metric
 from ..quantization.plan import LayerPlan, QuantRules, build_plan, execution_order
 from ..quantization.pq import PQResult, em_quantize
-from ..quantization.refine import output_objective, refine_pq
+from ..quantization.refine import DAMPING_METRICS, output_objective, refine_pq
 from ..quantization.residual import residual_branch_end
 from ..quantization.swap import make_pq_layer, set_module
 from ..tasks.base import Task
@@ -190,6 +190,9 @@ class Quantizer:
         if cfg.REFINE.DAMPING < 0 or cfg.REFINE.DAMPING_PER_COLUMN < 0:
             raise ValueError(f"QUANT.REFINE.DAMPING={cfg.REFINE.DAMPING}, DAMPING_PER_COLUMN="
                              f"{cfg.REFINE.DAMPING_PER_COLUMN}; allowed: numbers >= 0")
+        if cfg.REFINE.DAMPING_METRIC not in DAMPING_METRICS:
+            raise ValueError(f"QUANT.REFINE.DAMPING_METRIC={cfg.REFINE.DAMPING_METRIC!r}; allowed: "
+                             f"{', '.join(map(repr, DAMPING_METRICS))}")
         bn_name = self._bn_pairs.get(name)
         skip = residual_branch_end(self.teacher, name) if cfg.REFINE.RESIDUAL and bn_name else None
 
@@ -221,7 +224,7 @@ class Quantizer:
         row_weight = gain ** 2 if cfg.REFINE.BN_WEIGHTED and gain is not None else None
         damping = refine_damping(cfg.REFINE, layer, dim, moments.n_rows)
         objective = output_objective(weight, moments, damping=damping, target=cfg.REFINE.TARGET,
-                                     row_weight=row_weight, residual_gain=gain)
+                                     row_weight=row_weight, residual_gain=gain, metric=cfg.REFINE.DAMPING_METRIC)
         return refine_pq(objective, result.codes, result.codebook, rounds=cfg.REFINE.ROUNDS,
                          cg_iters=cfg.REFINE.CG_ITERS,
                          label=f"{name} ({moments.n_rows} captured rows, damping {damping:.3g})")

@@ -16,8 +16,11 @@ increase it:
   (exact coordinate descent; the error of earlier blocks is fed forward into later ones, as in GPTQ);
 * codebook solve: ``f`` is quadratic in the centroids; preconditioned conjugate gradients from the current one.
 
-A damping ``lambda * mean(diag H)`` pulls towards the layer's own weights where the captured inputs do not
-determine the output (``D`` larger than the number of captured rows).
+A damping ``lambda * ||W_hat - W||_M^2`` pulls towards the layer's own weights where the captured inputs do not
+determine the output (few captured rows for ``D``). Its metric ``M`` (all three have the trace of ``H``):
+``"identity"``: ``mean(diag H) * I``; ``"diagonal"``: ``diag H`` (each input column at its own energy);
+``"channel"``: the ``kh*kw`` diagonal blocks of ``H``, one per input channel (keeps the spatial correlations
+within a channel, drops the cross-channel ones, which are what few rows estimate worst).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from .pq import PQResult
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OutputObjective", "output_objective", "refine_pq"]
+__all__ = ["DAMPING_METRICS", "OutputObjective", "damping_metric", "output_objective", "refine_pq"]
 
 
 @dataclass
@@ -63,18 +66,41 @@ class OutputObjective:
         return float(quad - 2 * (w_hat * self.b * self.row_weight).sum()) + self.const
 
 
+DAMPING_METRICS = ("identity", "diagonal", "channel")
+
+
+def damping_metric(ss: Tensor, kind: str, kernel: int) -> Tensor:
+    """The damping's metric ``M`` (Tensor[g, D, D]) from the student's second moment ``ss`` (Tensor[g, D, D]);
+    ``kernel``: columns per input channel (``kh * kw``; 1 for Linear)."""
+    if kind not in DAMPING_METRICS:
+        raise ValueError(f"QUANT.REFINE.DAMPING_METRIC={kind!r}; allowed: {', '.join(map(repr, DAMPING_METRICS))}")
+    diag = ss.diagonal(dim1=1, dim2=2)
+    if kind == "identity":
+        return torch.diag_embed(diag.mean(1, keepdim=True).clamp_min(1e-12).expand_as(diag))
+    if kind == "diagonal":
+        return torch.diag_embed(diag.clamp_min(1e-12))
+    dim = ss.shape[1]
+    if dim % kernel:
+        raise ValueError(f"{dim} input columns are not a whole number of {kernel}-column channels")
+    mask = torch.block_diag(*[torch.ones(kernel, kernel, dtype=ss.dtype, device=ss.device)] * (dim // kernel))
+    floor = 1e-12 * torch.eye(dim, dtype=ss.dtype, device=ss.device)
+    return ss * mask + floor
+
+
 def output_objective(weight: Tensor, moments: SecondMoments, *, damping: float = 0.01, target: str = "teacher",
-                     row_weight: Optional[Tensor] = None, residual_gain: Optional[Tensor] = None) -> OutputObjective:
+                     row_weight: Optional[Tensor] = None, residual_gain: Optional[Tensor] = None,
+                     metric: str = "identity") -> OutputObjective:
     """Build ``f`` for ``weight`` (Tensor[C_out, ...]) from captured moments.
 
     Args:
-        damping: ``lambda``; adds ``lambda * mean(diag H) * ||W_hat - W||^2``.
+        damping: ``lambda``; adds ``lambda * ||W_hat - W||_M^2`` (``M`` from ``metric``, see the module doc).
         target: "teacher": match ``W x_t`` (teacher's output); "weights": match ``W x_s`` (the layer's own
             output on the student's inputs).
         row_weight (Tensor[C_out] or None): per output channel weight of the error (None: all 1).
         residual_gain (Tensor[C_out] or None): when ``moments`` hold a skip-path difference ``r``, the target
             becomes ``W x_t + r / a`` with ``a`` this per-channel gain (of the BatchNorm between the layer and
             the addition; see :mod:`.residual`).
+        metric: the damping's metric, one of ``DAMPING_METRICS``.
     """
     if target not in ("teacher", "weights"):
         raise ValueError(f"QUANT.REFINE.TARGET={target!r}; allowed: 'teacher', 'weights'")
@@ -82,10 +108,10 @@ def output_objective(weight: Tensor, moments: SecondMoments, *, damping: float =
     w = weight.detach().double().reshape(g, -1, dim)
     cross = moments.st if target == "teacher" else moments.ss
     tt = moments.tt if target == "teacher" else moments.ss
-    lam = (damping * moments.ss.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)).view(g, 1, 1).to(w)
-    eye = torch.eye(dim, dtype=torch.float64, device=w.device)
-    h = moments.ss.to(w) + lam * eye
-    b = w @ cross.transpose(1, 2).to(w) + lam * w
+    kernel = weight[0, 0].numel() if weight.dim() > 2 else 1
+    ridge = damping * damping_metric(moments.ss.to(w), metric, kernel)  # Tensor[g, D, D]
+    h = moments.ss.to(w) + ridge
+    b = w @ cross.transpose(1, 2).to(w) + w @ ridge
     r = torch.ones(g, w.shape[1], 1, dtype=w.dtype) if row_weight is None else \
         row_weight.detach().to(w).reshape(g, -1, 1)
     if bool((r <= 0).any()) or not bool(torch.isfinite(r).all()):
@@ -98,7 +124,7 @@ def output_objective(weight: Tensor, moments: SecondMoments, *, damping: float =
         b = b + (moments.sd.to(w) * inv).transpose(1, 2)
         scale += float(2 * ((w @ moments.td.to(w) * inv).diagonal(dim1=1, dim2=2) * r.squeeze(2)).sum()
                        + (moments.dd.to(w) * inv.squeeze(1) ** 2 * r.squeeze(2)).sum())
-    const = scale + float((lam * w * w * r).sum())
+    const = scale + float((w @ ridge * w * r).sum())
     return OutputObjective(h, b, r, const, scale)
 
 
