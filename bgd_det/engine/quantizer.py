@@ -22,7 +22,7 @@ from ..quantization.bn_correction import bn_scale_shift, channel_stats, correct_
 from ..quantization.capture import capture_gram, capture_second_moments, has_input_metric
 from ..quantization.plan import LayerPlan, QuantRules, build_plan, execution_order
 from ..quantization.pq import PQResult, em_quantize
-from ..quantization.refine import DAMPING_METRICS, output_objective, refine_pq
+from ..quantization.refine import check_damping_metric, output_objective, refine_pq
 from ..quantization.residual import residual_branch_end
 from ..quantization.swap import make_pq_layer, set_module
 from ..tasks.base import Task
@@ -190,9 +190,7 @@ class Quantizer:
         if cfg.REFINE.DAMPING < 0 or cfg.REFINE.DAMPING_PER_COLUMN < 0:
             raise ValueError(f"QUANT.REFINE.DAMPING={cfg.REFINE.DAMPING}, DAMPING_PER_COLUMN="
                              f"{cfg.REFINE.DAMPING_PER_COLUMN}; allowed: numbers >= 0")
-        if cfg.REFINE.DAMPING_METRIC not in DAMPING_METRICS:
-            raise ValueError(f"QUANT.REFINE.DAMPING_METRIC={cfg.REFINE.DAMPING_METRIC!r}; allowed: "
-                             f"{', '.join(map(repr, DAMPING_METRICS))}")
+        check_damping_metric(cfg.REFINE.DAMPING_METRIC)
         bn_name = self._bn_pairs.get(name)
         skip = residual_branch_end(self.teacher, name) if cfg.REFINE.RESIDUAL and bn_name else None
 

@@ -36,7 +36,7 @@ from .pq import PQResult
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DAMPING_METRICS", "OutputObjective", "damping_metric", "output_objective", "refine_pq"]
+__all__ = ["DAMPING_METRICS", "OutputObjective", "check_damping_metric", "damping_metric", "output_objective", "refine_pq"]
 
 
 @dataclass
@@ -69,11 +69,16 @@ class OutputObjective:
 DAMPING_METRICS = ("identity", "diagonal", "channel")
 
 
+def check_damping_metric(kind: str) -> None:
+    """Raise a one-line error unless ``kind`` is one of ``DAMPING_METRICS``."""
+    if kind not in DAMPING_METRICS:
+        raise ValueError(f"QUANT.REFINE.DAMPING_METRIC={kind!r}; allowed: {', '.join(map(repr, DAMPING_METRICS))}")
+
+
 def damping_metric(ss: Tensor, kind: str, kernel: int) -> Tensor:
     """The damping's metric ``M`` (Tensor[g, D, D]) from the student's second moment ``ss`` (Tensor[g, D, D]);
     ``kernel``: columns per input channel (``kh * kw``; 1 for Linear)."""
-    if kind not in DAMPING_METRICS:
-        raise ValueError(f"QUANT.REFINE.DAMPING_METRIC={kind!r}; allowed: {', '.join(map(repr, DAMPING_METRICS))}")
+    check_damping_metric(kind)
     diag = ss.diagonal(dim1=1, dim2=2)
     if kind == "identity":
         return torch.diag_embed(diag.mean(1, keepdim=True).clamp_min(1e-12).expand_as(diag))
