@@ -114,9 +114,11 @@ def output_objective(weight: Tensor, moments: SecondMoments, *, damping: float =
     cross = moments.st if target == "teacher" else moments.ss
     tt = moments.tt if target == "teacher" else moments.ss
     kernel = weight[0, 0].numel() if weight.dim() > 2 else 1
-    ridge = damping * damping_metric(moments.ss.to(w), metric, kernel)  # Tensor[g, D, D]
-    h = moments.ss.to(w) + ridge
-    b = w @ cross.transpose(1, 2).to(w) + w @ ridge
+    ss = moments.ss.to(w)
+    ridge = damping * damping_metric(ss, metric, kernel)  # Tensor[g, D, D]
+    w_ridge = w @ ridge  # Tensor[g, m, D], used by b and by the constant
+    h = ss + ridge
+    b = w @ cross.transpose(1, 2).to(w) + w_ridge
     r = torch.ones(g, w.shape[1], 1, dtype=w.dtype) if row_weight is None else \
         row_weight.detach().to(w).reshape(g, -1, 1)
     if bool((r <= 0).any()) or not bool(torch.isfinite(r).all()):
@@ -129,7 +131,7 @@ def output_objective(weight: Tensor, moments: SecondMoments, *, damping: float =
         b = b + (moments.sd.to(w) * inv).transpose(1, 2)
         scale += float(2 * ((w @ moments.td.to(w) * inv).diagonal(dim1=1, dim2=2) * r.squeeze(2)).sum()
                        + (moments.dd.to(w) * inv.squeeze(1) ** 2 * r.squeeze(2)).sum())
-    const = scale + float((w @ ridge * w * r).sum())
+    const = scale + float((w_ridge * w * r).sum())
     return OutputObjective(h, b, r, const, scale)
 
 
