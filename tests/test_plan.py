@@ -107,3 +107,20 @@ def test_paper_sizes(config, mib, ratio):
     report = model_size(swap_in_skeleton(model, plan))
     assert report.compressed_mib == pytest.approx(mib, abs=0.01)
     assert report.ratio == pytest.approx(ratio, abs=0.1)
+
+
+def _demo_plan_and_size(config):
+    cfg = load_config(config)
+    model = build_model(cfg, load=False).eval()
+    order = execution_order(model, lambda m: m(torch.zeros(1, 3, 64, 64)))
+    plan = build_plan(model, order, QuantRules.from_cfg(cfg.QUANT))
+    return {p.name: p.block_size for p in plan}, model_size(swap_in_skeleton(model, plan)).compressed_bytes
+
+
+def test_mixed_blocks_demo_spends_exactly_the_large_blocks_bytes():
+    large, large_bytes = _demo_plan_and_size("configs/ImageNet/demo_resnet18_large_blocks_sample.yaml")
+    mixed, mixed_bytes = _demo_plan_and_size("configs/ImageNet/demo_resnet18_mixed_blocks_sample.yaml")
+    assert mixed_bytes == large_bytes == 1079328
+    changed = {n for n in large if large[n] != mixed[n]}
+    assert changed == {f"layer{g}.{b}.conv{c}" for g in (1, 2) for b in (0, 1) for c in (1, 2)}
+    assert all(large[n] == 18 and mixed[n] == 9 for n in changed)
