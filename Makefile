@@ -24,7 +24,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 demo: $(STAMP)
-	$(PY) tools/quantize_net.py --config configs/ImageNet/demo_resnet18_large_blocks_sample.yaml
+	$(PY) tools/quantize_net.py --config configs/ImageNet/demo_resnet18_mixed_blocks_sample.yaml
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_em.py
