@@ -92,6 +92,15 @@ def test_errors_name_the_bad_value():
         build_plan(model, order, QuantRules(overrides=[["early", "BLOCK_SIZE", 5]]))
 
 
+def _plan_and_size(config: str):
+    """Execution order, plan and size report of ``config``'s model (no weights loaded)."""
+    cfg = load_config(config)
+    model = build_model(cfg, load=False).eval()
+    order = execution_order(model, lambda m: m(torch.zeros(1, 3, 64, 64)))
+    plan = build_plan(model, order, QuantRules.from_cfg(cfg.QUANT))
+    return order, plan, model_size(swap_in_skeleton(model, plan))
+
+
 @pytest.mark.parametrize("config,mib,ratio", [
     ("configs/ImageNet/resnet18_small_blocks.yaml", 1.54, 28.9),
     ("configs/ImageNet/resnet18_large_blocks.yaml", 1.03, 43.3),
@@ -99,28 +108,18 @@ def test_errors_name_the_bad_value():
     ("configs/ImageNet/resnet50_large_blocks.yaml", 3.19, 30.6),
 ])
 def test_paper_sizes(config, mib, ratio):
-    cfg = load_config(config)
-    model = build_model(cfg, load=False).eval()
-    order = execution_order(model, lambda m: m(torch.zeros(1, 3, 64, 64)))
-    plan = build_plan(model, order, QuantRules.from_cfg(cfg.QUANT))
+    order, plan, report = _plan_and_size(config)
     assert order[0] == "conv1" and plan[0].name == "layer1.0.conv1" and plan[-1].name == "fc"
-    report = model_size(swap_in_skeleton(model, plan))
     assert report.compressed_mib == pytest.approx(mib, abs=0.01)
     assert report.ratio == pytest.approx(ratio, abs=0.1)
 
 
-def _demo_plan_and_size(config):
-    cfg = load_config(config)
-    model = build_model(cfg, load=False).eval()
-    order = execution_order(model, lambda m: m(torch.zeros(1, 3, 64, 64)))
-    plan = build_plan(model, order, QuantRules.from_cfg(cfg.QUANT))
-    return {p.name: p.block_size for p in plan}, model_size(swap_in_skeleton(model, plan)).compressed_bytes
-
-
 def test_mixed_blocks_demo_spends_exactly_the_large_blocks_bytes():
-    large, large_bytes = _demo_plan_and_size("configs/ImageNet/demo_resnet18_large_blocks_sample.yaml")
-    mixed, mixed_bytes = _demo_plan_and_size("configs/ImageNet/demo_resnet18_mixed_blocks_sample.yaml")
-    assert mixed_bytes == large_bytes == 1079328
+    _, large_plan, large_size = _plan_and_size("configs/ImageNet/demo_resnet18_large_blocks_sample.yaml")
+    _, mixed_plan, mixed_size = _plan_and_size("configs/ImageNet/demo_resnet18_mixed_blocks_sample.yaml")
+    assert mixed_size.compressed_bytes == large_size.compressed_bytes == 1079328
+    large = {p.name: p.block_size for p in large_plan}
+    mixed = {p.name: p.block_size for p in mixed_plan}
     changed = {n for n in large if large[n] != mixed[n]}
     assert changed == {f"layer{g}.{b}.conv{c}" for g in (1, 2) for b in (0, 1) for c in (1, 2)}
     assert all(large[n] == 18 and mixed[n] == 9 for n in changed)
