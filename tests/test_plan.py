@@ -123,3 +123,6 @@ def test_mixed_blocks_demo_spends_exactly_the_large_blocks_bytes():
     changed = {n for n in large if large[n] != mixed[n]}
     assert changed == {f"layer{g}.{b}.conv{c}" for g in (1, 2) for b in (0, 1) for c in (1, 2)}
     assert all(large[n] == 18 and mixed[n] == 9 for n in changed)
+    # A yaml list replaces its _BASE_'s: the mixed config repeats the demo's overrides and must stay in step with them.
+    base = load_config("configs/ImageNet/demo_resnet18_large_blocks_sample.yaml").QUANT.OVERRIDES
+    assert load_config("configs/ImageNet/demo_resnet18_mixed_blocks_sample.yaml").QUANT.OVERRIDES[:len(base)] == base
