@@ -92,9 +92,8 @@ def test_errors_name_the_bad_value():
         build_plan(model, order, QuantRules(overrides=[["early", "BLOCK_SIZE", 5]]))
 
 
-def _plan_and_size(config: str):
-    """Execution order, plan and size report of ``config``'s model (no weights loaded)."""
-    cfg = load_config(config)
+def _plan_and_size(cfg):
+    """Execution order, plan and size report of ``cfg``'s model (no weights loaded)."""
     model = build_model(cfg, load=False).eval()
     order = execution_order(model, lambda m: m(torch.zeros(1, 3, 64, 64)))
     plan = build_plan(model, order, QuantRules.from_cfg(cfg.QUANT))
@@ -108,15 +107,17 @@ def _plan_and_size(config: str):
     ("configs/ImageNet/resnet50_large_blocks.yaml", 3.19, 30.6),
 ])
 def test_paper_sizes(config, mib, ratio):
-    order, plan, report = _plan_and_size(config)
+    order, plan, report = _plan_and_size(load_config(config))
     assert order[0] == "conv1" and plan[0].name == "layer1.0.conv1" and plan[-1].name == "fc"
     assert report.compressed_mib == pytest.approx(mib, abs=0.01)
     assert report.ratio == pytest.approx(ratio, abs=0.1)
 
 
 def test_mixed_blocks_demo_spends_exactly_the_large_blocks_bytes():
-    _, large_plan, large_size = _plan_and_size("configs/ImageNet/demo_resnet18_large_blocks_sample.yaml")
-    _, mixed_plan, mixed_size = _plan_and_size("configs/ImageNet/demo_resnet18_mixed_blocks_sample.yaml")
+    large_cfg = load_config("configs/ImageNet/demo_resnet18_large_blocks_sample.yaml")
+    mixed_cfg = load_config("configs/ImageNet/demo_resnet18_mixed_blocks_sample.yaml")
+    _, large_plan, large_size = _plan_and_size(large_cfg)
+    _, mixed_plan, mixed_size = _plan_and_size(mixed_cfg)
     assert mixed_size.compressed_bytes == large_size.compressed_bytes == 1079328
     large = {p.name: p.block_size for p in large_plan}
     mixed = {p.name: p.block_size for p in mixed_plan}
@@ -124,5 +125,5 @@ def test_mixed_blocks_demo_spends_exactly_the_large_blocks_bytes():
     assert changed == {f"layer{g}.{b}.conv{c}" for g in (1, 2) for b in (0, 1) for c in (1, 2)}
     assert all(large[n] == 18 and mixed[n] == 9 for n in changed)
     # A yaml list replaces its _BASE_'s: the mixed config repeats the demo's overrides and must stay in step with them.
-    base = load_config("configs/ImageNet/demo_resnet18_large_blocks_sample.yaml").QUANT.OVERRIDES
-    assert load_config("configs/ImageNet/demo_resnet18_mixed_blocks_sample.yaml").QUANT.OVERRIDES[:len(base)] == base
+    base = large_cfg.QUANT.OVERRIDES
+    assert mixed_cfg.QUANT.OVERRIDES[:len(base)] == base
