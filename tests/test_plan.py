@@ -46,11 +46,11 @@ def test_rules_types_overrides_skip_and_clamp():
         build_plan(model, order, QuantRules(skip=["early"], overrides=[["late", "BLOCK_SIZE", 8]]))
 
 
-def test_refinement_damping_overrides():
-    """REFINE.* overrides reach the matching layers' plan entries and the ridge; later entries win."""
+def test_refinement_overrides():
+    """REFINE.* overrides reach the matching layers' plan entries, the ridge and the rounds; later entries win."""
     from types import SimpleNamespace
 
-    from bgd_det.engine.quantizer import refine_damping
+    from bgd_det.engine.quantizer import refine_damping, refine_rounds
 
     model = Reordered()
     order = execution_order(model, run)
@@ -70,6 +70,17 @@ def test_refinement_damping_overrides():
     for bad in (-1.0, "1e-2", True):
         with pytest.raises(ValueError, match=r"REFINE.DAMPING_PER_COLUMN=.* for 'early'; allowed: a number >= 0"):
             build_plan(model, order, QuantRules(overrides=[["early", "REFINE.DAMPING_PER_COLUMN", bad]]))
+    rounds = {p.name: p for p in build_plan(model, order, QuantRules(overrides=[["*", "REFINE.ROUNDS", 16],
+                                                                                 ["late", "REFINE.ROUNDS", 0]]))}
+    assert [rounds[n].rounds for n in ("early", "conv1x1", "late")] == [16, 16, 0]
+    assert (rounds["early"].damping, rounds["early"].damping_per_column) == (None, None)
+    refine_cfg = SimpleNamespace(ROUNDS=4)
+    assert [refine_rounds(refine_cfg, p) for p in (rounds["early"], rounds["late"], plain[0])] == [16, 0, 4]
+    for bad in (-1, 2.5, "4", True):
+        with pytest.raises(ValueError, match=r"REFINE.ROUNDS=.* for 'late'; allowed: an integer >= 0"):
+            build_plan(model, order, QuantRules(overrides=[["late", "REFINE.ROUNDS", bad]]))
+    with pytest.raises(ValueError, match=r"QUANT.REFINE.ROUNDS=-1; allowed: an integer >= 0"):
+        refine_rounds(SimpleNamespace(ROUNDS=-1), plain[0])
 
 
 def test_clamp_to_power_of_two():

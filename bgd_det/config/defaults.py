@@ -51,7 +51,8 @@ _C.QUANT.BLOCK_SIZE.CONV_TRANSPOSE = 4
 # Glob patterns of modules kept in fp32.
 _C.QUANT.SKIP = ["conv1"]
 # [[glob pattern, KEY, value], ...] with KEY in BLOCK_SIZE, N_CENTROIDS, SKIP, REFINE.DAMPING,
-# REFINE.DAMPING_PER_COLUMN (the last two replace the QUANT.REFINE value for the matching layers); later entries win.
+# REFINE.DAMPING_PER_COLUMN, REFINE.ROUNDS (the last three replace the QUANT.REFINE value for the matching layers);
+# later entries win.
 _C.QUANT.OVERRIDES = []
 _C.QUANT.EM_ITERS = 100
 # "shared": one Gram matrix E[x x^T] of the input sub-vectors per layer (the paper); "centered": the same with

@@ -31,7 +31,7 @@ from .finetune import bn_affine_params, codebook_params, distill
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LayerRecord", "QuantizationResult", "Quantizer", "PROGRESS_FILE", "refine_damping"]
+__all__ = ["LayerRecord", "QuantizationResult", "Quantizer", "PROGRESS_FILE", "refine_damping", "refine_rounds"]
 
 PROGRESS_FILE = "progress.pth"
 
@@ -67,6 +67,14 @@ def refine_damping(refine_cfg, layer: LayerPlan, dim: int, n_rows: int) -> float
     base = refine_cfg.DAMPING if layer.damping is None else layer.damping
     per_column = refine_cfg.DAMPING_PER_COLUMN if layer.damping_per_column is None else layer.damping_per_column
     return base + per_column * dim / n_rows
+
+
+def refine_rounds(refine_cfg, layer: LayerPlan) -> int:
+    """Sweep + solve rounds of ``layer``'s refinement: QUANT.REFINE.ROUNDS unless an override sets it (0: off)."""
+    rounds = refine_cfg.ROUNDS if layer.rounds is None else layer.rounds
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise ValueError(f"QUANT.REFINE.ROUNDS={rounds!r}; allowed: an integer >= 0")
+    return rounds
 
 
 def _seed_all(seed: int) -> None:
@@ -148,7 +156,7 @@ class Quantizer:
         result = em_quantize(weight, gram, block_size=layer.block_size, n_centroids=layer.n_centroids,
                              n_iter=cfg.QUANT.EM_ITERS, seed=seed)
         output_error = float("nan")
-        if cfg.QUANT.REFINE.ROUNDS > 0 and has_input_metric(module):
+        if refine_rounds(cfg.QUANT.REFINE, layer) > 0 and has_input_metric(module):
             refined = self.refine(student, layer, weight, result, seed)
             if refined is not None:
                 result, output_error = refined, refined.objective
@@ -223,7 +231,7 @@ class Quantizer:
         damping = refine_damping(cfg.REFINE, layer, dim, moments.n_rows)
         objective = output_objective(weight, moments, damping=damping, target=cfg.REFINE.TARGET,
                                      row_weight=row_weight, residual_gain=gain, metric=cfg.REFINE.DAMPING_METRIC)
-        return refine_pq(objective, result.codes, result.codebook, rounds=cfg.REFINE.ROUNDS,
+        return refine_pq(objective, result.codes, result.codebook, rounds=refine_rounds(cfg.REFINE, layer),
                          cg_iters=cfg.REFINE.CG_ITERS,
                          label=f"{name} ({moments.n_rows} captured rows, damping {damping:.3g})")
 

@@ -10,7 +10,7 @@ import fnmatch
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -21,8 +21,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["LayerPlan", "QuantRules", "execution_order", "build_plan", "OVERRIDE_KEYS"]
 
-#: override keys that replace a QUANT.REFINE value for the matching layers (LayerPlan.damping, .damping_per_column).
-REFINE_OVERRIDE_KEYS = ("REFINE.DAMPING", "REFINE.DAMPING_PER_COLUMN")
+#: override keys that replace a QUANT.REFINE value for the matching layers (LayerPlan.damping, .damping_per_column,
+#: .rounds), in LayerPlan's field order.
+REFINE_OVERRIDE_KEYS = ("REFINE.DAMPING", "REFINE.DAMPING_PER_COLUMN", "REFINE.ROUNDS")
 #: keys a ``[pattern, KEY, value]`` override may set.
 OVERRIDE_KEYS = ("BLOCK_SIZE", "N_CENTROIDS", "SKIP") + REFINE_OVERRIDE_KEYS
 
@@ -33,8 +34,8 @@ class LayerPlan:
 
     Attributes:
         name: module name in the model; block_size: sub-vector size d; n_centroids: K (after clamping);
-        n_subvectors: C_out * n_blocks; damping, damping_per_column: this layer's QUANT.REFINE.DAMPING /
-        DAMPING_PER_COLUMN when an override sets them (None: the QUANT.REFINE value).
+        n_subvectors: C_out * n_blocks; damping, damping_per_column, rounds: this layer's QUANT.REFINE.DAMPING /
+        DAMPING_PER_COLUMN / ROUNDS when an override sets them (None: the QUANT.REFINE value).
     """
 
     name: str
@@ -43,6 +44,7 @@ class LayerPlan:
     n_subvectors: int
     damping: Optional[float] = None
     damping_per_column: Optional[float] = None
+    rounds: Optional[int] = None
 
 
 @dataclass
@@ -165,18 +167,21 @@ def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> Lis
         clamped = min(k, 2 ** int(math.floor(math.log2(cap))))
         if clamped != k:
             logger.info("%s: K clamped from %d to %d (%d sub-vectors)", name, k, clamped, n_sub)
-        ridge = [_ridge(name, setting, key) for key in REFINE_OVERRIDE_KEYS]
-        plan.append(LayerPlan(name, d, clamped, n_sub, *ridge))
+        refine = [_refine_value(name, setting, key) for key in REFINE_OVERRIDE_KEYS]
+        plan.append(LayerPlan(name, d, clamped, n_sub, *refine))
     return plan
 
 
-def _ridge(name: str, setting: Dict[str, Any], key: str) -> Optional[float]:
+def _refine_value(name: str, setting: Dict[str, Any], key: str) -> Union[None, int, float]:
+    """A REFINE.* override's value for layer ``name``, checked: an integer >= 0 for ROUNDS, a number >= 0 else."""
     value = setting[key]
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"QUANT.OVERRIDES {key}={value!r} for {name!r}; allowed: a number >= 0")
-    return float(value)
+    integral = key == "REFINE.ROUNDS"
+    if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)) or value < 0:
+        allowed = "an integer >= 0" if integral else "a number >= 0"
+        raise ValueError(f"QUANT.OVERRIDES {key}={value!r} for {name!r}; allowed: {allowed}")
+    return int(value) if integral else float(value)
 
 
 def _weight_shape(module: nn.Module) -> torch.Size:
