@@ -327,3 +327,29 @@ def test_residual_rules_and_skip_capture():
     assert torch.allclose(mom.sd[0], rs.T @ r / r.shape[0], atol=1e-5)
     assert torch.allclose(mom.td[0], rt.T @ r / r.shape[0], atol=1e-5)
     assert torch.allclose(mom.dd[0], (r * r).mean(0), atol=1e-6)
+
+
+def test_rounds_override_reaches_the_refinement(tiny_images, tmp_path, monkeypatch):
+    """A per-layer REFINE.ROUNDS override sets that layer's rounds; 0 turns its refinement off."""
+    import math
+
+    import bgd_det.engine.quantizer as quantizer
+    from bgd_det.modeling import build_model
+    from bgd_det.tasks import build_task
+    from conftest import tiny_cfg
+
+    seen = {}
+    real = quantizer.refine_pq
+
+    def spy(obj, codes, codebook, **kwargs):
+        seen[kwargs["label"].split(" ")[0]] = kwargs["rounds"]
+        return real(obj, codes, codebook, **kwargs)
+
+    monkeypatch.setattr(quantizer, "refine_pq", spy)
+    cfg = tiny_cfg(tmp_path, "QUANT.METRIC", "identity", "QUANT.REFINE.ROUNDS", 1,
+                   "QUANT.OVERRIDES", "[['conv1', 'REFINE.ROUNDS', 0], ['conv3', 'REFINE.ROUNDS', 3]]")
+    torch.manual_seed(0)
+    result = quantizer.Quantizer(cfg, build_model(cfg), build_task(cfg)).run()
+    assert seen == {"conv2": 1, "conv3": 3}  # fc has too few rows to be refined
+    records = {r.name: r for r in result.records}
+    assert math.isnan(records["conv1"].output_error) and records["conv3"].output_error < 1.0
