@@ -259,3 +259,7 @@ def test_config_check_rejects_uneven_steps(tmp_path, monkeypatch):
         check_distributed_config(tiny_cfg(tmp_path, "FINETUNE.GLOBAL_ITERS", 2, "FINETUNE.BATCH_SIZE", 5))
     with pytest.raises(ValueError, match="CAPTURE_IMAGES=1"):
         check_distributed_config(tiny_cfg(tmp_path, "QUANT.CAPTURE_IMAGES", 1))
+    no_capture = ("QUANT.METRIC", "identity", "QUANT.REFINE.ROUNDS", 0, "QUANT.CAPTURE_IMAGES", 1)
+    check_distributed_config(tiny_cfg(tmp_path, *no_capture))  # nothing captured: one image is enough
+    with pytest.raises(ValueError, match="CAPTURE_IMAGES=1"):  # a per-layer REFINE.ROUNDS override captures
+        check_distributed_config(tiny_cfg(tmp_path, *no_capture, "QUANT.OVERRIDES", '[["fc", "REFINE.ROUNDS", 2]]'))

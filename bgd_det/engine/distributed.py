@@ -78,13 +78,23 @@ def sync_module_states(model: nn.Module, src: int = 0) -> None:
             comm.broadcast_tensor(t.data, src)
 
 
+def _refines_any_layer(qcfg) -> bool:
+    """Whether QUANT.REFINE.ROUNDS or a per-layer override of it may turn the refinement on for some layer.
+
+    Malformed overrides count as "may" here; the plan rejects them with its own one-line error.
+    """
+    rounds = [o[2] for o in qcfg.OVERRIDES
+              if isinstance(o, (list, tuple)) and len(o) == 3 and o[1] == "REFINE.ROUNDS"]
+    return qcfg.REFINE.ROUNDS > 0 or any(not isinstance(r, (int, float)) or r > 0 for r in rounds)
+
+
 def check_distributed_config(cfg) -> None:
     """Reject settings under which ranks would run different numbers of collectives (and hang until the timeout).
 
     - ``FINETUNE.BATCH_SIZE`` must be a multiple of the world size: each rank takes ``BATCH_SIZE // world`` images
       per step from its shard; otherwise ranks get different step counts.
     - ``QUANT.CAPTURE_IMAGES`` must be at least the world size: a rank without images would skip the Gram
-      (or, with QUANT.REFINE, the second-moment) reduction.
+      (or, with QUANT.REFINE.ROUNDS > 0 globally or in any override, the second-moment) reduction.
     """
     world = comm.get_world_size()
     if world == 1:
@@ -93,7 +103,7 @@ def check_distributed_config(cfg) -> None:
     if finetunes and cfg.FINETUNE.BATCH_SIZE % world:
         raise ValueError(f"FINETUNE.BATCH_SIZE={cfg.FINETUNE.BATCH_SIZE} is not a multiple of the {world} "
                          f"processes; allowed: multiples of {world}")
-    captures = cfg.QUANT.METRIC in ("shared", "centered") or cfg.QUANT.REFINE.ROUNDS > 0
+    captures = cfg.QUANT.METRIC in ("shared", "centered") or _refines_any_layer(cfg.QUANT)
     if captures and cfg.QUANT.CAPTURE_IMAGES < world:
         raise ValueError(f"QUANT.CAPTURE_IMAGES={cfg.QUANT.CAPTURE_IMAGES} is smaller than the {world} "
                          f"processes; every process needs at least one image")
