@@ -167,23 +167,24 @@ def _rank1_dies() -> None:
 
 def _rank1_hangs() -> None:
     if comm.get_rank() == 1:
-        time.sleep(120)
+        time.sleep(600)
     comm.all_reduce_sum(torch.ones(1))
 
 
 def test_a_dead_rank_fails_the_run_with_a_clear_error():
     start = time.perf_counter()
     with pytest.raises(DistributedLaunchError, match=r"rank 1 .* died with exit code 3") as info:
-        launch(_rank1_dies, 2, backend="gloo", timeout=timedelta(seconds=60))
+        launch(_rank1_dies, 2, backend="gloo", timeout=timedelta(seconds=600))
     assert info.value.rank == 1 and info.value.exit_code == 3
-    assert time.perf_counter() - start < 50  # detected at once, not after the timeout
+    # detected at once, not after the timeout (the margin covers two process starts on a loaded machine)
+    assert time.perf_counter() - start < 300
 
 
 def test_a_hanging_rank_times_out():
     start = time.perf_counter()
     with pytest.raises(DistributedLaunchError, match=r"rank 0 .*timed out \(3s"):
         launch(_rank1_hangs, 2, backend="gloo", timeout=timedelta(seconds=3))
-    assert time.perf_counter() - start < 60  # 3 s timeout + process start, not rank 1's 120 s sleep
+    assert time.perf_counter() - start < 300  # 3 s timeout + process starts, not rank 1's 600 s sleep
 
 
 def _two_machines_main(out_dir: str) -> None:
