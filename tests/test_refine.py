@@ -1,5 +1,7 @@
 """Output-space refinement: the objective, the code sweep and the codebook solve against explicit references."""
 import copy
+import logging
+import re
 
 import pytest
 import torch
@@ -135,6 +137,19 @@ def test_refine_lowers_output_error_of_the_em_and_keeps_layout():
     assert out.objective < 0.8 * before
     w_hat = pq_decode(out.codes, out.codebook, weight.shape)
     assert obj.value(w_hat.double().unsqueeze(0)) / obj.scale == pytest.approx(out.objective, rel=1e-5)
+
+
+def test_refine_stops_at_the_first_round_that_does_not_lower_the_error(caplog):
+    weight, xs, xt = _problem(m=32, dim=36)
+    init = em_quantize(weight, None, block_size=9, n_centroids=16, n_iter=20, seed=0)
+    obj = output_objective(weight, _moments(xs, xt))
+    with caplog.at_level(logging.INFO, logger="bgd_det.quantization.refine"):
+        long = refine_pq(obj, init.codes, init.codebook, rounds=200, label="probe")
+    kept = int(re.search(r"probe: .* \((\d+) of 200 rounds kept\)", caplog.text).group(1))
+    assert 0 < kept < 200  # converged: a later round did not lower the error and ended the refinement
+    short = refine_pq(obj, init.codes, init.codebook, rounds=kept)
+    assert torch.equal(short.codes, long.codes) and torch.equal(short.codebook, long.codebook)
+    assert short.objective == long.objective
 
 
 def test_refine_with_groups_treats_each_group_with_its_own_inputs():

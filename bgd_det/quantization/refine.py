@@ -216,7 +216,7 @@ def refine_pq(obj: OutputObjective, codes: Tensor, codebook: Tensor, *, rounds: 
         rounds: sweep + solve alternations; a round that does not lower ``f`` (evaluated in float64) ends it.
         cg_iters: conjugate-gradient iterations per codebook solve.
         dtype: of the ``C_out x D x D`` products of the sweeps and solves (float32 halves their time).
-        label: names the layer in the log line (relative output error before -> after).
+        label: names the layer in the log line (relative output error before -> after, rounds kept).
 
     Returns:
         PQResult with the refined codes (initial dtype), codebook (float32) and ``objective = f / scale``
@@ -230,13 +230,15 @@ def refine_pq(obj: OutputObjective, codes: Tensor, codebook: Tensor, *, rounds: 
     cb = codebook.double()
     best = obj.value(_decode(codes, cb, g))
     start = best
+    kept = 0
     for _ in range(rounds):
         new_codes = _sweep_codes(obj, codes, cb, dtype)
         new_cb = _solve_codebook(obj, new_codes, cb, cg_iters, dtype)
         value = obj.value(_decode(new_codes, new_cb, g))
         if value >= best:  # rounding noise only: keep the better one
             break
-        codes, cb, best = new_codes.to(code_dtype), new_cb, value
+        codes, cb, best, kept = new_codes.to(code_dtype), new_cb, value, kept + 1
     scale = max(obj.scale, 1e-30)
-    logger.info("%s: relative output error %.4f -> %.4f", label, start / scale, best / scale)
+    logger.info("%s: relative output error %.4f -> %.4f (%d of %d rounds kept)", label, start / scale,
+                best / scale, kept, rounds)
     return PQResult(codes=codes, codebook=cb.float().contiguous(), objective=best / scale)
