@@ -205,6 +205,93 @@ def test_scratch_is_reused_and_threads_are_independent():
 # ----------------------------------------------------------------------------------------- opcheck
 
 
+@pytest.fixture
+def small_chunks():
+    """Chunk every weight above 4 KiB (restores the default afterwards)."""
+    old = ops.chunk_bytes()
+    ops.chunk_bytes(4096)
+    yield 4096
+    ops.chunk_bytes(old)
+
+
+def test_chunk_rows_rule():
+    old = ops.chunk_bytes()
+    try:
+        assert ops.chunk_bytes(2 << 20) == 2 << 20
+        assert ops.decode_rows_per_chunk(512, 576) == 512  # 1.1 MiB: whole
+        # 9 MiB: 5 chunks of ceil(512 / 5) = 103 rows, rounded up to 112 (a multiple of 16)
+        assert ops.decode_rows_per_chunk(512, 4608) == 112
+        assert ops.decode_rows_per_chunk(1000, 2048) == 256  # 7.8 MiB: 4 chunks of 250 -> 256
+        assert ops.decode_rows_per_chunk(3, 1 << 20) == 3  # never more rows than the weight
+        ops.chunk_bytes(0)
+        assert ops.decode_rows_per_chunk(512, 4608) == 512
+    finally:
+        ops.chunk_bytes(old)
+    with pytest.raises(ValueError, match="nbytes must be -1 .* got -2"):
+        ops.chunk_bytes(-2)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_chunked_conv2d_and_linear_match_reference(simd, small_chunks, batch, channels_last):
+    # 40 output channels of 9 * 18 floats = 25.9 KiB: chunks of 16 + 16 + 8 rows
+    shape = (40, 18, 3, 3)
+    codes, cb = random_pq(40, 162, 9, 256)
+    assert ops.decode_rows_per_chunk(40, 162) == 16
+    x = torch.randn(batch, 18, 9, 9)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    bias, scale = torch.randn(40), torch.rand(40) + 0.5
+    for stride, padding, dilation in ((1, 1, 1), (2, 0, 1), (1, 2, 2)):
+        for b, s in ((None, None), (bias, scale)):
+            got = ops.pq_conv2d(
+                x, codes, cb, shape, scale=s, bias=b, stride=stride, padding=padding,
+                dilation=dilation,
+            )
+            want = F.conv2d(x, ref_weight(codes, cb, shape, s), b, stride, padding, dilation)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            assert got.stride() == want.stride()  # the same memory format as the dense conv
+    # grouped convs are never chunked; they still match
+    g_codes, g_cb = random_pq(40, 81, 9, 256, seed=1)
+    got = ops.pq_conv2d(x, g_codes, g_cb, (40, 9, 3, 3), padding=1, groups=2)
+    want = F.conv2d(x, pq_decode(g_codes, g_cb, (40, 9, 3, 3)), None, 1, 1, 1, 2)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # linear on more than 8 rows: decode + GEMM in chunks; int16 codes
+    l_codes, l_cb = random_pq(50, 100, 4, 1024, seed=2)
+    xl = torch.randn(batch, 12, 100)
+    torch.testing.assert_close(
+        ops.pq_linear(xl, l_codes, l_cb, scale=scale.repeat(2)[:50], bias=bias.repeat(2)[:50]),
+        F.linear(xl, ref_weight(l_codes, l_cb, (50, 100), scale.repeat(2)[:50]),
+                 bias.repeat(2)[:50]),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
+def test_chunked_ops_keep_a_chunk_sized_scratch_and_check_every_chunk(small_chunks):
+    codes, cb = random_pq(40, 162, 9, 256)
+    x = torch.randn(1, 18, 9, 9)
+    seen = {}
+
+    def worker():  # a fresh thread: its scratch grows only to what the op needs
+        ops.pq_conv2d(x, codes, cb, (40, 18, 3, 3), padding=1)
+        seen["bytes"] = int(torch.ops.bgd._scratch_bytes())
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen["bytes"] == 16 * 162 * 4
+    model = inf.to_inference(
+        nn.Sequential(PQConv2d.from_dense(nn.Conv2d(18, 40, 3), block_size=9, n_centroids=256))
+    )
+    assert inf.max_scratch_bytes(model) == 16 * 162 * 4
+    # a bad code in the last chunk is still caught
+    bad = codes.to(torch.int16)
+    bad[-1, -1] = 300
+    with pytest.raises(RuntimeError, match="out of range for a codebook of 256 centroids"):
+        ops.pq_conv2d(x, bad, cb, (40, 18, 3, 3), padding=1)
+
+
 def test_opcheck():
     codes, cb = random_pq(8, 36, 9, 16)
     x = torch.randn(2, 4, 5, 5)

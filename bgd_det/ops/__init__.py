@@ -36,6 +36,8 @@ __all__ = [
     "pq_conv_transpose2d",
     "reference_weight",
     "simd_mode",
+    "chunk_bytes",
+    "decode_rows_per_chunk",
 ]
 
 _IntOrPair = Union[int, Sequence[int]]
@@ -132,6 +134,31 @@ def simd_mode(mode: int = -1) -> int:
     if not ops_available():
         return -1
     return int(torch.ops.bgd._simd_mode(mode))
+
+
+def chunk_bytes(nbytes: int = -1) -> int:
+    """Size above which conv2d / linear weights are decoded and applied in output-channel chunks.
+
+    The compiled ops decode a larger weight (conv2d with groups = 1, or linear on more than 8 input
+    rows) into a scratch of about this many bytes at a time and run the dense op chunk by chunk, so
+    the scratch stays cache-sized (default 2 MiB). ``nbytes``: -1 queries, 0 never chunks, > 0 sets
+    it for the process.
+
+    Returns:
+        The value now active, or -1 when the compiled ops are not available.
+    """
+    if nbytes < -1:
+        raise ValueError(f"chunk_bytes: nbytes must be -1 (query), 0 (never) or > 0, got {nbytes}")
+    if not ops_available():
+        return -1
+    return int(torch.ops.bgd._chunk_bytes(nbytes))
+
+
+def decode_rows_per_chunk(rows: int, cols: int) -> int:
+    """Weight rows a compiled conv2d / linear op decodes at a time for a ``[rows, cols]`` weight."""
+    if not ops_available():
+        return rows
+    return int(torch.ops.bgd._chunk_rows(rows, cols))
 
 
 def reference_weight(

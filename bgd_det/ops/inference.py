@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..quantization.bn_correction import BN_TYPES, bn_scale_shift
 from ..quantization.layers import PQ_LAYER_TYPES, PQConv2d, PQConvTranspose2d, PQLinear
 from ..quantization.swap import set_module
-from . import ops_available, pq_conv2d, pq_conv_transpose2d, pq_linear
+from . import decode_rows_per_chunk, ops_available, pq_conv2d, pq_conv_transpose2d, pq_linear
 
 logger = logging.getLogger(__name__)
 
@@ -450,8 +450,16 @@ def inference_bytes(model: nn.Module) -> int:
 
 
 def max_scratch_bytes(model: nn.Module) -> int:
-    """Size of the decode scratch buffer the largest inference conv/linear layer needs (fp32)."""
-    sizes = [
-        4 * math.prod(m.weight_shape) for m in model.modules() if isinstance(m, INFER_LAYER_TYPES)
-    ]
+    """Largest decode scratch (fp32 bytes) an inference layer of ``model`` can need.
+
+    A conv2d with ``groups == 1`` or a linear layer decodes ``ops.decode_rows_per_chunk`` rows at
+    a time; a grouped conv or a transposed conv decodes its whole weight.
+    """
+    sizes = []
+    for m in model.modules():
+        if not isinstance(m, INFER_LAYER_TYPES):
+            continue
+        rows, cols = m.weight_shape[0], math.prod(m.weight_shape[1:])
+        chunked = isinstance(m, PQLinearInfer) or (isinstance(m, PQConv2dInfer) and m.groups == 1)
+        sizes.append(4 * cols * (decode_rows_per_chunk(rows, cols) if chunked else rows))
     return max(sizes, default=0)

@@ -11,9 +11,10 @@
 //
 // The convolutions decode the weight into a thread-local fp32 scratch buffer (grown on demand,
 // reused by every later call on that thread), optionally scaling row o by scale[o] (folded
-// BatchNorm), and hand it to the dense ATen convolution (oneDNN). Linear with <= 8 rows of input,
-// and 1x1 convs with <= 8 output pixels, use the fused decode-dot kernel instead and never write
-// the weight to memory.
+// BatchNorm), and hand it to the dense ATen convolution (oneDNN). A conv2d (groups = 1) or linear
+// weight larger than `_chunk_bytes` (2 MiB) is decoded and applied in chunks of output channels,
+// so the scratch stays cache-sized. Linear with <= 8 rows of input, and 1x1 convs with <= 8 output
+// pixels, use the fused decode-dot kernel instead and never write the weight to memory.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/grad_mode.h>
@@ -22,12 +23,14 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/narrow.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
 #include <atomic>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "kernels.h"
 
@@ -130,12 +133,48 @@ int64_t grain_rows(int64_t cols) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cols));
 }
 
-void decode_into(const PQArgs& a, int64_t rows, float* out, const char* op) {
+// Decodes weight rows [r0, r1) into out[(o - r0) * cols + j].
+void decode_into(const PQArgs& a, int64_t r0, int64_t r1, float* out, const char* op) {
   std::atomic<bool> ok{true};
-  at::parallel_for(0, rows, grain_rows(a.cols), [&](int64_t r0, int64_t r1) {
-    if (!decode_rows(a, r0, r1, out + r0 * a.cols, a.cols)) ok.store(false);
+  at::parallel_for(r0, r1, grain_rows(a.cols), [&](int64_t b, int64_t e) {
+    if (!decode_rows(a, b, e, out + (b - r0) * a.cols, a.cols)) ok.store(false);
   });
   if (!ok.load()) fail_range(a, op);
+}
+
+// Weights larger than this many bytes (0: none) are decoded and applied in chunks of rows.
+std::atomic<int64_t>& chunk_bytes() {
+  static std::atomic<int64_t> v{int64_t{2} << 20};
+  return v;
+}
+
+// Rows of a [rows, cols] weight decoded (and applied) at a time: all of them unless the weight is
+// larger than chunk_bytes(), else about chunk_bytes() worth, in equal chunks rounded up to a
+// multiple of 16 output channels (oneDNN's block).
+int64_t chunk_rows(int64_t rows, int64_t cols) {
+  const int64_t limit = chunk_bytes().load(std::memory_order_relaxed);
+  const int64_t bytes = rows * cols * static_cast<int64_t>(sizeof(float));
+  if (limit <= 0 || bytes <= limit) return rows;
+  const int64_t n_chunks = (bytes + limit - 1) / limit;
+  const int64_t per = ((rows + n_chunks - 1) / n_chunks + 15) / 16 * 16;
+  return std::min(rows, per);
+}
+
+// Decodes the weight rows chunk by chunk (chunk_rows() each) into the calling thread's scratch and
+// calls fn(w, r0, r1) with the rows [r0, r1) at w, before the next chunk overwrites them.
+template <typename Fn>
+void for_each_chunk(const PQArgs& a, int64_t rows, const char* op, Fn fn) {
+  const int64_t chunk = chunk_rows(rows, a.cols);
+  float* w = scratch().get(chunk * a.cols);
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const int64_t r1 = std::min(rows, r0 + chunk);
+    decode_into(a, r0, r1, w, op);
+    fn(w, r0, r1);
+  }
+}
+
+c10::optional<Tensor> rows_of(const c10::optional<Tensor>& bias, int64_t r0, int64_t r1) {
+  return bias.has_value() ? c10::optional<Tensor>(bias->narrow(0, r0, r1 - r0)) : c10::nullopt;
 }
 
 // x2: [N, cols] contiguous fp32, N <= kMaxFusedN. Returns [N, rows].
@@ -185,7 +224,7 @@ Tensor pq_decode_cpu(const Tensor& codes, const Tensor& codebook, at::IntArrayRe
   const int64_t cols = row_length(shape, op);
   const PQArgs a = make_args(codes, codebook, scale, shape[0], cols, op);
   Tensor out = at::empty(shape, codebook.options());
-  decode_into(a, shape[0], out.data_ptr<float>(), op);
+  decode_into(a, 0, shape[0], out.data_ptr<float>(), op);
   return out;
 }
 
@@ -205,10 +244,17 @@ Tensor pq_linear_cpu(const Tensor& input, const Tensor& codes, const Tensor& cod
   const int64_t N = x2.size(0);
   if (N == 0) return at::empty(out_shape, input.options());
   if (N <= kMaxFusedN) return fused_linear(a, rows, x2, bias, op).view(out_shape);
-  float* w = scratch().get(rows * cols);
-  decode_into(a, rows, w, op);
-  const Tensor weight = at::from_blob(w, {rows, cols}, codebook.options());
-  return at::linear(x2, weight, bias).view(out_shape);
+  Tensor out;
+  for_each_chunk(a, rows, op, [&](float* w, int64_t r0, int64_t r1) {
+    const Tensor weight = at::from_blob(w, {r1 - r0, cols}, codebook.options());
+    if (r1 - r0 == rows) {
+      out = at::linear(x2, weight, bias);
+      return;
+    }
+    if (!out.defined()) out = at::empty({N, rows}, x2.options());
+    out.narrow(1, r0, r1 - r0).copy_(at::linear(x2, weight, rows_of(bias, r0, r1)));
+  });
+  return out.view(out_shape);
 }
 
 Tensor pq_conv2d_cpu(const Tensor& input, const Tensor& codes, const Tensor& codebook,
@@ -243,10 +289,29 @@ Tensor pq_conv2d_cpu(const Tensor& input, const Tensor& codes, const Tensor& cod
       return y.view({B, Ho, Wo, rows}).permute({0, 3, 1, 2}).contiguous();
     }
   }
-  float* w = scratch().get(rows * cols);
-  decode_into(a, rows, w, op);
-  const Tensor weight = at::from_blob(w, weight_shape, codebook.options());
-  return at::conv2d(input, weight, bias, stride, padding, dilation, groups);
+  if (groups > 1) {  // chunks of output channels would cut groups: decode the whole weight
+    float* w = scratch().get(rows * cols);
+    decode_into(a, 0, rows, w, op);
+    const Tensor weight = at::from_blob(w, weight_shape, codebook.options());
+    return at::conv2d(input, weight, bias, stride, padding, dilation, groups);
+  }
+  std::vector<int64_t> chunk_shape(weight_shape.begin(), weight_shape.end());
+  Tensor out;
+  for_each_chunk(a, rows, op, [&](float* w, int64_t r0, int64_t r1) {
+    chunk_shape[0] = r1 - r0;
+    const Tensor weight = at::from_blob(w, chunk_shape, codebook.options());
+    if (r1 - r0 == rows) {
+      out = at::conv2d(input, weight, bias, stride, padding, dilation, 1);
+      return;
+    }
+    const Tensor y = at::conv2d(input, weight, rows_of(bias, r0, r1), stride, padding, dilation, 1);
+    if (!out.defined()) {
+      out = at::empty({y.size(0), rows, y.size(2), y.size(3)},
+                      y.options().memory_format(y.suggest_memory_format()));
+    }
+    out.narrow(1, r0, r1 - r0).copy_(y);
+  });
+  return out;
 }
 
 Tensor pq_conv_transpose2d_cpu(const Tensor& input, const Tensor& codes, const Tensor& codebook,
@@ -267,13 +332,20 @@ Tensor pq_conv_transpose2d_cpu(const Tensor& input, const Tensor& codes, const T
   const PQArgs a = make_args(codes, codebook, c10::nullopt, rows, cols, op);
   check_optional_vector(bias, weight_shape[1] * groups, op, "bias");
   float* w = scratch().get(rows * cols);
-  decode_into(a, rows, w, op);
+  decode_into(a, 0, rows, w, op);
   const Tensor weight = at::from_blob(w, weight_shape, codebook.options());
   return at::conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups,
                               dilation);
 }
 
 int64_t simd_mode_op(int64_t mode) { return set_simd_mode(static_cast<int>(mode)); }
+
+int64_t chunk_bytes_op(int64_t bytes) {
+  if (bytes >= 0) chunk_bytes().store(bytes);
+  return chunk_bytes().load();
+}
+
+int64_t chunk_rows_op(int64_t rows, int64_t cols) { return chunk_rows(rows, cols); }
 
 int64_t scratch_capacity_op() { return scratch().capacity() * static_cast<int64_t>(sizeof(float)); }
 
@@ -297,6 +369,10 @@ TORCH_LIBRARY(bgd, m) {
   // thread's scratch size in bytes.
   m.def("_simd_mode(int mode=-1) -> int", &bgd::simd_mode_op);
   m.def("_scratch_bytes() -> int", &bgd::scratch_capacity_op);
+  // Convolution weights larger than this many bytes are decoded and convolved in chunks of output
+  // channels (0: never; -1 only queries), and the rows per chunk for a [rows, cols] weight.
+  m.def("_chunk_bytes(int bytes=-1) -> int", &bgd::chunk_bytes_op);
+  m.def("_chunk_rows(int rows, int cols) -> int", &bgd::chunk_rows_op);
 }
 
 TORCH_LIBRARY_IMPL(bgd, CPU, m) {
