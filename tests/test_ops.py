@@ -384,6 +384,29 @@ def test_bad_inputs_raise_clear_errors(simd_mode):
     ops.simd_mode(1)
 
 
+def test_fused_linear_checks_every_code_position(simd):
+    # The N=1, d=4 kernel masks codes to a power-of-two K and checks them after the dot products;
+    # other K are checked first. A bad code in a 4-row tile, a leftover row, a single block after
+    # the 4-block groups and the partial last block must all be caught, never read out of bounds.
+    for k in (1024, 1000, 128):
+        for cols in (32, 30):  # 8 full blocks / 7 full blocks + a partial one
+            codes, cb = random_pq(6, cols, 4, k, seed=cols)
+            x = torch.randn(1, cols)
+            torch.testing.assert_close(
+                ops.pq_linear(x, codes, cb), F.linear(x, pq_decode(codes, cb, (6, cols))),
+                rtol=1e-4, atol=1e-4,
+            )
+            last = codes.shape[1] - 1
+            for row, block in ((1, 2), (5, 1), (2, 5), (3, last)):
+                for bad in (k, k + 3, -1):
+                    if bad < 0 and codes.dtype == torch.uint8:
+                        continue
+                    c = codes.clone()
+                    c[row, block] = bad
+                    with pytest.raises(RuntimeError, match="codes out of range"):
+                        torch.ops.bgd.pq_linear(x, c, cb, None, None)
+
+
 # ---------------------------------------------------------------------------------------- fallback
 
 

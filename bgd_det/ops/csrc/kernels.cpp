@@ -438,10 +438,120 @@ BGD_AVX2 void fused_tile_reg(const PQArgs& a, int64_t o, int64_t u0, int64_t u1,
   }
 }
 
+BGD_AVX2 inline float hsum128(__m128 v) {
+  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+}
+
+// Bits a word of packed codes (four per word) must not have for a power-of-two K: every lane of
+// 8 * sizeof(CodeT) bits must stay below K.
+template <typename CodeT>
+uint64_t bad_code_bits(uint64_t K) {
+  constexpr int BITS = 8 * sizeof(CodeT);
+  const uint64_t lane = ((uint64_t{1} << BITS) - 1) & ~(K - 1);
+  uint64_t m = 0;
+  for (int i = 0; i < 4; ++i) m |= lane << (BITS * i);
+  return m;
+}
+
+// N = 1, d = 4: one 4-float FMA per code with the centroid as its memory operand, R rows sharing
+// each input block (2R independent accumulators). Blocks [b0, b1) of rows [o, o + R); partial sums
+// are stored into y (`first`) or added to it; `last` adds the partial last block and applies scale
+// and bias. Codes are read four per load and masked with `cmask` (K - 1 for a power-of-two K, so
+// every load stays inside the codebook); the raw words are OR-ed into `seen` for the range check.
+template <int R, typename CodeT>
+BGD_AVX2 void fused_tile_n1_d4(const PQArgs& a, int64_t o, int64_t b0, int64_t b1, bool first,
+                               bool last, const float* x, const float* bias, float* y,
+                               uint64_t cmask, uint64_t& seen) {
+  constexpr int BITS = 8 * sizeof(CodeT);
+  const char* Cb = reinterpret_cast<const char*>(a.codebook);
+  const uint64_t omask = cmask << 4;  // byte offsets: code * 16
+  // Row r's codes at base + r * stride (few registers: base + stride * {1, 2, 4, 8} addressing).
+  const CodeT* base = static_cast<const CodeT*>(a.codes) + o * a.n_blocks;
+  const int64_t stride = a.n_blocks;
+  __m128 acc[R], acc2[R];
+  for (int r = 0; r < R; ++r) acc[r] = acc2[r] = _mm_setzero_ps();
+  uint64_t any = 0;
+  int64_t b = b0;
+  for (; b + 4 <= b1; b += 4) {
+    const __m128 x0 = _mm_loadu_ps(x + 4 * b), x1 = _mm_loadu_ps(x + 4 * b + 4);
+    const __m128 x2 = _mm_loadu_ps(x + 4 * b + 8), x3 = _mm_loadu_ps(x + 4 * b + 12);
+    for (int r = 0; r < R; ++r) {
+      uint64_t w = 0;
+      std::memcpy(&w, base + r * stride + b, 4 * sizeof(CodeT));
+      any |= w;
+      const uint64_t o0 = (w << 4) & omask, o1 = (w >> (BITS - 4)) & omask;
+      const uint64_t o2 = (w >> (2 * BITS - 4)) & omask, o3 = (w >> (3 * BITS - 4)) & omask;
+      acc[r] = _mm_fmadd_ps(x0, _mm_loadu_ps(reinterpret_cast<const float*>(Cb + o0)), acc[r]);
+      acc2[r] = _mm_fmadd_ps(x1, _mm_loadu_ps(reinterpret_cast<const float*>(Cb + o1)), acc2[r]);
+      acc[r] = _mm_fmadd_ps(x2, _mm_loadu_ps(reinterpret_cast<const float*>(Cb + o2)), acc[r]);
+      acc2[r] = _mm_fmadd_ps(x3, _mm_loadu_ps(reinterpret_cast<const float*>(Cb + o3)), acc2[r]);
+    }
+  }
+  for (; b < b1; ++b) {
+    const __m128 xb = _mm_loadu_ps(x + 4 * b);
+    for (int r = 0; r < R; ++r) {
+      const uint32_t c = code_at(base + r * stride, b);
+      any |= c;
+      acc[r] = _mm_fmadd_ps(xb, _mm_loadu_ps(a.codebook + 4 * static_cast<int64_t>(c & cmask)),
+                            acc[r]);
+    }
+  }
+  const int64_t nfull = a.cols / 4;
+  for (int r = 0; r < R; ++r) {
+    float res = hsum128(_mm_add_ps(acc[r], acc2[r]));
+    if (!first) res += y[o + r];
+    if (last) {
+      if (nfull * 4 < a.cols) {  // partial last block
+        const uint32_t c = code_at(base + r * stride, nfull);
+        any |= c;
+        const float* w = a.codebook + 4 * static_cast<int64_t>(c & cmask);
+        for (int64_t i = nfull * 4; i < a.cols; ++i) res += w[i - nfull * 4] * x[i];
+      }
+      res = res * (a.scale != nullptr ? a.scale[o + r] : 1.0f) + (bias ? bias[o + r] : 0.0f);
+    }
+    y[o + r] = res;
+  }
+  seen |= any;
+}
+
+template <typename CodeT, bool CHECK>
+BGD_AVX2 bool fused_rows_n1_d4_avx2(const PQArgs& a, int64_t r0, int64_t r1, const float* x,
+                                    const float* bias, float* y) {
+  constexpr int R = 4;
+  const uint64_t K = static_cast<uint64_t>(a.K);
+  const bool pow2 = (K & (K - 1)) == 0;
+  const CodeT* codes = static_cast<const CodeT*>(a.codes);
+  if (CHECK && !pow2) {  // other K: check every code first, then no mask is needed
+    for (int64_t o = r0; o < r1; ++o)
+      if (max_code_avx2(codes + o * a.n_blocks, a.n_blocks) >= K) return false;
+  }
+  const uint64_t cmask = CHECK && pow2 ? K - 1 : (uint64_t{1} << (8 * sizeof(CodeT))) - 1;
+  uint64_t seen = 0;
+  // Column blocking: the input chunk (16 KB) stays in L1 while all rows pass over it.
+  constexpr int64_t chunk = 1024;  // blocks
+  const int64_t nfull = a.cols / 4;
+  int64_t b0 = 0;
+  do {
+    const int64_t b1 = std::min(nfull, b0 + chunk);
+    const bool first = b0 == 0, last = b1 == nfull;
+    int64_t o = r0;
+    for (; o + R <= r1; o += R)
+      fused_tile_n1_d4<R, CodeT>(a, o, b0, b1, first, last, x, bias, y, cmask, seen);
+    for (; o < r1; ++o)
+      fused_tile_n1_d4<1, CodeT>(a, o, b0, b1, first, last, x, bias, y, cmask, seen);
+    b0 = b1;
+  } while (b0 < nfull);
+  return !(CHECK && pow2 && (seen & bad_code_bits<CodeT>(K)) != 0);
+}
+
 template <int D, int NT, typename CodeT, bool CHECK>
 BGD_AVX2 bool fused_rows_reg_avx2(const PQArgs& a, int64_t r0, int64_t r1, const float* x,
                                   int64_t ldx, const float* bias, float* y, int64_t ldy) {
   static_assert(D == 4 || D == 8 || D == 16, "register path is for d in {4, 8, 16}");
+  if constexpr (D == 4 && NT == 1) {
+    return fused_rows_n1_d4_avx2<CodeT, CHECK>(a, r0, r1, x, bias, y);
+  }
   constexpr int R = tile_rows(D, NT);
   if (CHECK) {
     const uint32_t K = static_cast<uint32_t>(a.K);
