@@ -289,6 +289,16 @@ def bench_fc(args) -> List[Dict]:
     return rows
 
 
+# Memory runs use glibc as it comes and with a fixed mmap threshold: a fixed threshold turns off
+# glibc's dynamic one, so freed large buffers go back to the OS at once and the peak is what was live
+# (repeatable to 0.1 MiB) rather than what the allocator's history kept (several MiB apart from run
+# to run).
+MEMORY_ALLOCATORS = {
+    "glibc default": {},
+    "fixed mmap threshold": {"MALLOC_MMAP_THRESHOLD_": "131072"},
+}
+
+
 def _status_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -333,6 +343,7 @@ def rss_child(mode: str, path: str, batch: int) -> None:
         info["scratch_bytes"] = int(torch.ops.bgd._scratch_bytes())
     info["hwm"] = _status_bytes("VmHWM")
     info["rss"] = _status_bytes("VmRSS")
+    info["rss_file"] = _status_bytes("RssFile")
     print(json.dumps(info))
 
 
@@ -345,64 +356,63 @@ def bench_memory(args) -> List[Dict]:
     ckpt, dense_ckpt = os.path.join(tmp, "r50_pq.pth"), os.path.join(tmp, "r50_dense.pth")
     save_compressed(ckpt, pq, arch="resnet50", num_classes=1000)
     torch.save(dense_twin(pq, dense).state_dict(), dense_ckpt)
-    env = dict(os.environ, BGD_BENCH_THREADS=str(torch.get_num_threads()))
-    results = {}
-    for mode, path in (
-        ("empty", ""),
-        ("compressed", ckpt),
-        ("compressed, unchunked", ckpt),
-        ("compressed+fold", ckpt),
-        ("dense", dense_ckpt),
-    ):
-        out = subprocess.run(
-            [
-                sys.executable,
-                os.path.abspath(__file__),
-                "--rss-child",
-                mode,
-                "--ckpt",
-                path,
-                "--batch",
-                str(args.mem_batch),
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=True,
-        )
-        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-    empty = results["empty"]["hwm"]
-    # What the dense process holds beyond its weights (activations, oneDNN buffers and JIT code,
-    # allocator caches, code pages) is paid by every model of this architecture: an estimate of the
-    # runtime share.
-    runtime = results["dense"]["hwm"] - empty - results["dense"]["model_bytes"]
     rows = []
-    for mode in ("compressed", "compressed, unchunked", "compressed+fold", "dense"):
-        r = results[mode]
-        delta = r["hwm"] - empty
-        largest = r.get("scratch_needed", 0)
-        budget = size.compressed_bytes + largest if mode != "dense" else r["model_bytes"]
-        rows.append(
-            dict(
-                model=mode,
-                peak_minus_empty_mib=delta / MIB,
-                minus_runtime_mib=(delta - runtime) / MIB,
-                model_tensors_mib=r["model_bytes"] / MIB,
-                size_mib=size.compressed_mib if mode != "dense" else size.dense_mib,
-                largest_scratch_mib=largest / MIB if mode != "dense" else 0.0,
-                scratch_used_mib=r.get("scratch_bytes", 0) / MIB,
-                budget_mib=budget / MIB,
-                literal_target_met=str(delta <= budget) if mode != "dense" else "-",
+    for allocator, extra_env in MEMORY_ALLOCATORS.items():
+        env = dict(os.environ, BGD_BENCH_THREADS=str(torch.get_num_threads()), **extra_env)
+        results = {}
+        for mode, path in (
+            ("empty", ""),
+            ("compressed", ckpt),
+            ("compressed, unchunked", ckpt),
+            ("compressed+fold", ckpt),
+            ("dense", dense_ckpt),
+        ):
+            cmd = [sys.executable, os.path.abspath(__file__), "--rss-child", mode, "--ckpt", path]
+            out = subprocess.run(
+                cmd + ["--batch", str(args.mem_batch)],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=True,
             )
-        )
+            results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        empty = results["empty"]
+        # What the dense process holds beyond its weights (activations, oneDNN buffers and JIT
+        # code, allocator caches, code pages) is paid by every model of this architecture: an
+        # estimate of the runtime share.
+        runtime = results["dense"]["hwm"] - empty["hwm"] - results["dense"]["model_bytes"]
+        for mode in ("compressed", "compressed, unchunked", "compressed+fold", "dense"):
+            r = results[mode]
+            delta = r["hwm"] - empty["hwm"]
+            largest = r.get("scratch_needed", 0)
+            budget = size.compressed_bytes + largest if mode != "dense" else r["model_bytes"]
+            rows.append(
+                dict(
+                    allocator=allocator,
+                    model=mode,
+                    peak_minus_empty_mib=delta / MIB,
+                    code_pages_mib=(r["rss_file"] - empty["rss_file"]) / MIB,
+                    runtime_share_mib=runtime / MIB,
+                    minus_runtime_mib=(delta - runtime) / MIB,
+                    model_tensors_mib=r["model_bytes"] / MIB,
+                    size_mib=size.compressed_mib if mode != "dense" else size.dense_mib,
+                    largest_scratch_mib=largest / MIB if mode != "dense" else 0.0,
+                    scratch_used_mib=r.get("scratch_bytes", 0) / MIB,
+                    budget_mib=budget / MIB,
+                    literal_target_met=str(delta <= budget) if mode != "dense" else "-",
+                )
+            )
     print_table(
         f"Resident memory, ResNet-50 batch {args.mem_batch}: peak RSS (VmHWM) minus an empty-model "
-        f"process ({empty / MIB:.1f} MiB); runtime share estimated from the dense process = "
-        f"{runtime / MIB:.1f} MiB; budget = compressed size + largest scratch",
+        "process; code pages = file-backed RSS gained; runtime share = what the dense process "
+        "holds beyond its weights; budget = compressed size + largest scratch",
         rows,
         [
+            "allocator",
             "model",
             "peak_minus_empty_mib",
+            "code_pages_mib",
+            "runtime_share_mib",
             "minus_runtime_mib",
             "model_tensors_mib",
             "size_mib",
