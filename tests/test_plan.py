@@ -46,6 +46,14 @@ def test_rules_types_overrides_skip_and_clamp():
         build_plan(model, order, QuantRules(skip=["early"], overrides=[["late", "BLOCK_SIZE", 8]]))
 
 
+def test_override_values_in_order_without_malformed_entries():
+    rules = QuantRules(overrides=[["*", "REFINE.ROUNDS", 4], ["late", "BLOCK_SIZE", 3], ["x", "REFINE.ROUNDS"],
+                                  ["late", "REFINE.ROUNDS", 0], "junk"])
+    assert rules.override_values("REFINE.ROUNDS") == [4, 0]
+    assert rules.override_values("BLOCK_SIZE") == [3]
+    assert rules.override_values("N_CENTROIDS") == []
+
+
 def test_refinement_overrides():
     """REFINE.* overrides reach the matching layers' plan entries, the ridge and the rounds; later entries win."""
     from types import SimpleNamespace

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..quantization.plan import QuantRules
 from ..quantization.pq import PQResult
 from ..utils import comm
 
@@ -81,10 +82,9 @@ def sync_module_states(model: nn.Module, src: int = 0) -> None:
 def _refines_any_layer(qcfg) -> bool:
     """Whether QUANT.REFINE.ROUNDS or a per-layer override of it may turn the refinement on for some layer.
 
-    Malformed overrides count as "may" here; the plan rejects them with its own one-line error.
+    Malformed override values count as "may" here; the plan rejects them with its own one-line error.
     """
-    rounds = [o[2] for o in qcfg.OVERRIDES
-              if isinstance(o, (list, tuple)) and len(o) == 3 and o[1] == "REFINE.ROUNDS"]
+    rounds = QuantRules.from_cfg(qcfg).override_values("REFINE.ROUNDS")
     return qcfg.REFINE.ROUNDS > 0 or any(not isinstance(r, (int, float)) or r > 0 for r in rounds)
 
 

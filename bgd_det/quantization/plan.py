@@ -82,6 +82,13 @@ class QuantRules:
             overrides=[list(o) for o in qcfg.OVERRIDES],
         )
 
+    def override_values(self, key: str) -> List[Any]:
+        """The values the ``overrides`` entries give ``key``, in order (whatever layers they match).
+
+        Malformed entries are left out here; :func:`build_plan` rejects them with its own error.
+        """
+        return [o[2] for o in self.overrides if isinstance(o, (list, tuple)) and len(o) == 3 and o[1] == key]
+
     def default_block_size(self, module: nn.Module) -> int:
         if isinstance(module, nn.ConvTranspose2d):
             return self.block_size_transpose
