@@ -268,6 +268,22 @@ def test_chunked_conv2d_and_linear_match_reference(simd, small_chunks, batch, ch
     )
 
 
+def test_opcheck_chunked(small_chunks):
+    codes, cb = random_pq(40, 162, 9, 256)
+    assert ops.decode_rows_per_chunk(40, 162) < 40
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    x = torch.randn(2, 18, 6, 6)
+    scale, bias = torch.rand(40), torch.randn(40)
+    conv_args = (x, codes, cb, [40, 18, 3, 3], scale, bias, [1, 1], [1, 1], [1, 1], 1)
+    torch.library.opcheck(torch.ops.bgd.pq_conv2d.default, conv_args, test_utils=utils)
+    l_codes, l_cb = random_pq(40, 100, 4, 64, seed=3)
+    torch.library.opcheck(
+        torch.ops.bgd.pq_linear.default,
+        (torch.randn(12, 100), l_codes, l_cb, None, torch.randn(40)),
+        test_utils=utils,
+    )
+
+
 def test_chunked_ops_keep_a_chunk_sized_scratch_and_check_every_chunk(small_chunks):
     codes, cb = random_pq(40, 162, 9, 256)
     x = torch.randn(1, 18, 9, 9)
