@@ -109,14 +109,18 @@ SEPARATE = ("naive decode + conv",)
 
 
 def compare(
-    models: Dict[str, nn.Module], call: Callable[[nn.Module], object], *, rounds: int, warmup: int = 2
+    models: Dict[str, nn.Module],
+    call: Callable[[nn.Module], object],
+    *,
+    rounds: int,
+    warmup: int = 2,
 ) -> List[Dict]:
-    """Rows of :func:`summarize` for ``models`` (one named "dense eager"), the SEPARATE ones paired."""
+    """Rows of :func:`summarize` for ``models`` (one is "dense eager"), the SEPARATE ones paired."""
     main = {k: m for k, m in models.items() if k not in SEPARATE}
-    rows = summarize(
-        interleaved({k: (lambda m=m: call(m)) for k, m in main.items()}, rounds=rounds, warmup=warmup),
-        "dense eager",
+    times = interleaved(
+        {k: (lambda m=m: call(m)) for k, m in main.items()}, rounds=rounds, warmup=warmup
     )
+    rows = summarize(times, "dense eager")
     for name in (k for k in models if k in SEPARATE):
         pair = {k: models[k] for k in ("dense eager", name)}
         times = interleaved(
@@ -312,9 +316,9 @@ def bench_fc(args) -> List[Dict]:
 
 
 # Memory runs use glibc as it comes and with a fixed mmap threshold: a fixed threshold turns off
-# glibc's dynamic one, so freed large buffers go back to the OS at once and the peak is what was live
-# (repeatable to 0.1 MiB) rather than what the allocator's history kept (several MiB apart from run
-# to run).
+# glibc's dynamic one, so freed large buffers go back to the OS at once and the peak is what was
+# live (repeatable to 0.3 MiB) rather than what the allocator's history kept (several MiB apart
+# from run to run).
 MEMORY_ALLOCATORS = {
     "glibc default": {},
     "fixed mmap threshold": {"MALLOC_MMAP_THRESHOLD_": "131072"},
