@@ -52,6 +52,12 @@ def test_override_values_in_order_without_malformed_entries():
     assert rules.override_values("REFINE.ROUNDS") == [4, 0]
     assert rules.override_values("BLOCK_SIZE") == [3]
     assert rules.override_values("N_CENTROIDS") == []
+    # from a config, a malformed entry reaches build_plan's one-line error (not a TypeError)
+    cfg = load_config(opts=["QUANT.OVERRIDES", "[5]", "QUANT.SKIP", "[]"])
+    model = Reordered()
+    for bad in (QuantRules.from_cfg(cfg.QUANT), rules):
+        with pytest.raises(ValueError, match=r"QUANT.OVERRIDES entry .* must be \[pattern, KEY, value\]"):
+            build_plan(model, execution_order(model, run), bad)
 
 
 def test_refinement_overrides():

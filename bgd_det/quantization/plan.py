@@ -79,7 +79,7 @@ class QuantRules:
             n_centroids=qcfg.N_CENTROIDS,
             min_subvectors_per_centroid=qcfg.MIN_SUBVECTORS_PER_CENTROID,
             skip=list(qcfg.SKIP),
-            overrides=[list(o) for o in qcfg.OVERRIDES],
+            overrides=[list(o) if isinstance(o, (list, tuple)) else o for o in qcfg.OVERRIDES],
         )
 
     def override_values(self, key: str) -> List[Any]:
@@ -137,7 +137,7 @@ def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> Lis
     modules = dict(model.named_modules())
     _check_patterns(rules.skip, order, "QUANT.SKIP")
     for entry in rules.overrides:
-        if len(entry) != 3:
+        if not isinstance(entry, (list, tuple)) or len(entry) != 3:
             raise ValueError(f"QUANT.OVERRIDES entry {entry!r} must be [pattern, KEY, value]")
         if entry[1] not in OVERRIDE_KEYS:
             raise ValueError(f"QUANT.OVERRIDES key {entry[1]!r} unknown; allowed: {list(OVERRIDE_KEYS)}")
