@@ -156,8 +156,9 @@ class Quantizer:
         result = em_quantize(weight, gram, block_size=layer.block_size, n_centroids=layer.n_centroids,
                              n_iter=cfg.QUANT.EM_ITERS, seed=seed)
         output_error = float("nan")
-        if refine_rounds(cfg.QUANT.REFINE, layer) > 0 and has_input_metric(module):
-            refined = self.refine(student, layer, weight, result, seed)
+        rounds = refine_rounds(cfg.QUANT.REFINE, layer)
+        if rounds > 0 and has_input_metric(module):
+            refined = self.refine(student, layer, weight, result, seed, rounds)
             if refined is not None:
                 result, output_error = refined, refined.objective
         if self.broadcast is not None:
@@ -182,8 +183,9 @@ class Quantizer:
         return record
 
     def refine(self, student: nn.Module, layer: LayerPlan, weight: torch.Tensor, result: PQResult,
-               seed: int) -> Optional[PQResult]:
-        """Output-space refinement of the EM's codes and codebook (QUANT.REFINE; see quantization/refine.py).
+               seed: int, rounds: int) -> Optional[PQResult]:
+        """Output-space refinement of the EM's codes and codebook (QUANT.REFINE; see quantization/refine.py), at
+        most ``rounds`` sweep + solve rounds.
 
         The moments are centered when a corrected BatchNorm follows the layer (it restores the output mean);
         with QUANT.REFINE.BN_WEIGHTED, each output channel's error is weighted by the square of the scale the
@@ -231,7 +233,7 @@ class Quantizer:
         damping = refine_damping(cfg.REFINE, layer, dim, moments.n_rows)
         objective = output_objective(weight, moments, damping=damping, target=cfg.REFINE.TARGET,
                                      row_weight=row_weight, residual_gain=gain, metric=cfg.REFINE.DAMPING_METRIC)
-        return refine_pq(objective, result.codes, result.codebook, rounds=refine_rounds(cfg.REFINE, layer),
+        return refine_pq(objective, result.codes, result.codebook, rounds=rounds,
                          cg_iters=cfg.REFINE.CG_ITERS,
                          label=f"{name} ({moments.n_rows} captured rows, damping {damping:.3g})")
 
