@@ -369,8 +369,9 @@ TORCH_LIBRARY(bgd, m) {
   // thread's scratch size in bytes.
   m.def("_simd_mode(int mode=-1) -> int", &bgd::simd_mode_op);
   m.def("_scratch_bytes() -> int", &bgd::scratch_capacity_op);
-  // Convolution weights larger than this many bytes are decoded and convolved in chunks of output
-  // channels (0: never; -1 only queries), and the rows per chunk for a [rows, cols] weight.
+  // Conv2d (groups = 1) and linear weights larger than this many bytes are decoded and applied in
+  // chunks of output channels (0: never; -1 only queries), and the rows per chunk of a [rows, cols]
+  // weight.
   m.def("_chunk_bytes(int bytes=-1) -> int", &bgd::chunk_bytes_op);
   m.def("_chunk_rows(int rows, int cols) -> int", &bgd::chunk_rows_op);
 }
