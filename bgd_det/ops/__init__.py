@@ -140,9 +140,9 @@ def chunk_bytes(nbytes: int = -1) -> int:
     """Size above which conv2d / linear weights are decoded and applied in output-channel chunks.
 
     The compiled ops decode a larger weight (conv2d with groups = 1, or linear on more than 8 input
-    rows) into a scratch of about this many bytes at a time and run the dense op chunk by chunk, so
-    the scratch stays cache-sized (default 2 MiB). ``nbytes``: -1 queries, 0 never chunks, > 0 sets
-    it for the process.
+    rows) into a scratch of about this many bytes at a time (equal chunks, a multiple of 16 output
+    channels each) and run the dense op chunk by chunk, so the scratch stays cache-sized (default
+    2 MiB). ``nbytes``: -1 queries, 0 never chunks, > 0 sets it for the process.
 
     Returns:
         The value now active, or -1 when the compiled ops are not available.
