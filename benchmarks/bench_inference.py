@@ -208,7 +208,8 @@ class Unchunked(nn.Module):
         self.model = model
 
     def forward(self, x):
-        old = ops.chunk_bytes(0)
+        old = ops.chunk_bytes()  # chunk_bytes(n) returns the new value, not the old one
+        ops.chunk_bytes(0)
         try:
             return self.model(x)
         finally:
