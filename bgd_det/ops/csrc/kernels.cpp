@@ -442,6 +442,13 @@ template <int D, int NT, typename CodeT, bool CHECK>
 BGD_AVX2 bool fused_rows_reg_avx2(const PQArgs& a, int64_t r0, int64_t r1, const float* x,
                                   int64_t ldx, const float* bias, float* y, int64_t ldy) {
   static_assert(D == 4 || D == 8 || D == 16, "register path is for d in {4, 8, 16}");
+  if constexpr (NT == 8) {
+    // Two passes of 4 inputs: at 8 the inputs no longer fit in registers beside the accumulators
+    // and are re-read for every row (5-16% slower than 4 + 4 on an AMD EPYC core, d = 4, 8, 16).
+    return fused_rows_reg_avx2<D, 4, CodeT, CHECK>(a, r0, r1, x, ldx, bias, y, ldy) &&
+           fused_rows_reg_avx2<D, 4, CodeT, CHECK>(a, r0, r1, x + 4 * ldx, ldx, bias, y + 4 * ldy,
+                                                   ldy);
+  }
   constexpr int R = tile_rows(D, NT);
   if (CHECK) {
     const uint32_t K = static_cast<uint32_t>(a.K);
@@ -608,12 +615,6 @@ bool fused_dot_rows(const PQArgs& a, int64_t r0, int64_t r1, const float* x, int
   const bool check = needs_check(a);
 #if BGD_HAVE_AVX2
   if (simd_mode() == 1) {
-    if (N == 8) {
-      // Two passes of 4 inputs: at 8 the inputs no longer fit in registers beside the accumulators
-      // and are re-read for every row (5-16% slower than 4 + 4 on an AMD EPYC core, d = 4, 8, 16).
-      return fused_dot_rows(a, r0, r1, x, ldx, 4, bias, y, ldy) &&
-             fused_dot_rows(a, r0, r1, x + 4 * ldx, ldx, 4, bias, y + 4 * ldy, ldy);
-    }
     if (a.codes_int16) return fused_dispatch_n<int16_t, true>(a, r0, r1, x, ldx, N, bias, y, ldy);
     if (check) return fused_dispatch_n<uint8_t, true>(a, r0, r1, x, ldx, N, bias, y, ldy);
     return fused_dispatch_n<uint8_t, false>(a, r0, r1, x, ldx, N, bias, y, ldy);
