@@ -116,17 +116,14 @@ def compare(
     warmup: int = 2,
 ) -> List[Dict]:
     """Rows of :func:`summarize` for ``models`` (one is "dense eager"), the SEPARATE ones paired."""
-    main = {k: m for k, m in models.items() if k not in SEPARATE}
-    times = interleaved(
-        {k: (lambda m=m: call(m)) for k, m in main.items()}, rounds=rounds, warmup=warmup
-    )
-    rows = summarize(times, "dense eager")
+
+    def timed(group: Dict[str, nn.Module]) -> List[Dict]:
+        fns = {k: (lambda m=m: call(m)) for k, m in group.items()}
+        return summarize(interleaved(fns, rounds=rounds, warmup=warmup), "dense eager")
+
+    rows = timed({k: m for k, m in models.items() if k not in SEPARATE})
     for name in (k for k in models if k in SEPARATE):
-        pair = {k: models[k] for k in ("dense eager", name)}
-        times = interleaved(
-            {k: (lambda m=m: call(m)) for k, m in pair.items()}, rounds=rounds, warmup=warmup
-        )
-        rows.insert(1, summarize(times, "dense eager")[1])
+        rows.insert(1, timed({k: models[k] for k in ("dense eager", name)})[1])
     return rows
 
 

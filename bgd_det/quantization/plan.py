@@ -47,6 +47,11 @@ class LayerPlan:
     rounds: Optional[int] = None
 
 
+def _is_override_entry(entry: Any) -> bool:
+    """Whether a QUANT.OVERRIDES entry has the form ``[pattern, KEY, value]`` (its contents unchecked)."""
+    return isinstance(entry, (list, tuple)) and len(entry) == 3
+
+
 @dataclass
 class QuantRules:
     """Per-type defaults and per-module overrides (from ``cfg.QUANT``).
@@ -87,7 +92,7 @@ class QuantRules:
 
         Malformed entries are left out here; :func:`build_plan` rejects them with its own error.
         """
-        return [o[2] for o in self.overrides if isinstance(o, (list, tuple)) and len(o) == 3 and o[1] == key]
+        return [o[2] for o in self.overrides if _is_override_entry(o) and o[1] == key]
 
     def default_block_size(self, module: nn.Module) -> int:
         if isinstance(module, nn.ConvTranspose2d):
@@ -137,7 +142,7 @@ def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> Lis
     modules = dict(model.named_modules())
     _check_patterns(rules.skip, order, "QUANT.SKIP")
     for entry in rules.overrides:
-        if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+        if not _is_override_entry(entry):
             raise ValueError(f"QUANT.OVERRIDES entry {entry!r} must be [pattern, KEY, value]")
         if entry[1] not in OVERRIDE_KEYS:
             raise ValueError(f"QUANT.OVERRIDES key {entry[1]!r} unknown; allowed: {list(OVERRIDE_KEYS)}")
