@@ -256,7 +256,7 @@ def test_chunked_conv2d_and_linear_match_reference(simd, small_chunks, batch, ch
     got = ops.pq_conv2d(x, g_codes, g_cb, (40, 9, 3, 3), padding=1, groups=2)
     want = F.conv2d(x, pq_decode(g_codes, g_cb, (40, 9, 3, 3)), None, 1, 1, 1, 2)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    # linear on more than 8 rows: decode + GEMM in chunks; int16 codes
+    # linear on more than 8 rows (decode + GEMM, whole: the chunk size does not apply); int16 codes
     l_codes, l_cb = random_pq(50, 100, 4, 1024, seed=2)
     xl = torch.randn(batch, 12, 100)
     torch.testing.assert_close(
@@ -289,18 +289,27 @@ def test_chunked_ops_keep_a_chunk_sized_scratch_and_check_every_chunk(small_chun
     x = torch.randn(1, 18, 9, 9)
     seen = {}
 
-    def worker():  # a fresh thread: its scratch grows only to what the op needs
-        ops.pq_conv2d(x, codes, cb, (40, 18, 3, 3), padding=1)
-        seen["bytes"] = int(torch.ops.bgd._scratch_bytes())
+    def worker(run, key):  # a fresh thread: its scratch grows only to what the op needs
+        run()
+        seen[key] = int(torch.ops.bgd._scratch_bytes())
 
-    t = threading.Thread(target=worker)
-    t.start()
-    t.join()
-    assert seen["bytes"] == 16 * 162 * 4
+    l_codes, l_cb = random_pq(40, 100, 4, 64)
+    for key, run in (
+        ("conv", lambda: ops.pq_conv2d(x, codes, cb, (40, 18, 3, 3), padding=1)),
+        ("linear", lambda: ops.pq_linear(torch.randn(12, 100), l_codes, l_cb)),
+    ):
+        t = threading.Thread(target=worker, args=(run, key))
+        t.start()
+        t.join()
+    assert seen == {"conv": 16 * 162 * 4, "linear": 40 * 100 * 4}  # linear GEMMs are not chunked
     model = inf.to_inference(
         nn.Sequential(PQConv2d.from_dense(nn.Conv2d(18, 40, 3), block_size=9, n_centroids=256))
     )
     assert inf.max_scratch_bytes(model) == 16 * 162 * 4
+    linear = inf.to_inference(
+        nn.Sequential(PQLinear.from_dense(nn.Linear(100, 40), block_size=4, n_centroids=64))
+    )
+    assert inf.max_scratch_bytes(linear) == 40 * 100 * 4
     # a bad code in the last chunk is still caught
     bad = codes.to(torch.int16)
     bad[-1, -1] = 300

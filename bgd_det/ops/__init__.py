@@ -137,10 +137,10 @@ def simd_mode(mode: int = -1) -> int:
 
 
 def chunk_bytes(nbytes: int = -1) -> int:
-    """Size above which conv2d / linear weights are decoded and applied in output-channel chunks.
+    """Size above which conv2d weights are decoded and convolved in output-channel chunks.
 
-    The compiled ops decode a larger weight (conv2d with groups = 1, or linear on more than 8 input
-    rows) into a scratch of about this many bytes at a time (equal chunks, a multiple of 16 output
+    The compiled conv2d op decodes a larger weight (groups = 1) into a scratch of about this many
+    bytes at a time (equal chunks, a multiple of 16 output
     channels each) and run the dense op chunk by chunk, so the scratch stays cache-sized (default
     2 MiB). ``nbytes``: -1 queries, 0 never chunks, > 0 sets it for the process.
 
@@ -155,7 +155,7 @@ def chunk_bytes(nbytes: int = -1) -> int:
 
 
 def decode_rows_per_chunk(rows: int, cols: int) -> int:
-    """Weight rows a compiled conv2d / linear op decodes at a time for a ``[rows, cols]`` weight."""
+    """Rows of a ``[rows, cols]`` weight the compiled conv2d op (groups = 1) decodes at a time."""
     if not ops_available():
         return rows
     return int(torch.ops.bgd._chunk_rows(rows, cols))

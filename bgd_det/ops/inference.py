@@ -452,14 +452,14 @@ def inference_bytes(model: nn.Module) -> int:
 def max_scratch_bytes(model: nn.Module) -> int:
     """Largest decode scratch (fp32 bytes) an inference layer of ``model`` can need.
 
-    A conv2d with ``groups == 1`` or a linear layer decodes ``ops.decode_rows_per_chunk`` rows at
-    a time; a grouped conv or a transposed conv decodes its whole weight.
+    A conv2d with ``groups == 1`` decodes ``ops.decode_rows_per_chunk`` rows at a time; a linear
+    layer (on more than 8 rows), a grouped conv or a transposed conv decodes its whole weight.
     """
     sizes = []
     for m in model.modules():
         if not isinstance(m, INFER_LAYER_TYPES):
             continue
         rows, cols = m.weight_shape[0], math.prod(m.weight_shape[1:])
-        chunked = isinstance(m, PQLinearInfer) or (isinstance(m, PQConv2dInfer) and m.groups == 1)
+        chunked = isinstance(m, PQConv2dInfer) and m.groups == 1
         sizes.append(4 * cols * (decode_rows_per_chunk(rows, cols) if chunked else rows))
     return max(sizes, default=0)

@@ -11,10 +11,11 @@
 //
 // The convolutions decode the weight into a thread-local fp32 scratch buffer (grown on demand,
 // reused by every later call on that thread), optionally scaling row o by scale[o] (folded
-// BatchNorm), and hand it to the dense ATen convolution (oneDNN). A conv2d (groups = 1) or linear
-// weight larger than `_chunk_bytes` (2 MiB) is decoded and applied in chunks of output channels,
-// so the scratch stays cache-sized. Linear with <= 8 rows of input, and 1x1 convs with <= 8 output
-// pixels, use the fused decode-dot kernel instead and never write the weight to memory.
+// BatchNorm), and hand it to the dense ATen convolution (oneDNN). A conv2d (groups = 1) weight
+// larger than `_chunk_bytes` (2 MiB) is decoded and convolved in chunks of output channels, so the
+// scratch stays cache-sized (a linear layer's GEMM on more than 8 rows is not chunked: split into
+// 2 MiB column blocks it ran 7-25% slower). Linear with <= 8 rows of input, and 1x1 convs with
+// <= 8 output pixels, use the fused decode-dot kernel instead and never write the weight to memory.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/grad_mode.h>
@@ -244,17 +245,10 @@ Tensor pq_linear_cpu(const Tensor& input, const Tensor& codes, const Tensor& cod
   const int64_t N = x2.size(0);
   if (N == 0) return at::empty(out_shape, input.options());
   if (N <= kMaxFusedN) return fused_linear(a, rows, x2, bias, op).view(out_shape);
-  Tensor out;
-  for_each_chunk(a, rows, op, [&](float* w, int64_t r0, int64_t r1) {
-    const Tensor weight = at::from_blob(w, {r1 - r0, cols}, codebook.options());
-    if (r1 - r0 == rows) {
-      out = at::linear(x2, weight, bias);
-      return;
-    }
-    if (!out.defined()) out = at::empty({N, rows}, x2.options());
-    out.narrow(1, r0, r1 - r0).copy_(at::linear(x2, weight, rows_of(bias, r0, r1)));
-  });
-  return out.view(out_shape);
+  float* w = scratch().get(rows * cols);
+  decode_into(a, 0, rows, w, op);
+  const Tensor weight = at::from_blob(w, {rows, cols}, codebook.options());
+  return at::linear(x2, weight, bias).view(out_shape);
 }
 
 Tensor pq_conv2d_cpu(const Tensor& input, const Tensor& codes, const Tensor& codebook,
@@ -369,9 +363,8 @@ TORCH_LIBRARY(bgd, m) {
   // thread's scratch size in bytes.
   m.def("_simd_mode(int mode=-1) -> int", &bgd::simd_mode_op);
   m.def("_scratch_bytes() -> int", &bgd::scratch_capacity_op);
-  // Conv2d (groups = 1) and linear weights larger than this many bytes are decoded and applied in
-  // chunks of output channels (0: never; -1 only queries), and the rows per chunk of a [rows, cols]
-  // weight.
+  // Conv2d (groups = 1) weights larger than this many bytes are decoded and convolved in chunks of
+  // output channels (0: never; -1 only queries), and the rows per chunk of a [rows, cols] weight.
   m.def("_chunk_bytes(int bytes=-1) -> int", &bgd::chunk_bytes_op);
   m.def("_chunk_rows(int rows, int cols) -> int", &bgd::chunk_rows_op);
 }
