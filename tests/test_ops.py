@@ -214,21 +214,27 @@ def small_chunks():
     ops.chunk_bytes(old)
 
 
-def test_chunk_rows_rule():
+def test_decode_rows_rule():
     old = ops.chunk_bytes()
     try:
         assert ops.chunk_bytes(2 << 20) == 2 << 20
-        assert ops.decode_rows_per_chunk(512, 576) == 512  # 1.1 MiB: whole
+        assert ops.decode_rows_at_once("conv2d", 512, 576) == 512  # 1.1 MiB: whole
         # 9 MiB: 5 chunks of ceil(512 / 5) = 103 rows, rounded up to 112 (a multiple of 16)
-        assert ops.decode_rows_per_chunk(512, 4608) == 112
-        assert ops.decode_rows_per_chunk(1000, 2048) == 256  # 7.8 MiB: 4 chunks of 250 -> 256
-        assert ops.decode_rows_per_chunk(3, 1 << 20) == 3  # never more rows than the weight
+        assert ops.decode_rows_at_once("conv2d", 512, 4608) == 112
+        assert ops.decode_rows_at_once("conv2d", 1000, 2048) == 256  # 4 x 250 -> 256
+        assert ops.decode_rows_at_once("conv2d", 3, 1 << 20) == 3  # never more than the weight
+        # grouped convs, linear decode + GEMM and transposed convs decode their whole weight
+        assert ops.decode_rows_at_once("conv2d", 512, 4608, groups=2) == 512
+        assert ops.decode_rows_at_once("linear", 1000, 2048) == 1000
+        assert ops.decode_rows_at_once("conv_transpose2d", 512, 4608) == 512
         ops.chunk_bytes(0)
-        assert ops.decode_rows_per_chunk(512, 4608) == 512
+        assert ops.decode_rows_at_once("conv2d", 512, 4608) == 512
     finally:
         ops.chunk_bytes(old)
     with pytest.raises(ValueError, match="nbytes must be -1 .* got -2"):
         ops.chunk_bytes(-2)
+    with pytest.raises(RuntimeError, match="layer must be 'conv2d', 'linear' or .* got 'conv3d'"):
+        ops.decode_rows_at_once("conv3d", 8, 8)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -237,7 +243,7 @@ def test_chunked_conv2d_and_linear_match_reference(simd, small_chunks, batch, ch
     # 40 output channels of 9 * 18 floats = 25.9 KiB: chunks of 16 + 16 + 8 rows
     shape = (40, 18, 3, 3)
     codes, cb = random_pq(40, 162, 9, 256)
-    assert ops.decode_rows_per_chunk(40, 162) == 16
+    assert ops.decode_rows_at_once("conv2d", 40, 162) == 16
     x = torch.randn(batch, 18, 9, 9)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -270,7 +276,7 @@ def test_chunked_conv2d_and_linear_match_reference(simd, small_chunks, batch, ch
 
 def test_opcheck_chunked(small_chunks):
     codes, cb = random_pq(40, 162, 9, 256)
-    assert ops.decode_rows_per_chunk(40, 162) < 40
+    assert ops.decode_rows_at_once("conv2d", 40, 162) < 40
     utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     x = torch.randn(2, 18, 6, 6)
     scale, bias = torch.rand(40), torch.randn(40)

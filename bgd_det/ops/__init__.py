@@ -37,7 +37,7 @@ __all__ = [
     "reference_weight",
     "simd_mode",
     "chunk_bytes",
-    "decode_rows_per_chunk",
+    "decode_rows_at_once",
 ]
 
 _IntOrPair = Union[int, Sequence[int]]
@@ -154,11 +154,16 @@ def chunk_bytes(nbytes: int = -1) -> int:
     return int(torch.ops.bgd._chunk_bytes(nbytes))
 
 
-def decode_rows_per_chunk(rows: int, cols: int) -> int:
-    """Rows of a ``[rows, cols]`` weight the compiled conv2d op (groups = 1) decodes at a time."""
+def decode_rows_at_once(layer: str, rows: int, cols: int, groups: int = 1) -> int:
+    """Rows of a ``[rows, cols]`` weight that the compiled op of ``layer`` decodes at a time.
+
+    ``layer``: ``"conv2d"``, ``"linear"`` or ``"conv_transpose2d"``. The rule lives in the op: a
+    conv2d with ``groups == 1`` decodes chunks of about :func:`chunk_bytes`, everything else its
+    whole weight. Without the compiled ops the reference path decodes whole weights: ``rows``.
+    """
     if not ops_available():
         return rows
-    return int(torch.ops.bgd._chunk_rows(rows, cols))
+    return int(torch.ops.bgd._decode_rows(layer, rows, cols, groups))
 
 
 def reference_weight(

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..quantization.bn_correction import BN_TYPES, bn_scale_shift
 from ..quantization.layers import PQ_LAYER_TYPES, PQConv2d, PQConvTranspose2d, PQLinear
 from ..quantization.swap import set_module
-from . import decode_rows_per_chunk, ops_available, pq_conv2d, pq_conv_transpose2d, pq_linear
+from . import decode_rows_at_once, ops_available, pq_conv2d, pq_conv_transpose2d, pq_linear
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,11 @@ class _PQInfer(nn.Module):
         codebook (Tensor[K, d] float32): buffer.
         weight_shape (tuple): shape of the dense weight the codes stand for (never materialised).
         bias (Tensor[C_out] float32 or None): buffer.
+        op_layer (str): the layer kind its compiled op decodes for (``ops.decode_rows_at_once``).
     """
+
+    op_layer: str
+    groups: int = 1
 
     def _init_pq(
         self, codes: Tensor, codebook: Tensor, weight_shape: Sequence[int], bias: Optional[Tensor]
@@ -80,6 +84,11 @@ class _PQInfer(nn.Module):
     def n_centroids(self) -> int:
         return self.codebook.shape[0]
 
+    def scratch_bytes(self) -> int:
+        """Largest decode scratch (fp32 bytes) the layer's op can need (the rule is the op's)."""
+        rows, cols = self.weight_shape[0], math.prod(self.weight_shape[1:])
+        return 4 * cols * decode_rows_at_once(self.op_layer, rows, cols, self.groups)
+
     def _pq_repr(self) -> str:
         return (
             f"weight_shape={self.weight_shape}, block_size={self.block_size}, "
@@ -93,6 +102,8 @@ class PQConv2dInfer(_PQInfer):
     Computes ``conv2d(x, scale[:, None, None, None] * W, bias)`` with ``W`` the decoded weight
     Tensor[C_out, C_in // groups, kh, kw].
     """
+
+    op_layer = "conv2d"
 
     def __init__(
         self,
@@ -203,6 +214,8 @@ class PQConv2dInfer(_PQInfer):
 class PQLinearInfer(_PQInfer):
     """Linear from codes + codebook through ``bgd::pq_linear`` (fused decode-dot for <= 8 rows)."""
 
+    op_layer = "linear"
+
     def __init__(
         self,
         codes: Tensor,
@@ -230,6 +243,8 @@ class PQLinearInfer(_PQInfer):
 
 class PQConvTranspose2dInfer(_PQInfer):
     """ConvTranspose2d from codes + codebook (weight Tensor[C_in, C_out // groups, kh, kw])."""
+
+    op_layer = "conv_transpose2d"
 
     def __init__(
         self,
@@ -450,16 +465,6 @@ def inference_bytes(model: nn.Module) -> int:
 
 
 def max_scratch_bytes(model: nn.Module) -> int:
-    """Largest decode scratch (fp32 bytes) an inference layer of ``model`` can need.
-
-    A conv2d with ``groups == 1`` decodes ``ops.decode_rows_per_chunk`` rows at a time; a linear
-    layer (on more than 8 rows), a grouped conv or a transposed conv decodes its whole weight.
-    """
-    sizes = []
-    for m in model.modules():
-        if not isinstance(m, INFER_LAYER_TYPES):
-            continue
-        rows, cols = m.weight_shape[0], math.prod(m.weight_shape[1:])
-        chunked = isinstance(m, PQConv2dInfer) and m.groups == 1
-        sizes.append(4 * cols * (decode_rows_per_chunk(rows, cols) if chunked else rows))
-    return max(sizes, default=0)
+    """Largest decode scratch (fp32 bytes) an inference layer of ``model`` can need."""
+    layers = (m for m in model.modules() if isinstance(m, INFER_LAYER_TYPES))
+    return max((m.scratch_bytes() for m in layers), default=0)

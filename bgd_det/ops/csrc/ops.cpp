@@ -161,21 +161,49 @@ int64_t chunk_rows(int64_t rows, int64_t cols) {
   return std::min(rows, per);
 }
 
-// Decodes the weight rows chunk by chunk (chunk_rows() each) into the calling thread's scratch and
-// calls fn(w, r0, r1) with the rows [r0, r1) at w, before the next chunk overwrites them.
-template <typename Fn>
-void for_each_chunk(const PQArgs& a, int64_t rows, const char* op, Fn fn) {
-  const int64_t chunk = chunk_rows(rows, a.cols);
-  float* w = scratch().get(chunk * a.cols);
-  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
-    const int64_t r1 = std::min(rows, r0 + chunk);
-    decode_into(a, r0, r1, w, op);
-    fn(w, r0, r1);
-  }
+// The ops whose weights are decoded into the scratch.
+enum class Layer { kConv2d, kLinear, kConvTranspose2d };
+
+// Rows of a [rows, cols] weight that `layer`'s op decodes into the scratch at a time (its decode +
+// dense path; the fused kernel writes no weight): a conv2d with groups = 1 in chunks of
+// chunk_rows(); a grouped conv2d (output-channel chunks would cut groups), a linear layer's decode
+// + GEMM (in 2 MiB blocks it ran 7-25% slower) and a transposed conv (its rows are input channels)
+// the whole weight.
+int64_t decode_rows_at_once(Layer layer, int64_t rows, int64_t cols, int64_t groups) {
+  return layer == Layer::kConv2d && groups == 1 ? chunk_rows(rows, cols) : rows;
 }
 
 c10::optional<Tensor> rows_of(const c10::optional<Tensor>& bias, int64_t r0, int64_t r1) {
   return bias.has_value() ? c10::optional<Tensor>(bias->narrow(0, r0, r1 - r0)) : c10::nullopt;
+}
+
+// Decodes the weight (shape `weight_shape`, rows = output channels) `chunk` rows at a time into the
+// calling thread's scratch and returns apply(weight rows, bias rows) for the whole weight: the
+// chunks' outputs are copied into place along dim 1 (in the memory format of the dense op's
+// output); a single chunk returns the dense op's output itself.
+template <typename Fn>
+Tensor apply_in_chunks(const PQArgs& a, at::IntArrayRef weight_shape, int64_t chunk,
+                       const c10::optional<Tensor>& bias, const at::TensorOptions& options,
+                       const char* op, Fn apply) {
+  const int64_t rows = weight_shape[0];
+  float* w = scratch().get(chunk * a.cols);
+  std::vector<int64_t> chunk_shape(weight_shape.begin(), weight_shape.end());
+  Tensor out;
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const int64_t r1 = std::min(rows, r0 + chunk);
+    decode_into(a, r0, r1, w, op);
+    chunk_shape[0] = r1 - r0;
+    const Tensor weight = at::from_blob(w, chunk_shape, options);
+    if (r1 - r0 == rows) return apply(weight, bias);
+    const Tensor y = apply(weight, rows_of(bias, r0, r1));
+    if (!out.defined()) {
+      std::vector<int64_t> shape(y.sizes().begin(), y.sizes().end());
+      shape[1] = rows;
+      out = at::empty(shape, y.options().memory_format(y.suggest_memory_format()));
+    }
+    out.narrow(1, r0, r1 - r0).copy_(y);
+  }
+  return out;
 }
 
 // x2: [N, cols] contiguous fp32, N <= kMaxFusedN. Returns [N, rows].
@@ -245,10 +273,13 @@ Tensor pq_linear_cpu(const Tensor& input, const Tensor& codes, const Tensor& cod
   const int64_t N = x2.size(0);
   if (N == 0) return at::empty(out_shape, input.options());
   if (N <= kMaxFusedN) return fused_linear(a, rows, x2, bias, op).view(out_shape);
-  float* w = scratch().get(rows * cols);
-  decode_into(a, 0, rows, w, op);
-  const Tensor weight = at::from_blob(w, {rows, cols}, codebook.options());
-  return at::linear(x2, weight, bias).view(out_shape);
+  const int64_t shape[2] = {rows, cols};
+  const int64_t chunk = decode_rows_at_once(Layer::kLinear, rows, cols, 1);
+  return apply_in_chunks(a, shape, chunk, bias, codebook.options(), op,
+                         [&](const Tensor& w, const c10::optional<Tensor>& b) {
+                           return at::linear(x2, w, b);
+                         })
+      .view(out_shape);
 }
 
 Tensor pq_conv2d_cpu(const Tensor& input, const Tensor& codes, const Tensor& codebook,
@@ -283,29 +314,11 @@ Tensor pq_conv2d_cpu(const Tensor& input, const Tensor& codes, const Tensor& cod
       return y.view({B, Ho, Wo, rows}).permute({0, 3, 1, 2}).contiguous();
     }
   }
-  if (groups > 1) {  // chunks of output channels would cut groups: decode the whole weight
-    float* w = scratch().get(rows * cols);
-    decode_into(a, 0, rows, w, op);
-    const Tensor weight = at::from_blob(w, weight_shape, codebook.options());
-    return at::conv2d(input, weight, bias, stride, padding, dilation, groups);
-  }
-  std::vector<int64_t> chunk_shape(weight_shape.begin(), weight_shape.end());
-  Tensor out;
-  for_each_chunk(a, rows, op, [&](float* w, int64_t r0, int64_t r1) {
-    chunk_shape[0] = r1 - r0;
-    const Tensor weight = at::from_blob(w, chunk_shape, codebook.options());
-    if (r1 - r0 == rows) {
-      out = at::conv2d(input, weight, bias, stride, padding, dilation, 1);
-      return;
-    }
-    const Tensor y = at::conv2d(input, weight, rows_of(bias, r0, r1), stride, padding, dilation, 1);
-    if (!out.defined()) {
-      out = at::empty({y.size(0), rows, y.size(2), y.size(3)},
-                      y.options().memory_format(y.suggest_memory_format()));
-    }
-    out.narrow(1, r0, r1 - r0).copy_(y);
-  });
-  return out;
+  const int64_t chunk = decode_rows_at_once(Layer::kConv2d, rows, cols, groups);
+  return apply_in_chunks(a, weight_shape, chunk, bias, codebook.options(), op,
+                         [&](const Tensor& w, const c10::optional<Tensor>& b) {
+                           return at::conv2d(input, w, b, stride, padding, dilation, groups);
+                         });
 }
 
 Tensor pq_conv_transpose2d_cpu(const Tensor& input, const Tensor& codes, const Tensor& codebook,
@@ -325,6 +338,8 @@ Tensor pq_conv_transpose2d_cpu(const Tensor& input, const Tensor& codes, const T
               input.size(1), " channels; weight ", weight_shape, " expects ", rows);
   const PQArgs a = make_args(codes, codebook, c10::nullopt, rows, cols, op);
   check_optional_vector(bias, weight_shape[1] * groups, op, "bias");
+  const int64_t whole = decode_rows_at_once(Layer::kConvTranspose2d, rows, cols, groups);
+  TORCH_INTERNAL_ASSERT(whole == rows, op, ": a transposed conv decodes its whole weight");
   float* w = scratch().get(rows * cols);
   decode_into(a, 0, rows, w, op);
   const Tensor weight = at::from_blob(w, weight_shape, codebook.options());
@@ -339,7 +354,17 @@ int64_t chunk_bytes_op(int64_t bytes) {
   return chunk_bytes().load();
 }
 
-int64_t chunk_rows_op(int64_t rows, int64_t cols) { return chunk_rows(rows, cols); }
+int64_t decode_rows_op(c10::string_view layer, int64_t rows, int64_t cols, int64_t groups) {
+  const char* op = "bgd::_decode_rows";
+  TORCH_CHECK(rows >= 1 && cols >= 1 && groups >= 1, op,
+              ": rows, cols and groups must be >= 1, got ", rows, ", ", cols, ", ", groups);
+  if (layer == "conv2d") return decode_rows_at_once(Layer::kConv2d, rows, cols, groups);
+  if (layer == "linear") return decode_rows_at_once(Layer::kLinear, rows, cols, groups);
+  if (layer == "conv_transpose2d")
+    return decode_rows_at_once(Layer::kConvTranspose2d, rows, cols, groups);
+  TORCH_CHECK(false, op, ": layer must be 'conv2d', 'linear' or 'conv_transpose2d', got '", layer,
+              "'");
+}
 
 int64_t scratch_capacity_op() { return scratch().capacity() * static_cast<int64_t>(sizeof(float)); }
 
@@ -364,9 +389,10 @@ TORCH_LIBRARY(bgd, m) {
   m.def("_simd_mode(int mode=-1) -> int", &bgd::simd_mode_op);
   m.def("_scratch_bytes() -> int", &bgd::scratch_capacity_op);
   // Conv2d (groups = 1) weights larger than this many bytes are decoded and convolved in chunks of
-  // output channels (0: never; -1 only queries), and the rows per chunk of a [rows, cols] weight.
+  // output channels (0: never; -1 only queries), and the rows of a [rows, cols] weight that a
+  // layer's op decodes at a time.
   m.def("_chunk_bytes(int bytes=-1) -> int", &bgd::chunk_bytes_op);
-  m.def("_chunk_rows(int rows, int cols) -> int", &bgd::chunk_rows_op);
+  m.def("_decode_rows(str layer, int rows, int cols, int groups=1) -> int", &bgd::decode_rows_op);
 }
 
 TORCH_LIBRARY_IMPL(bgd, CPU, m) {
