@@ -10,7 +10,8 @@ Sections:
   resnet50  torchvision ResNet-50, small blocks (d=9 for 3x3, d=4 for 1x1, K=256, fc K=1024, conv1
             dense), batch 1 and 8: dense eager / naive decode (index + conv) / compiled op /
             compiled op + folded BN.
-  fc        Linear 1000x2048 (d=4, K=1024): F.linear vs the fused decode-dot op, N = 1, 4, 8, 32.
+  fc        Linear 1000x2048 (d=4, K=1024): F.linear vs the op (fused decode-dot up to 8 rows),
+            and nn.Linear vs PQLinearInfer, N = 1, 4, 8, 32.
   memory    peak RSS (VmHWM) of fresh processes that load a model and run inference, minus an
             empty one.
   maskrcnn  torchvision Mask R-CNN R50-FPN, 800x800, batch 1.
@@ -46,7 +47,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bgd_det import ops  # noqa: E402
 from bgd_det.checkpoint import round_codebooks_to_fp16, save_compressed  # noqa: E402
-from bgd_det.ops.inference import inference_bytes, max_scratch_bytes, to_inference  # noqa: E402
+from bgd_det.ops.inference import (  # noqa: E402
+    PQLinearInfer,
+    inference_bytes,
+    max_scratch_bytes,
+    to_inference,
+)
 from bgd_det.quantization.plan import QuantRules, build_plan, execution_order  # noqa: E402
 from bgd_det.quantization.pq import code_dtype  # noqa: E402
 from bgd_det.quantization.size import model_size  # noqa: E402
@@ -255,49 +261,61 @@ def bench_resnet50(args) -> List[Dict]:
     return rows
 
 
+def _reference_linear(x, codes, codebook, scale, bias):
+    """``bgd::pq_linear``'s signature on the reference path (no compiled ops: main() warns)."""
+    return ops.pq_linear(x, codes, codebook, scale=scale, bias=bias)
+
+
 def bench_fc(args) -> List[Dict]:
+    """F.linear vs the op, and nn.Linear vs the inference layer, warm and with caches evicted.
+
+    The op is called through its operator handle, ``torch.ops.bgd.pq_linear.default``, as
+    ``PQLinearInfer.forward`` calls it (``ops.pq_linear``'s Python checks are not part of the op);
+    the layer columns time both modules' ``__call__`` (what a deployed model runs).
+    """
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 1024, (1000, 512), generator=g).to(torch.int16)
     cb = torch.randn(1024, 4, generator=g)
     bias = torch.randn(1000, generator=g)
     weight = ops.pq_decode(codes, cb, (1000, 2048))
+    dense_layer = nn.Linear(2048, 1000)
+    with torch.no_grad():
+        dense_layer.weight.copy_(weight)
+        dense_layer.bias.copy_(bias)
+    pq_layer = PQLinearInfer(codes, cb, (1000, 2048), bias=bias)
+    op = torch.ops.bgd.pq_linear.default if ops.ops_available() else _reference_linear
     flush = torch.zeros(16 << 20)  # 64 MiB, twice the L3 of the reference machine
     rows = []
     for n in (1, 4, 8, 32):
         x = torch.randn(n, 2048, generator=g)
-        torch.testing.assert_close(
-            ops.pq_linear(x, codes, cb, bias=bias), F.linear(x, weight, bias), rtol=1e-4, atol=1e-3
-        )
+        want = F.linear(x, weight, bias)
+        for got in (op(x, codes, cb, None, bias), pq_layer(x)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+        fns = {
+            "dense F.linear": lambda: F.linear(x, weight, bias),
+            "bgd::pq_linear": lambda: op(x, codes, cb, None, bias),
+            "nn.Linear": lambda: dense_layer(x),
+            "PQLinearInfer": lambda: pq_layer(x),
+        }
         inner = 20 if n <= 8 else 5
-        times = interleaved(
-            {
-                "dense F.linear": lambda: F.linear(x, weight, bias),
-                "bgd::pq_linear": lambda: ops.pq_linear(x, codes, cb, bias=bias),
-            },
-            rounds=args.rounds * 4,
-            inner=inner,
-            warmup=5,
-        )
-        # Cold: caches evicted before every call, as for a classifier head after the conv layers.
-        cold = interleaved(
-            {
-                "dense F.linear": lambda: F.linear(x, weight, bias),
-                "bgd::pq_linear": lambda: ops.pq_linear(x, codes, cb, bias=bias),
-            },
-            rounds=args.rounds * 2,
-            warmup=2,
-            before=lambda: flush.add_(1.0),
-        )
+        times = interleaved(fns, rounds=args.rounds * 4, inner=inner, warmup=5)
+        # Cold: caches evicted before every call, as for a classifier head after the conv layers
+        # (the eviction also reaches the interpreter's and the dispatcher's data, on both sides).
+        cold = interleaved(fns, rounds=args.rounds * 2, warmup=2, before=lambda: flush.add_(1.0))
         row = dict(N=n, path="fused decode-dot" if n <= 8 else "decode + GEMM")
         for tag, t in (("warm", times), ("cold", cold)):
             dense, pq = t["dense F.linear"], t["bgd::pq_linear"]
             row[f"{tag}_dense_ms"] = 1e3 * statistics.median(dense)
             row[f"{tag}_pq_ms"] = 1e3 * statistics.median(pq)
             row[f"{tag}_speedup"] = statistics.median(d / p for d, p in zip(dense, pq))
+        for tag, t in (("warm", times), ("cold", cold)):
+            pairs = zip(t["nn.Linear"], t["PQLinearInfer"])
+            row[f"layer_{tag}_speedup"] = statistics.median(d / p for d, p in pairs)
         rows.append(row)
     print_table(
-        "FC 1000x2048 (d=4, K=1024, int16 codes), latency per call; warm = repeated calls "
-        "(weights in L2/L3), cold = caches evicted (64 MiB touched) before each call",
+        "FC 1000x2048 (d=4, K=1024, int16 codes), latency per call: F.linear vs the op "
+        "(torch.ops.bgd.pq_linear.default) and nn.Linear vs PQLinearInfer (layer_*); warm = repeated "
+        "calls (weights in L2/L3), cold = caches evicted (64 MiB touched) before each call",
         rows,
         [
             "N",
@@ -308,6 +326,8 @@ def bench_fc(args) -> List[Dict]:
             "cold_dense_ms",
             "cold_pq_ms",
             "cold_speedup",
+            "layer_warm_speedup",
+            "layer_cold_speedup",
         ],
     )
     return rows
