@@ -428,8 +428,10 @@ def bench_memory(args) -> List[Dict]:
         for mode in ("compressed", "compressed, unchunked", "compressed+fold", "dense"):
             r = results[mode]
             delta = r["hwm"] - empty["hwm"]
-            largest = r.get("scratch_needed", 0)
-            budget = size.compressed_bytes + largest if mode != "dense" else r["model_bytes"]
+            # The largest layer's scratch at this input is what the forward grew the scratch to
+            # (a conv decodes in chunks only when its output is small, so any-input is larger).
+            used = r.get("scratch_bytes", 0)
+            budget = size.compressed_bytes + used if mode != "dense" else r["model_bytes"]
             rows.append(
                 dict(
                     allocator=allocator,
@@ -440,7 +442,7 @@ def bench_memory(args) -> List[Dict]:
                     minus_runtime_mib=(delta - runtime) / MIB,
                     model_tensors_mib=r["model_bytes"] / MIB,
                     size_mib=size.compressed_mib if mode != "dense" else size.dense_mib,
-                    largest_scratch_mib=largest / MIB if mode != "dense" else 0.0,
+                    any_input_scratch_mib=r.get("scratch_needed", 0) / MIB,
                     scratch_used_mib=r.get("scratch_bytes", 0) / MIB,
                     budget_mib=budget / MIB,
                     literal_target_met=str(delta <= budget) if mode != "dense" else "-",
@@ -449,7 +451,8 @@ def bench_memory(args) -> List[Dict]:
     print_table(
         f"Resident memory, ResNet-50 batch {args.mem_batch}: peak RSS (VmHWM) minus an empty-model "
         "process; code pages = file-backed RSS gained; runtime share = what the dense process "
-        "holds beyond its weights; budget = compressed size + largest scratch",
+        "holds beyond its weights; budget = compressed size + the scratch this forward used (the "
+        "largest layer's at this input); any-input scratch = the largest whole weight",
         rows,
         [
             "allocator",
@@ -460,7 +463,7 @@ def bench_memory(args) -> List[Dict]:
             "minus_runtime_mib",
             "model_tensors_mib",
             "size_mib",
-            "largest_scratch_mib",
+            "any_input_scratch_mib",
             "scratch_used_mib",
             "budget_mib",
             "literal_target_met",

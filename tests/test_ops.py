@@ -207,60 +207,80 @@ def test_scratch_is_reused_and_threads_are_independent():
 
 @pytest.fixture
 def small_chunks():
-    """Chunk every weight above 4 KiB (restores the default afterwards)."""
+    """Chunk every conv2d weight above 32 KiB whose output is at most 8 KiB (restored after)."""
     old = ops.chunk_bytes()
-    ops.chunk_bytes(4096)
-    yield 4096
+    ops.chunk_bytes(32 << 10)
+    yield 32 << 10
     ops.chunk_bytes(old)
+
+
+# A conv2d weight of 40 x 576 floats (90 KiB): in 32 KiB chunks, 3 chunks of ceil(40 / 3) = 14 rows,
+# rounded up to 16 (16 + 16 + 8). Its outputs on CHUNKED_INPUT-sized inputs stay within 8 KiB.
+CHUNKED_SHAPE = (40, 64, 3, 3)
 
 
 def test_decode_rows_rule():
     old = ops.chunk_bytes()
     try:
         assert ops.chunk_bytes(2 << 20) == 2 << 20
-        assert ops.decode_rows_at_once("conv2d", 512, 576) == 512  # 1.1 MiB: whole
+        small = 392 << 10  # ResNet-50's largest chunked output at batch 1
+        assert ops.decode_rows_at_once("conv2d", 512, 576, out_bytes=small) == 512  # 1.1 MiB
         # 9 MiB: 5 chunks of ceil(512 / 5) = 103 rows, rounded up to 112 (a multiple of 16)
-        assert ops.decode_rows_at_once("conv2d", 512, 4608) == 112
-        assert ops.decode_rows_at_once("conv2d", 1000, 2048) == 256  # 4 x 250 -> 256
-        assert ops.decode_rows_at_once("conv2d", 3, 1 << 20) == 3  # never more than the weight
+        assert ops.decode_rows_at_once("conv2d", 512, 4608, out_bytes=small) == 112
+        assert ops.decode_rows_at_once("conv2d", 1000, 2048, out_bytes=small) == 256  # 4 x 250
+        assert ops.decode_rows_at_once("conv2d", 3, 1 << 20, out_bytes=0) == 3  # <= the weight
+        # chunks only while the output is at most a quarter of chunk_bytes (512 KiB here)
+        assert ops.decode_rows_at_once("conv2d", 512, 4608, out_bytes=512 << 10) == 112
+        assert ops.decode_rows_at_once("conv2d", 512, 4608, out_bytes=(512 << 10) + 4) == 512
+        assert ops.decode_rows_at_once("conv2d", 512, 4608) == 512  # any output: the most
         # grouped convs, linear decode + GEMM and transposed convs decode their whole weight
-        assert ops.decode_rows_at_once("conv2d", 512, 4608, groups=2) == 512
-        assert ops.decode_rows_at_once("linear", 1000, 2048) == 1000
-        assert ops.decode_rows_at_once("conv_transpose2d", 512, 4608) == 512
+        assert ops.decode_rows_at_once("conv2d", 512, 4608, groups=2, out_bytes=small) == 512
+        assert ops.decode_rows_at_once("linear", 1000, 2048, out_bytes=small) == 1000
+        assert ops.decode_rows_at_once("conv_transpose2d", 512, 4608, out_bytes=small) == 512
         ops.chunk_bytes(0)
-        assert ops.decode_rows_at_once("conv2d", 512, 4608) == 512
+        assert ops.decode_rows_at_once("conv2d", 512, 4608, out_bytes=small) == 512
     finally:
         ops.chunk_bytes(old)
     with pytest.raises(ValueError, match="nbytes must be -1 .* got -2"):
         ops.chunk_bytes(-2)
     with pytest.raises(RuntimeError, match="layer must be 'conv2d', 'linear' or .* got 'conv3d'"):
         ops.decode_rows_at_once("conv3d", 8, 8)
+    with pytest.raises(RuntimeError, match="out_bytes must be -1 .* got -5"):
+        ops.decode_rows_at_once("conv2d", 8, 8, out_bytes=-5)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_chunked_conv2d_and_linear_match_reference(simd, small_chunks, batch, channels_last):
-    # 40 output channels of 9 * 18 floats = 25.9 KiB: chunks of 16 + 16 + 8 rows
-    shape = (40, 18, 3, 3)
-    codes, cb = random_pq(40, 162, 9, 256)
-    assert ops.decode_rows_at_once("conv2d", 40, 162) == 16
-    x = torch.randn(batch, 18, 9, 9)
+    codes, cb = random_pq(40, 576, 9, 256)
+    x = torch.randn(batch, 64, 4, 4)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     bias, scale = torch.randn(40), torch.rand(40) + 0.5
     for stride, padding, dilation in ((1, 1, 1), (2, 0, 1), (1, 2, 2)):
         for b, s in ((None, None), (bias, scale)):
             got = ops.pq_conv2d(
-                x, codes, cb, shape, scale=s, bias=b, stride=stride, padding=padding,
+                x, codes, cb, CHUNKED_SHAPE, scale=s, bias=b, stride=stride, padding=padding,
                 dilation=dilation,
             )
-            want = F.conv2d(x, ref_weight(codes, cb, shape, s), b, stride, padding, dilation)
+            w = ref_weight(codes, cb, CHUNKED_SHAPE, s)
+            want = F.conv2d(x, w, b, stride, padding, dilation)
+            out_bytes = 4 * want.numel()
+            assert ops.decode_rows_at_once("conv2d", 40, 576, out_bytes=out_bytes) == 16
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
             assert got.stride() == want.stride()  # the same memory format as the dense conv
-    # grouped convs are never chunked; they still match
-    g_codes, g_cb = random_pq(40, 81, 9, 256, seed=1)
-    got = ops.pq_conv2d(x, g_codes, g_cb, (40, 9, 3, 3), padding=1, groups=2)
-    want = F.conv2d(x, pq_decode(g_codes, g_cb, (40, 9, 3, 3)), None, 1, 1, 1, 2)
+    # a larger output is convolved whole; grouped convs are never chunked; both still match
+    xl = torch.randn(batch, 64, 9, 9)
+    assert ops.decode_rows_at_once("conv2d", 40, 576, out_bytes=4 * batch * 40 * 81) == 40
+    torch.testing.assert_close(
+        ops.pq_conv2d(xl, codes, cb, CHUNKED_SHAPE, padding=1),
+        F.conv2d(xl, ref_weight(codes, cb, CHUNKED_SHAPE), None, 1, 1),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    g_codes, g_cb = random_pq(40, 288, 9, 256, seed=1)
+    got = ops.pq_conv2d(x, g_codes, g_cb, (40, 32, 3, 3), padding=1, groups=2)
+    want = F.conv2d(x, pq_decode(g_codes, g_cb, (40, 32, 3, 3)), None, 1, 1, 1, 2)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     # linear on more than 8 rows (decode + GEMM, whole: the chunk size does not apply); int16 codes
     l_codes, l_cb = random_pq(50, 100, 4, 1024, seed=2)
@@ -275,12 +295,12 @@ def test_chunked_conv2d_and_linear_match_reference(simd, small_chunks, batch, ch
 
 
 def test_opcheck_chunked(small_chunks):
-    codes, cb = random_pq(40, 162, 9, 256)
-    assert ops.decode_rows_at_once("conv2d", 40, 162) < 40
+    codes, cb = random_pq(40, 576, 9, 256)
+    x = torch.randn(2, 64, 4, 4)  # output 2 x 40 x 4 x 4 floats: 5 KiB, chunked
+    assert ops.decode_rows_at_once("conv2d", 40, 576, out_bytes=4 * 2 * 40 * 16) < 40
     utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
-    x = torch.randn(2, 18, 6, 6)
     scale, bias = torch.rand(40), torch.randn(40)
-    conv_args = (x, codes, cb, [40, 18, 3, 3], scale, bias, [1, 1], [1, 1], [1, 1], 1)
+    conv_args = (x, codes, cb, list(CHUNKED_SHAPE), scale, bias, [1, 1], [1, 1], [1, 1], 1)
     torch.library.opcheck(torch.ops.bgd.pq_conv2d.default, conv_args, test_utils=utils)
     l_codes, l_cb = random_pq(40, 100, 4, 64, seed=3)
     torch.library.opcheck(
@@ -291,8 +311,8 @@ def test_opcheck_chunked(small_chunks):
 
 
 def test_chunked_ops_keep_a_chunk_sized_scratch_and_check_every_chunk(small_chunks):
-    codes, cb = random_pq(40, 162, 9, 256)
-    x = torch.randn(1, 18, 9, 9)
+    codes, cb = random_pq(40, 576, 9, 256)
+    x, x_large = torch.randn(1, 64, 4, 4), torch.randn(1, 64, 9, 9)
     seen = {}
 
     def worker(run, key):  # a fresh thread: its scratch grows only to what the op needs
@@ -301,17 +321,21 @@ def test_chunked_ops_keep_a_chunk_sized_scratch_and_check_every_chunk(small_chun
 
     l_codes, l_cb = random_pq(40, 100, 4, 64)
     for key, run in (
-        ("conv", lambda: ops.pq_conv2d(x, codes, cb, (40, 18, 3, 3), padding=1)),
+        ("conv", lambda: ops.pq_conv2d(x, codes, cb, CHUNKED_SHAPE, padding=1)),
+        ("conv, large output", lambda: ops.pq_conv2d(x_large, codes, cb, CHUNKED_SHAPE, padding=1)),
         ("linear", lambda: ops.pq_linear(torch.randn(12, 100), l_codes, l_cb)),
     ):
         t = threading.Thread(target=worker, args=(run, key))
         t.start()
         t.join()
-    assert seen == {"conv": 16 * 162 * 4, "linear": 40 * 100 * 4}  # linear GEMMs are not chunked
-    model = inf.to_inference(
-        nn.Sequential(PQConv2d.from_dense(nn.Conv2d(18, 40, 3), block_size=9, n_centroids=256))
-    )
-    assert inf.max_scratch_bytes(model) == 16 * 162 * 4
+    # one chunk; the whole weight for a 12.7 KiB output; linear GEMMs are not chunked
+    assert seen == {
+        "conv": 16 * 576 * 4, "conv, large output": 40 * 576 * 4, "linear": 40 * 100 * 4
+    }
+    layer = PQConv2d.from_dense(nn.Conv2d(64, 40, 3), block_size=9, n_centroids=256)
+    model = inf.to_inference(nn.Sequential(layer))
+    assert model[0].scratch_bytes(out_bytes=4 * 40 * 16) == 16 * 576 * 4
+    assert inf.max_scratch_bytes(model) == 40 * 576 * 4  # any input: a large output decodes whole
     linear = inf.to_inference(
         nn.Sequential(PQLinear.from_dense(nn.Linear(100, 40), block_size=4, n_centroids=64))
     )
@@ -320,7 +344,7 @@ def test_chunked_ops_keep_a_chunk_sized_scratch_and_check_every_chunk(small_chun
     bad = codes.to(torch.int16)
     bad[-1, -1] = 300
     with pytest.raises(RuntimeError, match="out of range for a codebook of 256 centroids"):
-        ops.pq_conv2d(x, bad, cb, (40, 18, 3, 3), padding=1)
+        ops.pq_conv2d(x, bad, cb, CHUNKED_SHAPE, padding=1)
 
 
 def test_opcheck():

@@ -139,10 +139,11 @@ def simd_mode(mode: int = -1) -> int:
 def chunk_bytes(nbytes: int = -1) -> int:
     """Size above which conv2d weights are decoded and convolved in output-channel chunks.
 
-    The compiled conv2d op decodes a larger weight (groups = 1) into a scratch of about this many
-    bytes at a time (equal chunks, a multiple of 16 output
-    channels each) and run the dense op chunk by chunk, so the scratch stays cache-sized (default
-    2 MiB). ``nbytes``: -1 queries, 0 never chunks, > 0 sets it for the process.
+    The compiled conv2d op decodes a larger weight (groups = 1), when the conv's output is at most
+    a quarter of this size, into a scratch of about this many bytes at a time (equal chunks, a
+    multiple of 16 output channels each) and runs the dense op chunk by chunk, so the scratch
+    stays cache-sized (default 2 MiB; :func:`decode_rows_at_once`). ``nbytes``: -1 queries, 0 never
+    chunks, > 0 sets it for the process.
 
     Returns:
         The value now active, or -1 when the compiled ops are not available.
@@ -154,16 +155,20 @@ def chunk_bytes(nbytes: int = -1) -> int:
     return int(torch.ops.bgd._chunk_bytes(nbytes))
 
 
-def decode_rows_at_once(layer: str, rows: int, cols: int, groups: int = 1) -> int:
+def decode_rows_at_once(
+    layer: str, rows: int, cols: int, groups: int = 1, out_bytes: int = -1
+) -> int:
     """Rows of a ``[rows, cols]`` weight that the compiled op of ``layer`` decodes at a time.
 
-    ``layer``: ``"conv2d"``, ``"linear"`` or ``"conv_transpose2d"``. The rule lives in the op: a
-    conv2d with ``groups == 1`` decodes chunks of about :func:`chunk_bytes`, everything else its
-    whole weight. Without the compiled ops the reference path decodes whole weights: ``rows``.
+    ``layer``: ``"conv2d"``, ``"linear"`` or ``"conv_transpose2d"``; ``out_bytes``: the size of the
+    layer's output (-1: any output, i.e. the most any input can need). The rule lives in the op: a
+    conv2d with ``groups == 1`` whose output is at most a quarter of :func:`chunk_bytes` decodes in
+    chunks of about :func:`chunk_bytes`, everything else its whole weight. Without the compiled
+    ops the reference path decodes whole weights: ``rows``.
     """
     if not ops_available():
         return rows
-    return int(torch.ops.bgd._decode_rows(layer, rows, cols, groups))
+    return int(torch.ops.bgd._decode_rows(layer, rows, cols, groups, out_bytes))
 
 
 def reference_weight(

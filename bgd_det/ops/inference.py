@@ -84,10 +84,13 @@ class _PQInfer(nn.Module):
     def n_centroids(self) -> int:
         return self.codebook.shape[0]
 
-    def scratch_bytes(self) -> int:
-        """Largest decode scratch (fp32 bytes) the layer's op can need (the rule is the op's)."""
+    def scratch_bytes(self, out_bytes: int = -1) -> int:
+        """Decode scratch (fp32 bytes) the layer's op needs for an output of ``out_bytes`` bytes.
+
+        -1: the most any input can need. The rule is the op's (``ops.decode_rows_at_once``).
+        """
         rows, cols = self.weight_shape[0], math.prod(self.weight_shape[1:])
-        return 4 * cols * decode_rows_at_once(self.op_layer, rows, cols, self.groups)
+        return 4 * cols * decode_rows_at_once(self.op_layer, rows, cols, self.groups, out_bytes)
 
     def _pq_repr(self) -> str:
         return (
@@ -465,6 +468,11 @@ def inference_bytes(model: nn.Module) -> int:
 
 
 def max_scratch_bytes(model: nn.Module) -> int:
-    """Largest decode scratch (fp32 bytes) an inference layer of ``model`` can need."""
+    """Largest decode scratch (fp32 bytes) an inference layer of ``model`` can need, any input.
+
+    A conv decodes in chunks only for small outputs (``ops.decode_rows_at_once``), so this is the
+    largest whole weight; the scratch a given forward used is ``torch.ops.bgd._scratch_bytes()``
+    on the thread that ran it.
+    """
     layers = (m for m in model.modules() if isinstance(m, INFER_LAYER_TYPES))
     return max((m.scratch_bytes() for m in layers), default=0)

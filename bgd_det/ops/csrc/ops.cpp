@@ -12,9 +12,9 @@
 // The convolutions decode the weight into a thread-local fp32 scratch buffer (grown on demand,
 // reused by every later call on that thread), optionally scaling row o by scale[o] (folded
 // BatchNorm), and hand it to the dense ATen convolution (oneDNN). A conv2d (groups = 1) weight
-// larger than `_chunk_bytes` (2 MiB) is decoded and convolved in chunks of output channels, so the
-// scratch stays cache-sized (a linear layer's GEMM on more than 8 rows is not chunked: split into
-// 2 MiB column blocks it ran 7-25% slower). Linear with <= 8 rows of input, and 1x1 convs with
+// larger than `_chunk_bytes` (2 MiB) whose output is at most a quarter of that is decoded and
+// convolved in chunks of output channels, so the scratch stays cache-sized (see
+// decode_rows_at_once for when this pays). Linear with <= 8 rows of input, and 1x1 convs with
 // <= 8 output pixels, use the fused decode-dot kernel instead and never write the weight to memory.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -165,12 +165,19 @@ int64_t chunk_rows(int64_t rows, int64_t cols) {
 enum class Layer { kConv2d, kLinear, kConvTranspose2d };
 
 // Rows of a [rows, cols] weight that `layer`'s op decodes into the scratch at a time (its decode +
-// dense path; the fused kernel writes no weight): a conv2d with groups = 1 in chunks of
-// chunk_rows(); a grouped conv2d (output-channel chunks would cut groups), a linear layer's decode
-// + GEMM (in 2 MiB blocks it ran 7-25% slower) and a transposed conv (its rows are input channels)
-// the whole weight.
-int64_t decode_rows_at_once(Layer layer, int64_t rows, int64_t cols, int64_t groups) {
-  return layer == Layer::kConv2d && groups == 1 ? chunk_rows(rows, cols) : rows;
+// dense path; the fused kernel writes no weight), for an output of `out_bytes` (-1: any output).
+// Only a conv2d with groups = 1 whose output is at most a quarter of chunk_bytes() decodes in
+// chunks of chunk_rows(): there the decode is most of the layer's memory traffic and a cache-sized
+// scratch pays (ResNet-50 batch 1, outputs <= 392 KiB: 4.5-10.7% faster end to end), while with
+// larger outputs the copies of the chunks' outputs and the extra oneDNN calls cost more (batch 8,
+// outputs >= 784 KiB: up to 4.6% slower; Mask R-CNN at 800x800 slower in 3 of 4 runs). A grouped
+// conv2d (output-channel chunks would cut groups), a linear layer's decode + GEMM (in 2 MiB blocks
+// it ran 7-25% slower) and a transposed conv (its rows are input channels) decode the whole weight.
+int64_t decode_rows_at_once(Layer layer, int64_t rows, int64_t cols, int64_t groups,
+                            int64_t out_bytes) {
+  if (layer != Layer::kConv2d || groups != 1 || out_bytes < 0) return rows;
+  return out_bytes * 4 <= chunk_bytes().load(std::memory_order_relaxed) ? chunk_rows(rows, cols)
+                                                                         : rows;
 }
 
 c10::optional<Tensor> rows_of(const c10::optional<Tensor>& bias, int64_t r0, int64_t r1) {
@@ -274,7 +281,7 @@ Tensor pq_linear_cpu(const Tensor& input, const Tensor& codes, const Tensor& cod
   if (N == 0) return at::empty(out_shape, input.options());
   if (N <= kMaxFusedN) return fused_linear(a, rows, x2, bias, op).view(out_shape);
   const int64_t shape[2] = {rows, cols};
-  const int64_t chunk = decode_rows_at_once(Layer::kLinear, rows, cols, 1);
+  const int64_t chunk = decode_rows_at_once(Layer::kLinear, rows, cols, 1, -1);
   return apply_in_chunks(a, shape, chunk, bias, codebook.options(), op,
                          [&](const Tensor& w, const c10::optional<Tensor>& b) {
                            return at::linear(x2, w, b);
@@ -314,7 +321,13 @@ Tensor pq_conv2d_cpu(const Tensor& input, const Tensor& codes, const Tensor& cod
       return y.view({B, Ho, Wo, rows}).permute({0, 3, 1, 2}).contiguous();
     }
   }
-  const int64_t chunk = decode_rows_at_once(Layer::kConv2d, rows, cols, groups);
+  int64_t out_bytes = input.size(0) * rows * static_cast<int64_t>(sizeof(float));
+  for (int i = 0; i < 2; ++i) {  // the output size (conv2d checks the arguments itself)
+    const int64_t k = dilation[i] * (weight_shape[2 + i] - 1) + 1;
+    const int64_t span = input.size(2 + i) + 2 * padding[i] - k;
+    out_bytes *= stride[i] >= 1 && span >= 0 ? span / stride[i] + 1 : 0;
+  }
+  const int64_t chunk = decode_rows_at_once(Layer::kConv2d, rows, cols, groups, out_bytes);
   return apply_in_chunks(a, weight_shape, chunk, bias, codebook.options(), op,
                          [&](const Tensor& w, const c10::optional<Tensor>& b) {
                            return at::conv2d(input, w, b, stride, padding, dilation, groups);
@@ -338,7 +351,7 @@ Tensor pq_conv_transpose2d_cpu(const Tensor& input, const Tensor& codes, const T
               input.size(1), " channels; weight ", weight_shape, " expects ", rows);
   const PQArgs a = make_args(codes, codebook, c10::nullopt, rows, cols, op);
   check_optional_vector(bias, weight_shape[1] * groups, op, "bias");
-  const int64_t whole = decode_rows_at_once(Layer::kConvTranspose2d, rows, cols, groups);
+  const int64_t whole = decode_rows_at_once(Layer::kConvTranspose2d, rows, cols, groups, -1);
   TORCH_INTERNAL_ASSERT(whole == rows, op, ": a transposed conv decodes its whole weight");
   float* w = scratch().get(rows * cols);
   decode_into(a, 0, rows, w, op);
@@ -354,14 +367,16 @@ int64_t chunk_bytes_op(int64_t bytes) {
   return chunk_bytes().load();
 }
 
-int64_t decode_rows_op(c10::string_view layer, int64_t rows, int64_t cols, int64_t groups) {
+int64_t decode_rows_op(c10::string_view layer, int64_t rows, int64_t cols, int64_t groups,
+                       int64_t out_bytes) {
   const char* op = "bgd::_decode_rows";
   TORCH_CHECK(rows >= 1 && cols >= 1 && groups >= 1, op,
               ": rows, cols and groups must be >= 1, got ", rows, ", ", cols, ", ", groups);
-  if (layer == "conv2d") return decode_rows_at_once(Layer::kConv2d, rows, cols, groups);
-  if (layer == "linear") return decode_rows_at_once(Layer::kLinear, rows, cols, groups);
+  TORCH_CHECK(out_bytes >= -1, op, ": out_bytes must be -1 (any output) or >= 0, got ", out_bytes);
+  if (layer == "conv2d") return decode_rows_at_once(Layer::kConv2d, rows, cols, groups, out_bytes);
+  if (layer == "linear") return decode_rows_at_once(Layer::kLinear, rows, cols, groups, out_bytes);
   if (layer == "conv_transpose2d")
-    return decode_rows_at_once(Layer::kConvTranspose2d, rows, cols, groups);
+    return decode_rows_at_once(Layer::kConvTranspose2d, rows, cols, groups, out_bytes);
   TORCH_CHECK(false, op, ": layer must be 'conv2d', 'linear' or 'conv_transpose2d', got '", layer,
               "'");
 }
@@ -389,10 +404,11 @@ TORCH_LIBRARY(bgd, m) {
   m.def("_simd_mode(int mode=-1) -> int", &bgd::simd_mode_op);
   m.def("_scratch_bytes() -> int", &bgd::scratch_capacity_op);
   // Conv2d (groups = 1) weights larger than this many bytes are decoded and convolved in chunks of
-  // output channels (0: never; -1 only queries), and the rows of a [rows, cols] weight that a
-  // layer's op decodes at a time.
+  // output channels when the output is small (0: never; -1 only queries), and the rows of a
+  // [rows, cols] weight that a layer's op decodes at a time for an output of out_bytes (-1: any).
   m.def("_chunk_bytes(int bytes=-1) -> int", &bgd::chunk_bytes_op);
-  m.def("_decode_rows(str layer, int rows, int cols, int groups=1) -> int", &bgd::decode_rows_op);
+  m.def("_decode_rows(str layer, int rows, int cols, int groups=1, int out_bytes=-1) -> int",
+        &bgd::decode_rows_op);
 }
 
 TORCH_LIBRARY_IMPL(bgd, CPU, m) {
