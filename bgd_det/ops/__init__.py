@@ -156,7 +156,7 @@ def chunk_bytes(nbytes: int = -1) -> int:
 
 
 def decode_rows_at_once(
-    layer: str, rows: int, cols: int, groups: int = 1, out_bytes: int = -1
+    layer: str, rows: int, cols: int, *, groups: int = 1, out_bytes: int = -1
 ) -> int:
     """Rows of a ``[rows, cols]`` weight that the compiled op of ``layer`` decodes at a time.
 

@@ -90,7 +90,10 @@ class _PQInfer(nn.Module):
         -1: the most any input can need. The rule is the op's (``ops.decode_rows_at_once``).
         """
         rows, cols = self.weight_shape[0], math.prod(self.weight_shape[1:])
-        return 4 * cols * decode_rows_at_once(self.op_layer, rows, cols, self.groups, out_bytes)
+        rows_at_once = decode_rows_at_once(
+            self.op_layer, rows, cols, groups=self.groups, out_bytes=out_bytes
+        )
+        return 4 * cols * rows_at_once
 
     def _pq_repr(self) -> str:
         return (
