@@ -143,6 +143,21 @@ def test_unknown_module_in_override(plan, teacher, quantizer):
         build_plan(teacher, order, rules)
 
 
+def test_transposed_conv_quantized_with_identity_metric_under_shared(plan, teacher):
+    """The default QUANT.METRIC ('shared') quantizes the mask predictor's ConvTranspose2d with plain k-means (no
+    input metric applies to it); an unknown metric fails before any layer is quantized."""
+    shared = small_cfg("QUANT.METRIC", "shared", "QUANT.EM_ITERS", 2)
+    quantizer = Quantizer(shared, teacher, build_task(shared))
+    index = [p.name for p in plan].index("roi_heads.mask_predictor.conv5_mask")
+    student = copy.deepcopy(teacher)
+    record = quantizer.quantize_layer(student, plan[index], index)
+    assert record.name == "roi_heads.mask_predictor.conv5_mask"
+    assert isinstance(student.roi_heads.mask_predictor.conv5_mask, PQConvTranspose2d)
+    bad = small_cfg("QUANT.METRIC", "gram")
+    with pytest.raises(ValueError, match="QUANT.METRIC='gram'; allowed: 'shared', 'centered', 'identity'"):
+        Quantizer(bad, teacher, build_task(bad))
+
+
 def test_capture_sees_every_fpn_level_of_the_shared_rpn_conv(teacher, cfg):
     task = DetectionTask(cfg)
     batch = {"images": [image(1)]}

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..quantization.capture import metric_uses_inputs
 from ..quantization.plan import QuantRules
 from ..quantization.pq import PQResult
 from ..utils import comm
@@ -103,7 +104,7 @@ def check_distributed_config(cfg) -> None:
     if finetunes and cfg.FINETUNE.BATCH_SIZE % world:
         raise ValueError(f"FINETUNE.BATCH_SIZE={cfg.FINETUNE.BATCH_SIZE} is not a multiple of the {world} "
                          f"processes; allowed: multiples of {world}")
-    captures = cfg.QUANT.METRIC in ("shared", "centered") or _refines_any_layer(cfg.QUANT)
+    captures = metric_uses_inputs(cfg.QUANT.METRIC) or _refines_any_layer(cfg.QUANT)
     if captures and cfg.QUANT.CAPTURE_IMAGES < world:
         raise ValueError(f"QUANT.CAPTURE_IMAGES={cfg.QUANT.CAPTURE_IMAGES} is smaller than the {world} "
                          f"processes; every process needs at least one image")

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..checkpoint import atomic_save, compressed_state, load_compressed_into, round_codebooks_to_fp16
 from ..quantization.bn_correction import bn_scale_shift, channel_stats, correct_batchnorm, following_batchnorms
-from ..quantization.capture import capture_gram, capture_second_moments, has_input_metric
+from ..quantization.capture import capture_gram, capture_second_moments, has_input_metric, metric_uses_inputs
 from ..quantization.plan import LayerPlan, QuantRules, build_plan, execution_order
 from ..quantization.pq import PQResult, em_quantize
 from ..quantization.refine import check_damping_metric, output_objective, refine_pq
@@ -98,6 +98,7 @@ class Quantizer:
         self.output_dir = output_dir
         self.gram_reduce, self.wrap, self.broadcast = gram_reduce, wrap, broadcast
         self._bn_pairs: Dict[str, str] = {}
+        metric_uses_inputs(cfg.QUANT.METRIC)  # a bad value fails here, before any layer is quantized
         for p in self.teacher.parameters():
             p.requires_grad_(False)
 
@@ -143,15 +144,13 @@ class Quantizer:
         _seed_all(seed)
         module = student.get_submodule(layer.name)
         gram = None
-        if cfg.QUANT.METRIC in ("shared", "centered") and has_input_metric(module):
+        if metric_uses_inputs(cfg.QUANT.METRIC) and has_input_metric(module):
             batches = self.task.calib_batches(n_images=cfg.QUANT.CAPTURE_IMAGES,
                                               batch_size=cfg.QUANT.CAPTURE_BATCH_SIZE, augment=False, seed=seed)
             acc = capture_gram(student, layer.name, batches, self.task.forward, block_size=layer.block_size,
                                rows_per_image=cfg.QUANT.CAPTURE_ROWS_PER_IMAGE, seed=seed,
                                reduce=self.gram_reduce)
             gram = acc.result(centered=cfg.QUANT.METRIC == "centered")
-        elif cfg.QUANT.METRIC != "identity":
-            raise ValueError(f"QUANT.METRIC={cfg.QUANT.METRIC!r}; allowed: 'shared', 'centered', 'identity'")
         weight = module.weight.detach()
         result = em_quantize(weight, gram, block_size=layer.block_size, n_centroids=layer.n_centroids,
                              n_iter=cfg.QUANT.EM_ITERS, seed=seed)

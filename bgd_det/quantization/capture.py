@@ -16,12 +16,24 @@ from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["input_rows", "has_input_metric", "GramAccumulator", "for_each_input", "capture_gram", "StopForward",
-           "group_rows", "SecondMoments", "capture_second_moments"]
+__all__ = ["METRICS", "metric_uses_inputs", "input_rows", "has_input_metric", "GramAccumulator", "for_each_input",
+           "capture_gram", "StopForward", "group_rows", "SecondMoments", "capture_second_moments"]
 
 
 class StopForward(Exception):
     """Raised by a capture hook to skip the rest of the forward once the layer's input is seen."""
+
+
+#: QUANT.METRIC values: the E-step's distance under the input Gram ("shared"), under the Gram of mean-removed
+#: inputs ("centered"), or plain k-means on the weights ("identity").
+METRICS = ("shared", "centered", "identity")
+
+
+def metric_uses_inputs(metric: str) -> bool:
+    """Whether QUANT.METRIC ``metric`` needs the layers' input Gram matrices; raises on an unknown value."""
+    if metric not in METRICS:
+        raise ValueError(f"QUANT.METRIC={metric!r}; allowed: {', '.join(repr(m) for m in METRICS)}")
+    return metric != "identity"
 
 
 def has_input_metric(module: nn.Module) -> bool:
