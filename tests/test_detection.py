@@ -278,7 +278,6 @@ def test_category_mismatch_between_checkpoint_and_dataset(compressed, cfg, tmp_p
         DetectionTask(small_cfg("MODEL.WEIGHTS", str(tmp_path / "teacher.pth")))
 
 
-@pytest.mark.slow
 def test_quantize_net_and_eval_coco_on_coco_tiny(assets_dir, tmp_path, monkeypatch):
     """tools/quantize_net.py then tools/eval_coco.py on coco-tiny (a few layers, short settings)."""
     import importlib.util
