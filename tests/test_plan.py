@@ -1,13 +1,17 @@
 """Plan: execution order from a traced forward, rules, errors, and the paper's sizes."""
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 from bgd_det.config import load_config
+from bgd_det.engine.quantizer import Quantizer
 from bgd_det.modeling import build_model
 from bgd_det.quantization.plan import QuantRules, build_plan, execution_order
 from bgd_det.quantization.size import model_size
 from bgd_det.quantization.swap import swap_in_skeleton
+from bgd_det.tasks import build_task
 
 
 class Reordered(nn.Module):
@@ -125,15 +129,44 @@ def _plan_and_size(cfg):
     return order, plan, model_size(swap_in_skeleton(model, plan))
 
 
-@pytest.mark.parametrize("config,mib,ratio", [
-    ("configs/ImageNet/resnet18_small_blocks.yaml", 1.54, 28.9),
-    ("configs/ImageNet/resnet18_large_blocks.yaml", 1.03, 43.3),
-    ("configs/ImageNet/resnet50_small_blocks.yaml", 5.09, 19.1),
-    ("configs/ImageNet/resnet50_large_blocks.yaml", 3.19, 30.6),
+@pytest.mark.parametrize("config", [
+    "configs/ImageNet/resnet18_small_blocks.yaml",
+    "configs/ImageNet/resnet50_large_blocks.yaml",
 ])
-def test_paper_sizes(config, mib, ratio):
-    order, plan, report = _plan_and_size(load_config(config))
+def test_resnet_plans_skip_conv1_and_end_with_fc(config):
+    order, plan, _ = _plan_and_size(load_config(config))
     assert order[0] == "conv1" and plan[0].name == "layer1.0.conv1" and plan[-1].name == "fc"
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+#: Every shipped config (not the Base-* ones) with its compressed size in MiB and ratio (as documented).
+SHIPPED_SIZES = {
+    "COCO/demo_mask_rcnn_coco_tiny.yaml": (6.65, 25.5),
+    "COCO/mask_rcnn_R_50_FPN_small_blocks.yaml": (6.65, 25.5),
+    "ImageNet/demo_resnet18_large_blocks_sample.yaml": (1.03, 43.3),
+    "ImageNet/demo_resnet18_mixed_blocks_sample.yaml": (1.03, 43.3),
+    "ImageNet/demo_resnet50_d18_d16_sample.yaml": (2.60, 37.5),
+    "ImageNet/resnet18_large_blocks.yaml": (1.03, 43.3),
+    "ImageNet/resnet18_small_blocks.yaml": (1.54, 28.9),
+    "ImageNet/resnet50_large_blocks.yaml": (3.19, 30.6),
+    "ImageNet/resnet50_small_blocks.yaml": (5.09, 19.1),
+}
+
+
+def test_every_shipped_config_is_listed():
+    shipped = {str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob("*.yaml") if not p.name.startswith("Base-")}
+    assert shipped == set(SHIPPED_SIZES)
+
+
+@pytest.mark.parametrize("config", sorted(SHIPPED_SIZES))
+def test_shipped_config_builds_its_quantizer_and_plan(config):
+    """The config loads, the Quantizer accepts it (its checks run before any layer) and its plan, built from the
+    task's own example forward, has the documented size."""
+    cfg = load_config(str(CONFIG_DIR / config), ["MODEL.WEIGHTS", ""])
+    model = build_model(cfg, load=False).eval()
+    plan = Quantizer(cfg, model, build_task(cfg)).make_plan(model)
+    report = model_size(swap_in_skeleton(model, plan))
+    mib, ratio = SHIPPED_SIZES[config]
     assert report.compressed_mib == pytest.approx(mib, abs=0.01)
     assert report.ratio == pytest.approx(ratio, abs=0.1)
 
