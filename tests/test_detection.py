@@ -308,3 +308,10 @@ def test_quantize_net_and_eval_coco_on_coco_tiny(assets_dir, tmp_path, monkeypat
     report = json.loads((tmp_path / "report.json").read_text())
     # the teacher is re-created from SEED by eval_coco: same AP as measured while compressing
     assert rows["uncompressed"]["box_AP"] == pytest.approx(report["metrics"]["uncompressed"]["box_AP"])
+    # as deployed: through the compiled CPU ops with FrozenBatchNorm folded, the same AP
+    deployed = tool.main(tool.default_argument_parser().parse_args(
+        ["--config", demo, *opts, "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"), "TEST.EVAL_TEACHER", "False",
+         "TEST.COMPILED_OP", "True", "TEST.FOLD_BN", "True", "OUTPUT_DIR", str(tmp_path / "deployed")]))["rows"]
+    assert set(deployed) == {"compressed"}
+    for key in ("box_AP", "mask_AP"):
+        assert deployed["compressed"][key] == pytest.approx(rows["compressed"][key], abs=0.5), key

@@ -557,6 +557,35 @@ def test_reloaded_resnet18_same_logits(resnet18_checkpoint, fold_bn):
         assert any(isinstance(m, PQConv2d) for m in bgd_det.load_compressed(path).modules())
 
 
+@pytest.mark.parametrize("compiled_op,fold_bn", [(False, False), (True, False), (True, True)])
+def test_for_evaluation_follows_test_cfg(resnet18_checkpoint, compiled_op, fold_bn):
+    from bgd_det.config import get_cfg
+
+    path, x, want = resnet18_checkpoint
+    cfg = get_cfg()
+    cfg.TEST.COMPILED_OP, cfg.TEST.FOLD_BN = compiled_op, fold_bn
+    model = inf.for_evaluation(bgd_det.load_compressed(path), cfg.TEST)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-3 * want.abs().max().item())
+    assert any(isinstance(m, PQ_LAYER_TYPES) for m in model.modules()) is not compiled_op
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert n_bn == (1 if fold_bn else 20)
+
+
+def test_for_evaluation_bad_options_and_dense_models():
+    from bgd_det.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.TEST.FOLD_BN = True
+    with pytest.raises(ValueError, match="TEST.FOLD_BN=True needs TEST.COMPILED_OP=True"):
+        inf.check_eval_options(cfg.TEST)
+    with pytest.raises(ValueError, match="TEST.FOLD_BN=True needs TEST.COMPILED_OP=True"):
+        inf.for_evaluation(nn.Linear(2, 2), cfg.TEST)
+    cfg.TEST.COMPILED_OP = True
+    dense = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    assert inf.for_evaluation(dense, cfg.TEST) is dense  # nothing to compile: evaluated as it is
+
+
 class _Untraceable(nn.Module):
     """Data-dependent control flow at the top; traceable blocks inside; one conv with two users."""
 

@@ -8,6 +8,9 @@
     # a compressed checkpoint: bgd_det's own, or an original BGD / PQF file (format detected)
     python tools/eval_imagenet.py --checkpoint $BGD_DATASETS/peers/bgd/resnet18_small_blocks.pth \
         DATASETS.TEST imagenet_sample
+    # through the compiled CPU ops, BatchNorm folded, as deployed
+    python tools/eval_imagenet.py --checkpoint output/demo_resnet18_mixed_blocks/model_final.pth \
+        TEST.COMPILED_OP True TEST.FOLD_BN True
     # also the KL divergence to, and top-1 agreement with, a reference model (e.g. the teacher)
     python tools/eval_imagenet.py --checkpoint output/demo_resnet18_large_blocks/model_final.pth \
         --reference $BGD_DATASETS/teachers/resnet18_pqf_small_dense.pth
@@ -26,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bgd_det.engine import launch  # noqa: E402
 from bgd_det.engine.defaults import default_argument_parser, default_setup  # noqa: E402
 from bgd_det.modeling import build_model  # noqa: E402
+from bgd_det.ops.inference import check_eval_options, for_evaluation  # noqa: E402
 from bgd_det.peers import load_checkpoint_model  # noqa: E402
 from bgd_det.quantization.size import model_size  # noqa: E402
 from bgd_det.tasks.classification import ClassificationTask  # noqa: E402
@@ -33,6 +37,7 @@ from bgd_det.tasks.classification import ClassificationTask  # noqa: E402
 
 def main(args) -> dict:
     cfg = default_setup(args)
+    check_eval_options(cfg.TEST)
     if args.checkpoint:
         model, fmt = load_checkpoint_model(args.checkpoint, cfg=cfg, device=cfg.MODEL.DEVICE)
     else:
@@ -41,11 +46,14 @@ def main(args) -> dict:
     if args.reference:
         reference, _ = load_checkpoint_model(args.reference, cfg=cfg, device=cfg.MODEL.DEVICE)
     size = model_size(model)
+    model = for_evaluation(model, cfg.TEST)  # TEST.COMPILED_OP / TEST.FOLD_BN: as deployed on CPU
     metrics = ClassificationTask(cfg).evaluate(model, reference=reference)
     result = {
         "model": args.checkpoint or f"{cfg.MODEL.ARCH} {cfg.MODEL.WEIGHTS}",
         "format": fmt,
         "dataset": cfg.DATASETS.TEST,
+        "compiled_op": cfg.TEST.COMPILED_OP,
+        "fold_bn": cfg.TEST.FOLD_BN,
         **metrics,
         "size_mib": round(size.compressed_mib, 3),
         "ratio": round(size.ratio, 2),

@@ -133,6 +133,10 @@ _C.INPUT.CROP = 224
 _C.TEST = CfgNode()
 _C.TEST.BATCH_SIZE = 50
 _C.TEST.EVAL_TEACHER = True
+# tools/eval_imagenet.py and tools/eval_coco.py: evaluate a compressed model as it is deployed on CPU, through the
+# compiled bgd:: ops (bgd_det.ops.inference.to_inference), and with BatchNorm folded into the codebook convs.
+_C.TEST.COMPILED_OP = False
+_C.TEST.FOLD_BN = False  # needs TEST.COMPILED_OP
 
 # ---------------------------------------------------------------------------------------------------------
 # Detection (Mask R-CNN / Faster R-CNN; bgd_det/tasks/detection.py, bgd_det/modeling/detection.py)

@@ -43,6 +43,8 @@ __all__ = [
     "load_inference",
     "inference_bytes",
     "max_scratch_bytes",
+    "check_eval_options",
+    "for_evaluation",
 ]
 
 
@@ -468,6 +470,29 @@ def load_inference(path: str, *, fold_bn: bool = False, cfg=None) -> nn.Module:
 def inference_bytes(model: nn.Module) -> int:
     """Bytes held by ``model``'s parameters and buffers (what stays resident for inference)."""
     return sum(t.numel() * t.element_size() for t in chain(model.parameters(), model.buffers()))
+
+
+def check_eval_options(test_cfg) -> None:
+    """Raise on a ``cfg.TEST`` that :func:`for_evaluation` cannot honour (call it before evaluating)."""
+    if test_cfg.FOLD_BN and not test_cfg.COMPILED_OP:
+        raise ValueError(
+            "TEST.FOLD_BN=True needs TEST.COMPILED_OP=True (training layers keep their BatchNorms)"
+        )
+
+
+def for_evaluation(model: nn.Module, test_cfg) -> nn.Module:
+    """``model`` as ``cfg.TEST`` asks to evaluate it.
+
+    Itself, or (``TEST.COMPILED_OP``) its inference form through the compiled ops, with BatchNorm
+    folded when ``TEST.FOLD_BN``. Converts in place: compute sizes before.
+    """
+    check_eval_options(test_cfg)
+    if not test_cfg.COMPILED_OP:
+        return model
+    if not any(isinstance(m, PQ_LAYER_TYPES) for m in model.modules()):
+        logger.info("TEST.COMPILED_OP: the model has no codebook layers; evaluating it as it is")
+        return model.eval()
+    return to_inference(model, fold_bn=test_cfg.FOLD_BN)
 
 
 def max_scratch_bytes(model: nn.Module) -> int:

@@ -458,6 +458,7 @@ def evaluate_side_by_side(cfg, *, output_dir: str = "") -> Dict[str, Any]:
     ``cfg.MODEL.WEIGHTS`` is a compressed checkpoint (``model_final.pth``): the teacher is rebuilt from the
     ``MODEL.WEIGHTS`` recorded in it (the config it was compressed with; a random teacher is re-created from
     ``SEED``) and evaluated too when ``TEST.EVAL_TEACHER``. A dense ``MODEL.WEIGHTS`` evaluates that model alone.
+    ``TEST.COMPILED_OP`` / ``TEST.FOLD_BN`` evaluate the compressed model through the compiled CPU ops.
 
     Returns:
         ``{"rows": {"uncompressed"|"compressed": {"size_mib", "ratio", "seconds", **metrics}}, "table": str}``;
@@ -470,8 +471,10 @@ def evaluate_side_by_side(cfg, *, output_dir: str = "") -> Dict[str, Any]:
 
     from ..checkpoint import FORMAT, load_compressed, read_compressed
     from ..modeling import build_model
+    from ..ops.inference import check_eval_options, for_evaluation
     from ..quantization.size import model_size
 
+    check_eval_options(cfg.TEST)  # before the teacher's evaluation, not after it
     task = DetectionTask(cfg)
     weights = cfg.MODEL.WEIGHTS
     ckpt = None
@@ -504,6 +507,8 @@ def evaluate_side_by_side(cfg, *, output_dir: str = "") -> Dict[str, Any]:
         model = make().eval()
         size = model_size(model)
         dense_mib = size.dense_mib
+        if name == "compressed":
+            model = for_evaluation(model, cfg.TEST)
         start = time.perf_counter()
         metrics = task.evaluate(model, output_dir=os.path.join(output_dir, name) if output_dir else "",
                                 desc=f"{name} on {cfg.DATASETS.TEST}")
@@ -519,5 +524,6 @@ def evaluate_side_by_side(cfg, *, output_dir: str = "") -> Dict[str, Any]:
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "eval_coco.json"), "w") as f:
             json.dump({"dataset": cfg.DATASETS.TEST, "weights": weights, "teacher_weights": teacher_weights,
-                       "dense_mib": dense_mib, "rows": rows}, f, indent=1)
+                       "dense_mib": dense_mib, "compiled_op": cfg.TEST.COMPILED_OP, "fold_bn": cfg.TEST.FOLD_BN,
+                       "rows": rows}, f, indent=1)
     return {"rows": rows, "table": table}
