@@ -1,5 +1,6 @@
 """End-to-end engine on a tiny network and real image files: quantize, resume, checkpoint round trip, report."""
 import os
+import re
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from bgd_det.engine.quantizer import PROGRESS_FILE, Quantizer
 from bgd_det.modeling import build_model
 from bgd_det.quantization.layers import PQ_LAYER_TYPES
 from bgd_det.tasks import build_task
+from bgd_det.tasks.classification import ClassificationTask
 from conftest import tiny_cfg
 
 
@@ -47,6 +49,26 @@ def test_resume_gives_same_codes_as_uninterrupted_run(tiny_images, tmp_path):
     for name in a:
         assert torch.equal(a[name][0], b[name][0]), name
         assert torch.allclose(a[name][1], b[name][1], atol=1e-6), name
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("QUANT.METRIC", "gram", "QUANT.METRIC='gram'; allowed: 'shared', 'centered', 'identity'"),
+    ("QUANT.REFINE.ROUNDS", -1, "QUANT.REFINE.ROUNDS=-1; allowed: an integer >= 0"),
+    ("QUANT.REFINE.TARGET", "student", "QUANT.REFINE.TARGET='student'; allowed: 'teacher', 'weights'"),
+    ("QUANT.REFINE.DAMPING_METRIC", "full", "QUANT.REFINE.DAMPING_METRIC='full'; allowed: 'identity', 'diagonal'"),
+    ("QUANT.REFINE.AUGMENTED_VIEWS", -1, "QUANT.REFINE.AUGMENTED_VIEWS=-1; allowed: an integer >= 0"),
+    ("QUANT.REFINE.DAMPING", -0.5, "QUANT.REFINE.DAMPING=-0.5, DAMPING_PER_COLUMN=0.0; allowed: numbers >= 0"),
+    ("QUANT.BN_CORRECTION", "full", "QUANT.BN_CORRECTION='full'; allowed: 'mean_var', 'mean', 'none'"),
+    ("FINETUNE.BN", "train", "FINETUNE.BN='train'; allowed: 'affine', 'frozen'"),
+])
+def test_bad_settings_fail_before_the_teacher_is_evaluated(tiny_images, tmp_path, monkeypatch, key, value, message):
+    """Checked when the Quantizer is built: FINETUNE.BN used to fail only after every layer was quantized."""
+    def evaluate(*args, **kwargs):
+        raise AssertionError("the teacher was evaluated before the settings were checked")
+
+    monkeypatch.setattr(ClassificationTask, "evaluate", evaluate)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        quantize_and_report(tiny_cfg(tmp_path, key, value))
 
 
 def test_resume_refuses_a_different_plan(tiny_images, tmp_path):

@@ -32,6 +32,8 @@ def quantize_and_report(cfg, *, resume: bool = False, **quantizer_kwargs) -> Dic
     quantizer_kwargs = {**distributed_quantizer_kwargs(cfg), **quantizer_kwargs}
     task = build_task(cfg)
     teacher = build_model(cfg)
+    # Built first: it checks the QUANT / FINETUNE values before the teacher's (possibly long) evaluation.
+    quantizer = Quantizer(cfg, teacher, task, output_dir=cfg.OUTPUT_DIR, **quantizer_kwargs)
     metrics: Dict[str, Dict] = {}
     timings: Dict[str, float] = {}
     if cfg.TEST.EVAL_TEACHER:
@@ -39,7 +41,6 @@ def quantize_and_report(cfg, *, resume: bool = False, **quantizer_kwargs) -> Dic
         metrics["uncompressed"] = task.evaluate(teacher)
         timings["eval_uncompressed"] = time.perf_counter() - t0
         logger.info("uncompressed: %s", metrics["uncompressed"])
-    quantizer = Quantizer(cfg, teacher, task, output_dir=cfg.OUTPUT_DIR, **quantizer_kwargs)
     result = quantizer.run(resume=resume)
     timings.update(result.timings)
     size = model_size(result.student)

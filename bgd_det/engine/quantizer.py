@@ -22,7 +22,7 @@ from ..quantization.bn_correction import bn_scale_shift, channel_stats, correct_
 from ..quantization.capture import capture_gram, capture_second_moments, has_input_metric, metric_uses_inputs
 from ..quantization.plan import LayerPlan, QuantRules, build_plan, execution_order
 from ..quantization.pq import PQResult, em_quantize
-from ..quantization.refine import check_damping_metric, output_objective, refine_pq
+from ..quantization.refine import check_damping_metric, check_refine_target, output_objective, refine_pq
 from ..quantization.residual import residual_branch_end
 from ..quantization.swap import make_pq_layer, set_module
 from ..tasks.base import Task
@@ -69,12 +69,41 @@ def refine_damping(refine_cfg, layer: LayerPlan, dim: int, n_rows: int) -> float
     return base + per_column * dim / n_rows
 
 
-def refine_rounds(refine_cfg, layer: LayerPlan) -> int:
-    """Sweep + solve rounds of ``layer``'s refinement: QUANT.REFINE.ROUNDS unless an override sets it (0: off)."""
-    rounds = refine_cfg.ROUNDS if layer.rounds is None else layer.rounds
+def _check_rounds(rounds) -> int:
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"QUANT.REFINE.ROUNDS={rounds!r}; allowed: an integer >= 0")
     return rounds
+
+
+def refine_rounds(refine_cfg, layer: LayerPlan) -> int:
+    """Sweep + solve rounds of ``layer``'s refinement: QUANT.REFINE.ROUNDS unless an override sets it (0: off)."""
+    return _check_rounds(refine_cfg.ROUNDS if layer.rounds is None else layer.rounds)
+
+
+BN_CORRECTION_MODES = ("mean_var", "mean", "none")
+FINETUNE_BN_MODES = ("affine", "frozen")
+
+
+def _check_choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r}; allowed: {', '.join(map(repr, allowed))}")
+
+
+def check_quantizer_cfg(cfg) -> None:
+    """Raise a one-line error on a bad QUANT / FINETUNE value (the Quantizer calls it on construction, before the
+    teacher's evaluation and any layer's work)."""
+    q = cfg.QUANT
+    metric_uses_inputs(q.METRIC)
+    _check_rounds(q.REFINE.ROUNDS)
+    check_refine_target(q.REFINE.TARGET)
+    check_damping_metric(q.REFINE.DAMPING_METRIC)
+    if q.REFINE.AUGMENTED_VIEWS < 0:
+        raise ValueError(f"QUANT.REFINE.AUGMENTED_VIEWS={q.REFINE.AUGMENTED_VIEWS}; allowed: an integer >= 0")
+    if q.REFINE.DAMPING < 0 or q.REFINE.DAMPING_PER_COLUMN < 0:
+        raise ValueError(f"QUANT.REFINE.DAMPING={q.REFINE.DAMPING}, DAMPING_PER_COLUMN="
+                         f"{q.REFINE.DAMPING_PER_COLUMN}; allowed: numbers >= 0")
+    _check_choice("QUANT.BN_CORRECTION", q.BN_CORRECTION, BN_CORRECTION_MODES)
+    _check_choice("FINETUNE.BN", cfg.FINETUNE.BN, FINETUNE_BN_MODES)
 
 
 def _seed_all(seed: int) -> None:
@@ -98,7 +127,7 @@ class Quantizer:
         self.output_dir = output_dir
         self.gram_reduce, self.wrap, self.broadcast = gram_reduce, wrap, broadcast
         self._bn_pairs: Dict[str, str] = {}
-        metric_uses_inputs(cfg.QUANT.METRIC)  # a bad value fails here, before any layer is quantized
+        check_quantizer_cfg(cfg)  # a bad value fails here, before any layer is quantized
         for p in self.teacher.parameters():
             p.requires_grad_(False)
 
@@ -193,13 +222,7 @@ class Quantizer:
         Returns None (keep the EM result) when fewer rows than weight columns were captured.
         """
         cfg, name = self.cfg.QUANT, layer.name
-        views = cfg.REFINE.AUGMENTED_VIEWS
-        if views < 0:
-            raise ValueError(f"QUANT.REFINE.AUGMENTED_VIEWS={views}; allowed: an integer >= 0")
-        if cfg.REFINE.DAMPING < 0 or cfg.REFINE.DAMPING_PER_COLUMN < 0:
-            raise ValueError(f"QUANT.REFINE.DAMPING={cfg.REFINE.DAMPING}, DAMPING_PER_COLUMN="
-                             f"{cfg.REFINE.DAMPING_PER_COLUMN}; allowed: numbers >= 0")
-        check_damping_metric(cfg.REFINE.DAMPING_METRIC)
+        views = cfg.REFINE.AUGMENTED_VIEWS  # the values were checked on construction (check_quantizer_cfg)
         bn_name = self._bn_pairs.get(name)
         skip = residual_branch_end(self.teacher, name) if cfg.REFINE.RESIDUAL and bn_name else None
 
@@ -238,9 +261,7 @@ class Quantizer:
 
     def correct_bn(self, student: nn.Module, name: str, seed: int) -> None:
         """Re-estimate the running statistics of the BatchNorm fed by layer ``name`` (QUANT.BN_CORRECTION)."""
-        mode = self.cfg.QUANT.BN_CORRECTION
-        if mode not in ("mean_var", "mean", "none"):
-            raise ValueError(f"QUANT.BN_CORRECTION={mode!r}; allowed: 'mean_var', 'mean', 'none'")
+        mode = self.cfg.QUANT.BN_CORRECTION  # one of BN_CORRECTION_MODES (check_quantizer_cfg)
         bn_name = self._bn_pairs.get(name)
         if mode == "none" or bn_name is None:
             return
@@ -286,10 +307,8 @@ class Quantizer:
 
         t0 = time.perf_counter()
         params = codebook_params(student)
-        if cfg.FINETUNE.BN == "affine":
+        if cfg.FINETUNE.BN == "affine":  # else "frozen" (check_quantizer_cfg)
             params += bn_affine_params(student)
-        elif cfg.FINETUNE.BN != "frozen":
-            raise ValueError(f"FINETUNE.BN={cfg.FINETUNE.BN!r}; allowed: 'affine', 'frozen'")
         _seed_all(cfg.SEED * 100003 + len(plan))
         distill(student, self.teacher, self.task, params, iters=cfg.FINETUNE.GLOBAL_ITERS,
                 lr=cfg.FINETUNE.GLOBAL_LR, batch_size=cfg.FINETUNE.BATCH_SIZE, augment=cfg.FINETUNE.AUGMENT,

@@ -36,7 +36,8 @@ from .pq import PQResult
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DAMPING_METRICS", "OutputObjective", "check_damping_metric", "damping_metric", "output_objective", "refine_pq"]
+__all__ = ["DAMPING_METRICS", "REFINE_TARGETS", "OutputObjective", "check_damping_metric", "check_refine_target",
+           "damping_metric", "output_objective", "refine_pq"]
 
 
 @dataclass
@@ -75,6 +76,16 @@ def check_damping_metric(kind: str) -> None:
         raise ValueError(f"QUANT.REFINE.DAMPING_METRIC={kind!r}; allowed: {', '.join(map(repr, DAMPING_METRICS))}")
 
 
+#: QUANT.REFINE.TARGET values: the teacher's outputs, or the layer's own outputs on the student's inputs.
+REFINE_TARGETS = ("teacher", "weights")
+
+
+def check_refine_target(target: str) -> None:
+    """Raise on a QUANT.REFINE.TARGET that is not one of :data:`REFINE_TARGETS`."""
+    if target not in REFINE_TARGETS:
+        raise ValueError(f"QUANT.REFINE.TARGET={target!r}; allowed: {', '.join(map(repr, REFINE_TARGETS))}")
+
+
 def damping_metric(ss: Tensor, kind: str, kernel: int) -> Tensor:
     """The damping's metric ``M`` (Tensor[g, D, D]) from the student's second moment ``ss`` (Tensor[g, D, D]);
     ``kernel``: columns per input channel (``kh * kw``; 1 for Linear)."""
@@ -107,8 +118,7 @@ def output_objective(weight: Tensor, moments: SecondMoments, *, damping: float =
             the addition; see :mod:`.residual`).
         metric: the damping's metric, one of ``DAMPING_METRICS``.
     """
-    if target not in ("teacher", "weights"):
-        raise ValueError(f"QUANT.REFINE.TARGET={target!r}; allowed: 'teacher', 'weights'")
+    check_refine_target(target)
     g, dim = moments.ss.shape[0], moments.ss.shape[1]
     w = weight.detach().double().reshape(g, -1, dim)
     cross = moments.st if target == "teacher" else moments.ss
