@@ -60,6 +60,7 @@ def test_resume_gives_same_codes_as_uninterrupted_run(tiny_images, tmp_path):
     ("QUANT.REFINE.DAMPING", -0.5, "QUANT.REFINE.DAMPING=-0.5, DAMPING_PER_COLUMN=0.0; allowed: numbers >= 0"),
     ("QUANT.BN_CORRECTION", "full", "QUANT.BN_CORRECTION='full'; allowed: 'mean_var', 'mean', 'none'"),
     ("FINETUNE.BN", "train", "FINETUNE.BN='train'; allowed: 'affine', 'frozen'"),
+    ("FINETUNE.FEATURE_LAYERS", "['layer9']", "FINETUNE.FEATURE_LAYERS: no module 'layer9' in TinyNet"),
 ])
 def test_bad_settings_fail_before_the_teacher_is_evaluated(tiny_images, tmp_path, monkeypatch, key, value, message):
     """Checked when the Quantizer is built: FINETUNE.BN used to fail only after every layer was quantized."""
@@ -67,7 +68,7 @@ def test_bad_settings_fail_before_the_teacher_is_evaluated(tiny_images, tmp_path
         raise AssertionError("the teacher was evaluated before the settings were checked")
 
     monkeypatch.setattr(ClassificationTask, "evaluate", evaluate)
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises((ValueError, KeyError), match=re.escape(message)):
         quantize_and_report(tiny_cfg(tmp_path, key, value))
 
 
@@ -146,6 +147,23 @@ def test_feature_taps_and_loss():
     with pytest.raises(KeyError, match="no module 'layer9'"):
         with feature_taps(model, ["layer9"]):
             pass
+
+
+def test_feature_loss_on_dict_and_tuple_outputs():
+    """A module returning several tensors (an FPN's dict of levels) contributes one term per tensor."""
+    from collections import OrderedDict
+
+    from bgd_det.engine.finetune import feature_loss
+
+    t = OrderedDict(p2=torch.randn(2, 3), p3=torch.randn(4))
+    s = OrderedDict(p2=torch.randn(2, 3), p3=torch.randn(4))
+    pair = (torch.randn(3), [torch.randn(2)])
+    pair_s = (torch.randn(3), [torch.randn(2)])
+    want = sum(((a - b) ** 2).sum() / (b ** 2).sum()
+               for a, b in [(s["p2"], t["p2"]), (s["p3"], t["p3"]), (pair_s[0], pair[0]), (pair_s[1][0], pair[1][0])])
+    assert torch.allclose(feature_loss({"fpn": s, "head": pair_s}, {"fpn": t, "head": pair}), want)
+    with pytest.raises(TypeError, match="'fpn' returned a str; allowed: a tensor, or a dict / list / tuple"):
+        feature_loss({"fpn": "x"}, {"fpn": "x"})
 
 
 def test_classification_evaluator_against_reference_model():

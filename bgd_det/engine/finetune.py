@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Dict, Iterable, Iterator, List, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Sequence
 
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ from ..tasks.base import Task
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["distill", "bn_affine_params", "codebook_params", "feature_taps", "feature_loss"]
+__all__ = ["distill", "bn_affine_params", "codebook_params", "feature_modules", "feature_taps", "feature_loss"]
 
 _BN_TYPES = (nn.BatchNorm2d, nn.BatchNorm1d, nn.SyncBatchNorm)
 
@@ -27,17 +27,24 @@ def bn_affine_params(model: nn.Module) -> List[nn.Parameter]:
     return [p for m in model.modules() if isinstance(m, _BN_TYPES) for p in (m.weight, m.bias) if p is not None]
 
 
+def feature_modules(model: nn.Module, names: Sequence[str]) -> List[nn.Module]:
+    """The modules FINETUNE.FEATURE_LAYERS names in ``model``; a one-line error for a name that is not there."""
+    modules = []
+    for name in names:
+        try:
+            modules.append(model.get_submodule(name))
+        except AttributeError:
+            raise KeyError(f"FINETUNE.FEATURE_LAYERS: no module {name!r} in {type(model).__name__}") from None
+    return modules
+
+
 @contextlib.contextmanager
-def feature_taps(model: nn.Module, names: Sequence[str]) -> Iterator[Dict[str, torch.Tensor]]:
+def feature_taps(model: nn.Module, names: Sequence[str]) -> Iterator[Dict[str, Any]]:
     """While open, the dict holds the latest output of every module in ``names`` (forward hooks)."""
-    seen: Dict[str, torch.Tensor] = {}
+    seen: Dict[str, Any] = {}
     handles = []
     try:
-        for name in names:
-            try:
-                module = model.get_submodule(name)
-            except AttributeError:
-                raise KeyError(f"FINETUNE.FEATURE_LAYERS: no module {name!r} in {type(model).__name__}") from None
+        for name, module in zip(names, feature_modules(model, names)):
             handles.append(module.register_forward_hook(
                 lambda _m, _i, out, name=name: seen.__setitem__(name, out)))
         yield seen
@@ -46,13 +53,32 @@ def feature_taps(model: nn.Module, names: Sequence[str]) -> Iterator[Dict[str, t
             h.remove()
 
 
-def feature_loss(student_feats: Dict[str, torch.Tensor], teacher_feats: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum over tapped modules of the normalized squared error ``||s - t||^2 / ||t||^2`` (tensor outputs)."""
+def _tensors(name: str, out: Any) -> List[torch.Tensor]:
+    """The tensors of a module output: itself, or those of a dict (in key order), list or tuple (nested)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _tensors(name, v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _tensors(name, v)]
+    raise TypeError(f"FINETUNE.FEATURE_LAYERS: {name!r} returned a {type(out).__name__}; allowed: a tensor, or a "
+                    f"dict / list / tuple of tensors")
+
+
+def feature_loss(student_feats: Dict[str, Any], teacher_feats: Dict[str, Any]) -> torch.Tensor:
+    """Sum over tapped tensors of the normalized squared error ``||s - t||^2 / ||t||^2``.
+
+    A module that returns several tensors (a dict of FPN levels, a tuple) contributes one term per tensor.
+    """
     total = None
-    for name, t in teacher_feats.items():
-        s = student_feats[name]
-        term = (s - t.detach()).pow(2).sum() / t.detach().pow(2).sum().clamp_min(1e-12)
-        total = term if total is None else total + term
+    for name, t_out in teacher_feats.items():
+        s_all, t_all = _tensors(name, student_feats[name]), _tensors(name, t_out)
+        if len(s_all) != len(t_all):
+            raise RuntimeError(f"FINETUNE.FEATURE_LAYERS: {name!r} returned {len(s_all)} tensors in the student "
+                               f"and {len(t_all)} in the teacher")
+        for s, t in zip(s_all, t_all):
+            term = (s - t.detach()).pow(2).sum() / t.detach().pow(2).sum().clamp_min(1e-12)
+            total = term if total is None else total + term
     if total is None:
         raise RuntimeError("no feature was tapped during the forward (FINETUNE.FEATURE_LAYERS)")
     return total

@@ -27,7 +27,7 @@ from ..quantization.residual import residual_branch_end
 from ..quantization.swap import make_pq_layer, set_module
 from ..tasks.base import Task
 from ..utils import comm
-from .finetune import bn_affine_params, codebook_params, distill
+from .finetune import bn_affine_params, codebook_params, distill, feature_modules
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +128,7 @@ class Quantizer:
         self.gram_reduce, self.wrap, self.broadcast = gram_reduce, wrap, broadcast
         self._bn_pairs: Dict[str, str] = {}
         check_quantizer_cfg(cfg)  # a bad value fails here, before any layer is quantized
+        feature_modules(self.teacher, cfg.FINETUNE.FEATURE_LAYERS)  # likewise a name that is not in the model
         for p in self.teacher.parameters():
             p.requires_grad_(False)
 
