@@ -142,6 +142,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 #: Every shipped config (not the Base-* ones) with its compressed size in MiB and ratio (as documented).
 SHIPPED_SIZES = {
     "COCO/demo_mask_rcnn_coco_tiny.yaml": (6.65, 25.5),
+    "COCO/faster_rcnn_R_50_FPN_small_blocks.yaml": (6.22, 25.6),
     "COCO/mask_rcnn_R_50_FPN_small_blocks.yaml": (6.65, 25.5),
     "ImageNet/demo_resnet18_large_blocks_sample.yaml": (1.03, 43.3),
     "ImageNet/demo_resnet18_mixed_blocks_sample.yaml": (1.03, 43.3),
