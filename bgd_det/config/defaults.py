@@ -20,6 +20,10 @@ class CfgNode(_CfgNode):
             raise KeyError(f"{cfg_filename}: {e.args[0]} (see bgd_det/config/defaults.py for allowed keys)") from None
 
     def merge_from_list(self, cfg_list: list) -> None:
+        options = [str(v) for v in cfg_list if str(v).startswith("--")]
+        if options:  # argparse hands everything after the first KEY to the overrides
+            raise ValueError(f"command-line option {options[0]!r} after the KEY VALUE overrides; put options "
+                             f"first, e.g. tools/quantize_net.py --config X.yaml {options[0]} KEY VALUE")
         if len(cfg_list) % 2:
             raise ValueError(f"command-line overrides must be KEY VALUE pairs, got {cfg_list}")
         try:

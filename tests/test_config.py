@@ -1,0 +1,37 @@
+"""Config: _BASE_ inheritance, strict keys in files and on the command line, one-line errors."""
+import pytest
+
+from bgd_det.config import get_cfg, load_config
+
+
+def test_base_inheritance_and_overrides(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text('MODEL:\n  ARCH: "resnet50"\nQUANT:\n  N_CENTROIDS: 64\n  SKIP: ["conv1"]\n')
+    child = tmp_path / "child.yaml"
+    child.write_text('_BASE_: "base.yaml"\nQUANT:\n  N_CENTROIDS: 128\n')
+    cfg = load_config(str(child), ["QUANT.EM_ITERS", "7", "QUANT.SKIP", "['conv1', 'fc']"])
+    assert cfg.MODEL.ARCH == "resnet50"  # from the base
+    assert cfg.QUANT.N_CENTROIDS == 128  # the child wins
+    assert cfg.QUANT.EM_ITERS == 7 and cfg.QUANT.SKIP == ["conv1", "fc"]  # typed by the defaults
+    assert cfg.is_frozen() and get_cfg().QUANT.N_CENTROIDS == 256  # the defaults are untouched
+
+
+def test_unknown_keys_and_missing_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("QUANT:\n  N_CENTROID: 64\n")
+    with pytest.raises(KeyError, match=r"bad.yaml: .*N_CENTROID.*see bgd_det/config/defaults.py for allowed keys"):
+        load_config(str(bad))
+    with pytest.raises(KeyError, match="command-line override: .*QUANT.EM_ITER"):
+        load_config("", ["QUANT.EM_ITER", "3"])
+    with pytest.raises(FileNotFoundError, match="config file not found: .*nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_overrides_must_be_pairs_and_options_come_first():
+    with pytest.raises(ValueError, match="must be KEY VALUE pairs"):
+        load_config("", ["QUANT.EM_ITERS"])
+    # argparse puts an option typed after the overrides into them (opts is a REMAINDER)
+    with pytest.raises(ValueError, match="command-line option '--resume' after the KEY VALUE overrides; put "
+                                         "options first"):
+        load_config("", ["QUANT.EM_ITERS", "3", "--resume"])
+    assert load_config("", ["QUANT.REFINE.DAMPING", "-1.0"]).QUANT.REFINE.DAMPING == -1.0  # a negative value is fine
