@@ -1,15 +1,17 @@
 """ImageNet-style classification datasets.
 
 Two layouts are understood:
-- image folder: ``<root>/<wnid>/*.JPEG`` (torchvision ``ImageFolder``; class index = position of the wnid in
-  the sorted list of wnids, which for the 1000 ImageNet classes is torchvision's class index);
-- flat sample folder: ``<root>/<wnid>_<label>.JPEG`` (one image per class, as ``imagenet-sample``); the class
-  index is the wnid's position in ``imagenet_class_index.json`` (torchvision/Keras index) when that file sits
-  beside the folder, else in the sorted wnids found.
+- image folder: ``<root>/<wnid>/*.JPEG`` (torchvision ``ImageFolder`` layout);
+- flat sample folder: ``<root>/<wnid>_<label>.JPEG`` (one image per class, as ``imagenet-sample``).
+
+In both, the class index of a wnid is its position in ``imagenet_class_index.json`` (torchvision/Keras index)
+when that file sits beside the folder or in ``$BGD_DATASETS``; else its position in the sorted wnids found,
+which is torchvision's index only when all 1000 ImageNet classes are there (a subset gets a warning).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -22,6 +24,8 @@ from torchvision import transforms as T
 from .catalog import DatasetCatalog, datasets_root
 
 __all__ = ["ImageList", "scan_image_folder", "eval_transform", "train_transform", "register_image_folder"]
+
+logger = logging.getLogger(__name__)
 
 _WNID = re.compile(r"^(n\d{8})")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -59,12 +63,21 @@ class ImageList(Dataset):
         return ImageList(self.items, transform)
 
 
+CLASS_INDEX_FILE = "imagenet_class_index.json"
+
+
 def _class_index(root: str, wnids: Sequence[str]) -> dict:
-    index_file = os.path.join(os.path.dirname(os.path.abspath(root)), "imagenet_class_index.json")
-    if os.path.isfile(index_file):
-        with open(index_file) as f:
-            return {v[0]: int(k) for k, v in json.load(f).items()}
-    return {w: i for i, w in enumerate(sorted(set(wnids)))}
+    for folder in (os.path.dirname(os.path.abspath(root)), datasets_root()):
+        index_file = os.path.join(folder, CLASS_INDEX_FILE)
+        if os.path.isfile(index_file):
+            with open(index_file) as f:
+                return {v[0]: int(k) for k, v in json.load(f).items()}
+    found = sorted(set(wnids))
+    if len(found) < 1000:
+        logger.warning("%s: %d wnids and no %s beside it or in $BGD_DATASETS: class indices are their sorted "
+                       "positions 0..%d, not the ImageNet-1k indices a 1000-class model predicts (fine for a "
+                       "dataset of its own classes)", root, len(found), CLASS_INDEX_FILE, len(found) - 1)
+    return {w: i for i, w in enumerate(found)}
 
 
 def scan_image_folder(root: str) -> List[Tuple[str, int]]:
