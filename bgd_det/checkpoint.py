@@ -99,7 +99,7 @@ def read_compressed(path: str) -> Dict[str, Any]:
     ckpt = read_checkpoint_file(path, what="compressed checkpoint")
     if ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not a bgd_det compressed checkpoint (format={ckpt.get('format')!r}, "
-                         f"expected {FORMAT!r})")
+                         f"expected {FORMAT!r}); an original BGD / PQF file: tools/convert_checkpoint.py")
     if ckpt.get("version") != VERSION:
         raise ValueError(f"{path} has format version {ckpt.get('version')}; this bgd_det reads version {VERSION}")
     return ckpt

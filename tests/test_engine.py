@@ -225,3 +225,24 @@ def test_mixup_distillation_shows_both_models_the_same_images(tmp_path):
                                                                                                   batch)))
     with pytest.raises(ValueError, match=r"FINETUNE.MIXUP_ALPHA=-0.5; allowed: a number >= 0"):
         ClassificationTask(tiny_cfg(tmp_path, "FINETUNE.MIXUP_ALPHA", -0.5))
+
+
+def test_weights_api_offline_and_peer_checkpoint_errors(tmp_path, monkeypatch):
+    """A torchvision weights name that cannot be fetched, and a non-bgd_det checkpoint: one-line errors that
+    say what to do."""
+    import urllib.error
+
+    import torchvision
+
+    from bgd_det.modeling.weights import load_weights
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(OSError, match=r"MODEL.WEIGHTS=ResNet18_Weights.IMAGENET1K_V1: could not fetch "
+                                      r"https://download.pytorch.org/.*point MODEL.WEIGHTS at a local state dict"):
+        load_weights(torchvision.models.resnet18(), "resnet18", "ResNet18_Weights.IMAGENET1K_V1")
+    torch.save({"model": {}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="is not a bgd_det compressed checkpoint .*tools/convert_checkpoint.py"):
+        load_compressed(str(tmp_path / "other.pth"))

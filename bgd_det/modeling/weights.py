@@ -40,7 +40,12 @@ def load_weights(model: nn.Module, arch: str, weights: str) -> nn.Module:
     if weights == "DEFAULT" or ("_Weights." in weights and not os.path.exists(weights)):
         enum = (torchvision.models.get_model_weights(arch).DEFAULT if weights == "DEFAULT"
                 else torchvision.models.get_weight(weights))
-        state = enum.get_state_dict(progress=False)
+        try:
+            state = enum.get_state_dict(progress=False)
+        except OSError as e:  # URLError and the like: torchvision downloads into its hub cache
+            raise OSError(f"MODEL.WEIGHTS={weights}: could not fetch {enum.url} ({e}); without a network, copy the "
+                          f"file into torch's hub cache ({torch.hub.get_dir()}/checkpoints) or point MODEL.WEIGHTS "
+                          f"at a local state dict") from None
         source = str(enum)
     else:
         state = read_state_dict(weights)
