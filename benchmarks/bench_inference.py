@@ -398,19 +398,21 @@ def bench_memory(args) -> List[Dict]:
     size = model_size(pq)
     tmp = tempfile.mkdtemp(prefix="bgd_bench_")
     ckpt, dense_ckpt = os.path.join(tmp, "r50_pq.pth"), os.path.join(tmp, "r50_dense.pth")
+    # Every process, its checkpoint: "empty" is the baseline the others are measured against.
+    processes = {
+        "empty": "",
+        "compressed": ckpt,
+        "compressed, unchunked": ckpt,
+        "compressed+fold": ckpt,
+        "dense": dense_ckpt,
+    }
     save_compressed(ckpt, pq, arch="resnet50", num_classes=1000)
     torch.save(dense_twin(pq, dense).state_dict(), dense_ckpt)
     rows = []
     for allocator, extra_env in MEMORY_ALLOCATORS.items():
         env = dict(os.environ, BGD_BENCH_THREADS=str(torch.get_num_threads()), **extra_env)
         results = {}
-        for mode, path in (
-            ("empty", ""),
-            ("compressed", ckpt),
-            ("compressed, unchunked", ckpt),
-            ("compressed+fold", ckpt),
-            ("dense", dense_ckpt),
-        ):
+        for mode, path in processes.items():
             cmd = [sys.executable, os.path.abspath(__file__), "--rss-child", mode, "--ckpt", path]
             out = subprocess.run(
                 cmd + ["--batch", str(args.mem_batch)],
@@ -425,7 +427,7 @@ def bench_memory(args) -> List[Dict]:
         # code, allocator caches, code pages) is paid by every model of this architecture: an
         # estimate of the runtime share.
         runtime = results["dense"]["hwm"] - empty["hwm"] - results["dense"]["model_bytes"]
-        for mode in ("compressed", "compressed, unchunked", "compressed+fold", "dense"):
+        for mode in (m for m in processes if m != "empty"):
             r = results[mode]
             delta = r["hwm"] - empty["hwm"]
             # The largest layer's scratch at this input is what the forward grew the scratch to
@@ -443,7 +445,7 @@ def bench_memory(args) -> List[Dict]:
                     model_tensors_mib=r["model_bytes"] / MIB,
                     size_mib=size.compressed_mib if mode != "dense" else size.dense_mib,
                     any_input_scratch_mib=r.get("scratch_needed", 0) / MIB,
-                    scratch_used_mib=r.get("scratch_bytes", 0) / MIB,
+                    scratch_used_mib=used / MIB,
                     budget_mib=budget / MIB,
                     literal_target_met=str(delta <= budget) if mode != "dense" else "-",
                 )

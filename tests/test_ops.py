@@ -215,7 +215,7 @@ def small_chunks():
 
 
 # A conv2d weight of 40 x 576 floats (90 KiB): in 32 KiB chunks, 3 chunks of ceil(40 / 3) = 14 rows,
-# rounded up to 16 (16 + 16 + 8). Its outputs on CHUNKED_INPUT-sized inputs stay within 8 KiB.
+# rounded up to 16 (16 + 16 + 8). Its outputs on the 4x4 inputs below stay within 8 KiB.
 CHUNKED_SHAPE = (40, 64, 3, 3)
 
 

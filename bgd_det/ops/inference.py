@@ -487,12 +487,7 @@ def for_evaluation(model: nn.Module, test_cfg) -> nn.Module:
     folded when ``TEST.FOLD_BN``. Converts in place: compute sizes before.
     """
     check_eval_options(test_cfg)
-    if not test_cfg.COMPILED_OP:
-        return model
-    if not any(isinstance(m, PQ_LAYER_TYPES) for m in model.modules()):
-        logger.info("TEST.COMPILED_OP: the model has no codebook layers; evaluating it as it is")
-        return model.eval()
-    return to_inference(model, fold_bn=test_cfg.FOLD_BN)
+    return to_inference(model, fold_bn=test_cfg.FOLD_BN) if test_cfg.COMPILED_OP else model
 
 
 def max_scratch_bytes(model: nn.Module) -> int:

@@ -143,17 +143,16 @@ void decode_into(const PQArgs& a, int64_t r0, int64_t r1, float* out, const char
   if (!ok.load()) fail_range(a, op);
 }
 
-// Weights larger than this many bytes (0: none) are decoded and applied in chunks of rows.
+// Chunk size in bytes (0: none); which weights are chunked is decode_rows_at_once's rule.
 std::atomic<int64_t>& chunk_bytes() {
   static std::atomic<int64_t> v{int64_t{2} << 20};
   return v;
 }
 
-// Rows of a [rows, cols] weight decoded (and applied) at a time: all of them unless the weight is
-// larger than chunk_bytes(), else about chunk_bytes() worth, in equal chunks rounded up to a
-// multiple of 16 output channels (oneDNN's block).
-int64_t chunk_rows(int64_t rows, int64_t cols) {
-  const int64_t limit = chunk_bytes().load(std::memory_order_relaxed);
+// Rows of a [rows, cols] weight per chunk of `limit` bytes: all of them unless the weight is
+// larger, else about `limit` worth, in equal chunks rounded up to a multiple of 16 output channels
+// (oneDNN's block).
+int64_t chunk_rows(int64_t rows, int64_t cols, int64_t limit) {
   const int64_t bytes = rows * cols * static_cast<int64_t>(sizeof(float));
   if (limit <= 0 || bytes <= limit) return rows;
   const int64_t n_chunks = (bytes + limit - 1) / limit;
@@ -176,8 +175,8 @@ enum class Layer { kConv2d, kLinear, kConvTranspose2d };
 int64_t decode_rows_at_once(Layer layer, int64_t rows, int64_t cols, int64_t groups,
                             int64_t out_bytes) {
   if (layer != Layer::kConv2d || groups != 1 || out_bytes < 0) return rows;
-  return out_bytes * 4 <= chunk_bytes().load(std::memory_order_relaxed) ? chunk_rows(rows, cols)
-                                                                         : rows;
+  const int64_t limit = chunk_bytes().load(std::memory_order_relaxed);
+  return out_bytes * 4 <= limit ? chunk_rows(rows, cols, limit) : rows;
 }
 
 c10::optional<Tensor> rows_of(const c10::optional<Tensor>& bias, int64_t r0, int64_t r1) {
@@ -307,11 +306,17 @@ Tensor pq_conv2d_cpu(const Tensor& input, const Tensor& codes, const Tensor& cod
   const PQArgs a = make_args(codes, codebook, scale, rows, cols, op);
   check_optional_vector(bias, rows, op, "bias");
 
+  int64_t out_hw[2];  // output height and width (0 for arguments at::conv2d rejects itself)
+  for (int i = 0; i < 2; ++i) {
+    const int64_t k = dilation[i] * (weight_shape[2 + i] - 1) + 1;
+    const int64_t span = input.size(2 + i) + 2 * padding[i] - k;
+    out_hw[i] = stride[i] >= 1 && span >= 0 ? span / stride[i] + 1 : 0;
+  }
+  const int64_t B = input.size(0), Ho = out_hw[0], Wo = out_hw[1];
   const bool pointwise = weight_shape[2] == 1 && weight_shape[3] == 1 && groups == 1 &&
                          padding[0] == 0 && padding[1] == 0 && stride[0] >= 1 && stride[1] >= 1;
   if (pointwise) {
-    const int64_t B = input.size(0), H = input.size(2), W = input.size(3);
-    const int64_t Ho = (H - 1) / stride[0] + 1, Wo = (W - 1) / stride[1] + 1;
+    const int64_t H = input.size(2), W = input.size(3);
     if (B * Ho * Wo >= 1 && B * Ho * Wo <= kMaxFusedN) {
       Tensor xs = input;
       if (stride[0] > 1 || stride[1] > 1)
@@ -321,12 +326,7 @@ Tensor pq_conv2d_cpu(const Tensor& input, const Tensor& codes, const Tensor& cod
       return y.view({B, Ho, Wo, rows}).permute({0, 3, 1, 2}).contiguous();
     }
   }
-  int64_t out_bytes = input.size(0) * rows * static_cast<int64_t>(sizeof(float));
-  for (int i = 0; i < 2; ++i) {  // the output size (conv2d checks the arguments itself)
-    const int64_t k = dilation[i] * (weight_shape[2 + i] - 1) + 1;
-    const int64_t span = input.size(2 + i) + 2 * padding[i] - k;
-    out_bytes *= stride[i] >= 1 && span >= 0 ? span / stride[i] + 1 : 0;
-  }
+  const int64_t out_bytes = B * rows * Ho * Wo * static_cast<int64_t>(sizeof(float));
   const int64_t chunk = decode_rows_at_once(Layer::kConv2d, rows, cols, groups, out_bytes);
   return apply_in_chunks(a, weight_shape, chunk, bias, codebook.options(), op,
                          [&](const Tensor& w, const c10::optional<Tensor>& b) {
@@ -351,13 +351,14 @@ Tensor pq_conv_transpose2d_cpu(const Tensor& input, const Tensor& codes, const T
               input.size(1), " channels; weight ", weight_shape, " expects ", rows);
   const PQArgs a = make_args(codes, codebook, c10::nullopt, rows, cols, op);
   check_optional_vector(bias, weight_shape[1] * groups, op, "bias");
+  // One chunk: apply_in_chunks assembles chunks along output channels, which are not the rows here.
   const int64_t whole = decode_rows_at_once(Layer::kConvTranspose2d, rows, cols, groups, -1);
   TORCH_INTERNAL_ASSERT(whole == rows, op, ": a transposed conv decodes its whole weight");
-  float* w = scratch().get(rows * cols);
-  decode_into(a, 0, rows, w, op);
-  const Tensor weight = at::from_blob(w, weight_shape, codebook.options());
-  return at::conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups,
-                              dilation);
+  return apply_in_chunks(a, weight_shape, whole, bias, codebook.options(), op,
+                         [&](const Tensor& w, const c10::optional<Tensor>& b) {
+                           return at::conv_transpose2d(input, w, b, stride, padding, output_padding,
+                                                       groups, dilation);
+                         });
 }
 
 int64_t simd_mode_op(int64_t mode) { return set_simd_mode(static_cast<int>(mode)); }
@@ -373,12 +374,11 @@ int64_t decode_rows_op(c10::string_view layer, int64_t rows, int64_t cols, int64
   TORCH_CHECK(rows >= 1 && cols >= 1 && groups >= 1, op,
               ": rows, cols and groups must be >= 1, got ", rows, ", ", cols, ", ", groups);
   TORCH_CHECK(out_bytes >= -1, op, ": out_bytes must be -1 (any output) or >= 0, got ", out_bytes);
-  if (layer == "conv2d") return decode_rows_at_once(Layer::kConv2d, rows, cols, groups, out_bytes);
-  if (layer == "linear") return decode_rows_at_once(Layer::kLinear, rows, cols, groups, out_bytes);
-  if (layer == "conv_transpose2d")
-    return decode_rows_at_once(Layer::kConvTranspose2d, rows, cols, groups, out_bytes);
-  TORCH_CHECK(false, op, ": layer must be 'conv2d', 'linear' or 'conv_transpose2d', got '", layer,
-              "'");
+  const bool conv2d = layer == "conv2d", linear = layer == "linear";
+  TORCH_CHECK(conv2d || linear || layer == "conv_transpose2d", op,
+              ": layer must be 'conv2d', 'linear' or 'conv_transpose2d', got '", layer, "'");
+  const Layer kind = conv2d ? Layer::kConv2d : linear ? Layer::kLinear : Layer::kConvTranspose2d;
+  return decode_rows_at_once(kind, rows, cols, groups, out_bytes);
 }
 
 int64_t scratch_capacity_op() { return scratch().capacity() * static_cast<int64_t>(sizeof(float)); }
