@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # noqa: E402
 from bgd_det.config import load_config  # noqa: E402
 from bgd_det.engine import quantizer as quantizer_mod  # noqa: E402
-from bgd_det.engine.distributed import distributed_quantizer_kwargs  # noqa: E402
+from bgd_det.engine.distributed import build_collectives  # noqa: E402
 from bgd_det.engine.launch import launch  # noqa: E402
 from bgd_det.modeling import build_model  # noqa: E402
 from bgd_det.quantization.layers import PQ_LAYER_TYPES  # noqa: E402
@@ -75,7 +75,7 @@ def job(opts, output_dir: str, threads: int = 0) -> dict:
         teacher, task = build_model(cfg), build_task(cfg)
         comm.synchronize()
         t0, cpu0 = time.perf_counter(), time.process_time()
-        result = quantizer_mod.Quantizer(cfg, teacher, task, **distributed_quantizer_kwargs(cfg)).run()
+        result = quantizer_mod.Quantizer(cfg, teacher, task, collectives=build_collectives(cfg)).run()
         comm.synchronize()
         total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         threads = torch.get_num_threads()

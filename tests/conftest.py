@@ -9,6 +9,7 @@ from PIL import Image
 from torch import nn
 
 from bgd_det.modeling import ARCH_REGISTRY
+from bgd_det.modeling.stages import Stage
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 
@@ -41,11 +42,23 @@ class TinyNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+def tiny_net_stages(model):
+    """TinyNet's sequential stages (the streaming engine runs one at a time)."""
+    return [
+        Stage("stem", ("conv1", "bn1"), lambda m, x: torch.relu(m.bn1(m.conv1(x)))),
+        Stage("down", ("conv2", "bn2"), lambda m, x: torch.relu(m.bn2(m.conv2(x)))),
+        Stage("block", ("conv3", "bn3"), lambda m, x: torch.relu(m.bn3(m.conv3(x)) + x)),
+        Stage("head", ("fc",), lambda m, x: m.fc(x.mean((2, 3)))),
+    ]
+
+
 if "tiny_net" not in ARCH_REGISTRY:
     @ARCH_REGISTRY.register()
     def tiny_net(cfg):
         """Tiny test architecture."""
         return TinyNet(cfg.MODEL.NUM_CLASSES)
+
+    tiny_net.stages = tiny_net_stages
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bgd_det.engine.distributed import check_distributed_config, distributed_quantizer_kwargs
+from bgd_det.engine.distributed import Collectives, build_collectives, check_distributed_config
 from bgd_det.engine.launch import DistributedLaunchError, _find_free_port, launch
 from bgd_det.engine.pipeline import FINAL_CHECKPOINT, quantize_and_report
 from bgd_det.tasks import build_task
@@ -245,7 +245,7 @@ def test_launch_under_torchrun(tmp_path):
 
 
 def test_config_checks_and_single_process_kwargs(tmp_path):
-    assert distributed_quantizer_kwargs(tiny_cfg(tmp_path)) == {}  # one process: the Quantizer's defaults
+    assert type(build_collectives(tiny_cfg(tmp_path))) is Collectives  # one process: identities
     check_distributed_config(tiny_cfg(tmp_path))  # no-op in one process
     with pytest.raises(ValueError, match="invalid topology"):
         launch(print, 2, num_machines=1, machine_rank=1)

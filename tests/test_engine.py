@@ -7,7 +7,7 @@ import torch
 
 from bgd_det.checkpoint import load_compressed, read_compressed, save_compressed
 from bgd_det.engine.pipeline import quantize_and_report
-from bgd_det.engine.quantizer import PROGRESS_FILE, Quantizer
+from bgd_det.engine.quantizer import PROGRESS_FILE, Quantizer, QuantizerHook
 from bgd_det.modeling import build_model
 from bgd_det.quantization.layers import PQ_LAYER_TYPES
 from bgd_det.tasks import build_task
@@ -31,18 +31,25 @@ def test_resume_gives_same_codes_as_uninterrupted_run(tiny_images, tmp_path):
     full = Quantizer(tiny_cfg(tmp_path / "a", *extra), teacher, build_task(tiny_cfg(tmp_path / "a"))).run()
 
     cfg = tiny_cfg(tmp_path / "b", *extra)
-    q = Quantizer(cfg, teacher, build_task(cfg), output_dir=cfg.OUTPUT_DIR)
 
-    def stop_after_two(index, record):
-        if index == 1:
-            raise Interrupt
+    class StopAfterTwo(QuantizerHook):
+        def after_layer(self, quantizer, index, record):
+            if index == 1:
+                raise Interrupt
+
+    class Done(QuantizerHook):
+        def __init__(self):
+            self.indices = []
+
+        def after_layer(self, quantizer, index, record):
+            self.indices.append(index)
 
     with pytest.raises(Interrupt):
-        q.run(on_layer_done=stop_after_two)
+        Quantizer(cfg, teacher, build_task(cfg), output_dir=cfg.OUTPUT_DIR, hooks=[StopAfterTwo()]).run()
     assert os.path.isfile(tmp_path / "b" / PROGRESS_FILE)
-    done = []
-    resumed = Quantizer(cfg, teacher, build_task(cfg), output_dir=cfg.OUTPUT_DIR).run(
-        resume=True, on_layer_done=lambda i, r: done.append(i))
+    done = Done()
+    resumed = Quantizer(cfg, teacher, build_task(cfg), output_dir=cfg.OUTPUT_DIR, hooks=[done]).run(resume=True)
+    done = done.indices
     assert done == [2, 3]  # layers 0 and 1 came from the progress file
     a, b = _codes(full.student), _codes(resumed.student)
     assert list(a) == ["conv1", "conv2", "conv3", "fc"] == list(b)

@@ -98,6 +98,21 @@ _C.QUANT.REFINE.MIN_ROWS_PER_COLUMN = 20
 _C.QUANT.CAPTURE_IMAGES = 128
 _C.QUANT.CAPTURE_ROWS_PER_IMAGE = 256
 _C.QUANT.CAPTURE_BATCH_SIZE = 32
+# Where a layer's calibration activations come from (bgd_det/engine/streaming.py): "streaming" keeps the student's
+# and the teacher's inputs of the current stage (bgd_det/modeling/stages.py) for every capture image and view and
+# runs only that stage (cost linear in depth); "recompute" (reference) runs the network from its input for every
+# capture. Architectures without stages use the recompute path (one log line). Both draw the capture images and
+# the augmented views once per run and give the same codes with a float32 cache.
+_C.QUANT.ENGINE = "streaming"
+_C.QUANT.STREAM = CfgNode()
+# Memory for the stage inputs in MiB (0: half of the memory available when the run starts).
+_C.QUANT.STREAM.BUDGET_MB = 0.0
+# Storage of the cached stage inputs: "float32" (exact) or "float16" (half the memory).
+_C.QUANT.STREAM.DTYPE = "float32"
+# Past the budget, keep stage inputs in memory-mapped files (in a temporary folder under STREAM.SPILL_DIR, or the
+# system's temporary folder when it is ""); False, or a full disk: the recompute path from that stage on.
+_C.QUANT.STREAM.SPILL = True
+_C.QUANT.STREAM.SPILL_DIR = ""
 # After each layer, re-estimate the running statistics of the BatchNorm fed by it so the student's output
 # distribution matches the teacher's: "mean_var", "mean" or "none".
 _C.QUANT.BN_CORRECTION = "mean_var"

@@ -1,11 +1,13 @@
-"""What makes the :class:`~bgd_det.engine.quantizer.Quantizer` distributed, in one place.
+"""What makes the :class:`~bgd_det.engine.quantizer.Quantizer` distributed, in one place: :class:`Collectives`.
 
 Every rank runs the same pipeline on its shard of the calibration stream (``Task.calib_batches`` and the test
-loader shard by rank). Three hooks keep the ranks equal to each other and to a one-process run:
+loader shard by rank). The engine talks to the process group only through a :class:`Collectives` object; in one
+process every method is an identity, so the engine has no ``if distributed`` branches. Over several processes
+(:class:`ProcessGroupCollectives`):
 
-- ``gram_reduce``: the float64 Gram sum and its row count are summed over ranks, so every rank's EM sees the Gram
-  of the union of the shards, i.e. of the one-process data (up to float64 summation order);
-- ``broadcast``: rank 0's codes and codebook overwrite the other ranks' after EM, so ranks can never diverge
+- ``sum``: the float64 Gram / second-moment sums and their row counts are summed over ranks, so every rank's EM
+  sees the statistics of the union of the shards, i.e. of the one-process data (up to float64 summation order);
+- ``broadcast_result``: rank 0's codes and codebook overwrite the other ranks' after EM, so ranks can never diverge
   (not even by a near-tie resolved differently on different hardware);
 - ``wrap``: :class:`~torch.nn.parallel.DistributedDataParallel` around the student for layer-wise and global
   finetuning: gradients of the trainable parameters (codebooks, BatchNorm affine) are averaged, which equals the
@@ -14,7 +16,6 @@ loader shard by rank). Three hooks keep the ranks equal to each other and to a o
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict
 
 import torch
 from torch import nn
@@ -27,8 +28,8 @@ from ..utils import comm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["distributed_quantizer_kwargs", "check_distributed_config", "reduce_gram", "broadcast_pq_result",
-           "ddp_wrap", "sync_module_states"]
+__all__ = ["Collectives", "ProcessGroupCollectives", "build_collectives", "check_distributed_config",
+           "reduce_gram", "broadcast_pq_result", "ddp_wrap", "sync_module_states"]
 
 
 def reduce_gram(t: torch.Tensor) -> torch.Tensor:
@@ -117,18 +118,46 @@ def check_distributed_config(cfg) -> None:
                        "%d images", cfg.QUANT.CAPTURE_BATCH_SIZE, world, max(1, cfg.QUANT.CAPTURE_BATCH_SIZE // world))
 
 
-def distributed_quantizer_kwargs(cfg=None) -> Dict[str, Callable]:
-    """``Quantizer`` keyword arguments for the current process group; ``{}`` in a single process.
+class Collectives:
+    """The engine's view of its process group. This base class is one process: every method is an identity."""
 
-    Args:
-        cfg: when given, checked with :func:`check_distributed_config`.
+    world_size = 1
 
-    Returns:
-        ``dict(gram_reduce=..., wrap=..., broadcast=...)`` when the world size is > 1.
-    """
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of ``t`` over the ranks (float64 statistics and counts)."""
+        return t
+
+    def broadcast_result(self, result: PQResult) -> PQResult:
+        """Rank 0's EM result on every rank."""
+        return result
+
+    def wrap(self, student: nn.Module) -> nn.Module:
+        """The module that finetuning runs (gradients averaged over the ranks)."""
+        return student
+
+
+class ProcessGroupCollectives(Collectives):
+    """Collectives over the initialised default process group (gloo or nccl)."""
+
+    def __init__(self) -> None:
+        self.world_size = comm.get_world_size()
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return reduce_gram(t)
+
+    def broadcast_result(self, result: PQResult) -> PQResult:
+        return broadcast_pq_result(result)
+
+    def wrap(self, student: nn.Module) -> nn.Module:
+        return ddp_wrap(student)
+
+
+def build_collectives(cfg=None) -> Collectives:
+    """:class:`Collectives` for the current process group (:class:`ProcessGroupCollectives` when the world size is
+    > 1, after checking ``cfg`` with :func:`check_distributed_config` when given)."""
     if comm.get_world_size() == 1:
-        return {}
+        return Collectives()
     if cfg is not None:
         check_distributed_config(cfg)
     logger.info("distributed quantization over %d processes (rank %d)", comm.get_world_size(), comm.get_rank())
-    return dict(gram_reduce=reduce_gram, wrap=ddp_wrap, broadcast=broadcast_pq_result)
+    return ProcessGroupCollectives()

@@ -11,7 +11,7 @@ from ..modeling import build_model
 from ..quantization.size import model_size
 from ..tasks import build_task
 from ..utils import comm
-from .distributed import distributed_quantizer_kwargs
+from .distributed import build_collectives
 from .quantizer import Quantizer
 from .report import write_report
 
@@ -28,8 +28,8 @@ def quantize_and_report(cfg, *, resume: bool = False, **quantizer_kwargs) -> Dic
     Returns:
         ``{"size": SizeReport, "metrics": {...}, "timings": {...}, "result": QuantizationResult}``.
     """
-    # Several processes: Gram all-reduce, rank-0 codes, DDP finetuning (explicit kwargs win).
-    quantizer_kwargs = {**distributed_quantizer_kwargs(cfg), **quantizer_kwargs}
+    # Several processes: statistics summed over ranks, rank-0 codes, DDP finetuning (explicit kwargs win).
+    quantizer_kwargs = {"collectives": build_collectives(cfg), **quantizer_kwargs}
     task = build_task(cfg)
     teacher = build_model(cfg)
     # Built first: it checks the QUANT / FINETUNE values before the teacher's (possibly long) evaluation.

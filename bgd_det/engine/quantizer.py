@@ -1,9 +1,11 @@
-"""The compression pipeline: plan -> per layer (capture -> EM -> swap -> layer-wise distillation) ->
-global finetuning -> compressed checkpoint.
+"""The compression pipeline: plan -> per layer (fit: capture + EM + refinement -> install: swap + BatchNorm
+correction -> layer-wise distillation) -> global finetuning -> compressed checkpoint.
 
-Per-layer progress is saved atomically after each layer, so ``resume=True`` continues after the last finished
-layer. Every layer's randomness is seeded from ``(cfg.SEED, layer index)``: an interrupted and resumed run gives
-the same codes as an uninterrupted one.
+Calibration activations come from a :class:`~bgd_det.engine.streaming.CaptureSource` (the streaming frontier cache,
+or the recompute reference). Per-layer progress is saved atomically after each layer, so ``resume=True`` continues
+after the last finished layer. The capture images and views are drawn once per run from ``cfg.SEED``; every layer's
+other randomness is seeded from ``(cfg.SEED, layer index)``: an interrupted and resumed run gives the same codes as
+an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+import resource
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -27,11 +30,14 @@ from ..quantization.residual import residual_branch_end
 from ..quantization.swap import make_pq_layer, set_module
 from ..tasks.base import Task
 from ..utils import comm
+from .distributed import Collectives
 from .finetune import bn_affine_params, codebook_params, distill, feature_modules
+from .streaming import CACHE_DTYPES, ENGINES, CaptureSource, PassSpec, RecomputeSource, build_capture_source
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LayerRecord", "QuantizationResult", "Quantizer", "PROGRESS_FILE", "refine_damping", "refine_rounds"]
+__all__ = ["LayerRecord", "QuantizationResult", "Quantizer", "QuantizerHook", "PROGRESS_FILE", "refine_damping",
+           "refine_rounds"]
 
 PROGRESS_FILE = "progress.pth"
 
@@ -49,6 +55,7 @@ class LayerRecord:
     distill_loss: float = float("nan")
     seconds: float = 0.0
     output_error: float = float("nan")  # relative output error after QUANT.REFINE (nan: not refined)
+    capture_seconds: float = 0.0  # of ``seconds``: capturing Gram / moments / BatchNorm statistics
 
 
 @dataclass
@@ -103,11 +110,36 @@ def check_quantizer_cfg(cfg) -> None:
         raise ValueError(f"QUANT.REFINE.DAMPING={q.REFINE.DAMPING}, DAMPING_PER_COLUMN="
                          f"{q.REFINE.DAMPING_PER_COLUMN}; allowed: numbers >= 0")
     _check_choice("QUANT.BN_CORRECTION", q.BN_CORRECTION, BN_CORRECTION_MODES)
+    _check_choice("QUANT.ENGINE", q.ENGINE, ENGINES)
+    _check_choice("QUANT.STREAM.DTYPE", q.STREAM.DTYPE, tuple(CACHE_DTYPES))
+    if q.STREAM.BUDGET_MB < 0:
+        raise ValueError(f"QUANT.STREAM.BUDGET_MB={q.STREAM.BUDGET_MB}; allowed: a number >= 0 (0 = automatic)")
     _check_choice("FINETUNE.BN", cfg.FINETUNE.BN, FINETUNE_BN_MODES)
 
 
 def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (MiB; Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class QuantizerHook:
+    """Called by :meth:`Quantizer.run` around every layer and at the end (detectron2's ``HookBase`` pattern).
+
+    Override any of the three; each gets the quantizer, so it can read ``cfg`` and ``output_dir``.
+    """
+
+    def before_layer(self, quantizer: "Quantizer", index: int, layer: LayerPlan) -> None:
+        """Before layer ``index`` is fitted (layers already done in a resumed run are not announced)."""
+
+    def after_layer(self, quantizer: "Quantizer", index: int, record: LayerRecord) -> None:
+        """After layer ``index`` is installed, distilled and its progress saved."""
+
+    def after_run(self, quantizer: "Quantizer", result: QuantizationResult) -> None:
+        """After global finetuning, before the result is returned."""
 
 
 class Quantizer:
@@ -116,26 +148,43 @@ class Quantizer:
     Args:
         cfg: frozen config; teacher: uncompressed model (not modified); task: data/forward/loss/eval.
         output_dir: where progress and checkpoints go ("" = nowhere).
-        gram_reduce: optional reduction of Gram matrices across processes (distributed capture).
-        wrap: optional ``fn(student) -> module`` for distributed finetuning.
+        collectives: the process group (:class:`~bgd_det.engine.distributed.Collectives`; default: one process).
+        hooks: :class:`QuantizerHook` objects called around every layer.
     """
 
     def __init__(self, cfg, teacher: nn.Module, task: Task, *, output_dir: str = "",
-                 gram_reduce: Optional[Callable] = None, wrap: Optional[Callable] = None,
-                 broadcast: Optional[Callable] = None) -> None:
+                 collectives: Optional[Collectives] = None, hooks: Sequence[QuantizerHook] = ()) -> None:
         self.cfg, self.teacher, self.task = cfg, teacher.eval(), task
         self.output_dir = output_dir
-        self.gram_reduce, self.wrap, self.broadcast = gram_reduce, wrap, broadcast
-        self._bn_pairs: Dict[str, str] = {}
+        self.comm = collectives if collectives is not None else Collectives()
+        self.hooks = list(hooks)
         check_quantizer_cfg(cfg)  # a bad value fails here, before any layer is quantized
         feature_modules(self.teacher, cfg.FINETUNE.FEATURE_LAYERS)  # likewise a name that is not in the model
         for p in self.teacher.parameters():
             p.requires_grad_(False)
+        # {layer: BatchNorm fed by its output}, from one traced forward of the teacher
+        self.bn_pairs: Dict[str, str] = following_batchnorms(self.teacher, self.task.example_forward)
+        q = cfg.QUANT
+        capture_seed = cfg.SEED * 100003 + 90001  # once per run: the same images and views for every layer
+        self.plain_pass = PassSpec(q.CAPTURE_IMAGES, q.CAPTURE_BATCH_SIZE, False, capture_seed)
+        self.views_pass = PassSpec(q.CAPTURE_IMAGES * q.REFINE.AUGMENTED_VIEWS, q.CAPTURE_BATCH_SIZE, True,
+                                   capture_seed + 1)
+
+    @property
+    def _reduce(self):
+        """The statistics' reduction for the capture functions (None in one process: no rounding at all)."""
+        return self.comm.sum if self.comm.world_size > 1 else None
 
     # -- planning ---------------------------------------------------------------------------------------
     def make_plan(self, model: nn.Module) -> List[LayerPlan]:
         order = execution_order(model, self.task.example_forward)
         return build_plan(model, order, QuantRules.from_cfg(self.cfg.QUANT))
+
+    def capture_source(self, student: nn.Module, layers: Sequence[str]) -> CaptureSource:
+        """The source of calibration activations for quantizing ``layers`` (in order) into ``student``."""
+        spill = self.cfg.QUANT.STREAM.SPILL_DIR or None
+        return build_capture_source(self.cfg, self.task, student, self.teacher, layers, plain=self.plain_pass,
+                                    views=self.views_pass, spill_dir=spill)
 
     # -- progress ---------------------------------------------------------------------------------------
     def _progress_path(self) -> str:
@@ -167,52 +216,84 @@ class Quantizer:
         return records
 
     # -- per layer --------------------------------------------------------------------------------------
-    def quantize_layer(self, student: nn.Module, layer: LayerPlan, index: int) -> LayerRecord:
-        """Capture, EM, swap in the codebook layer, layer-wise distillation."""
-        cfg, start = self.cfg, time.perf_counter()
-        seed = cfg.SEED * 100003 + index
+    def quantize_layer(self, student: nn.Module, layer: LayerPlan, index: int,
+                       source: Optional[CaptureSource] = None) -> LayerRecord:
+        """Fit, install and distill one layer; ``source`` defaults to the recompute path."""
+        source = source if source is not None else RecomputeSource(self.task, self.plain_pass, self.views_pass)
+        start = time.perf_counter()
+        seed = self.cfg.SEED * 100003 + index
         _seed_all(seed)
+        source.begin_layer(layer.name)
+        result, output_error, capture_s = self.fit(student, layer, source, seed)
+        pq, rel_error, bn_s = self.install(student, layer, result, source, seed)
+        losses = self.distill_layer(student, layer, pq, seed)
+        record = LayerRecord(layer.name, layer.block_size, layer.n_centroids, layer.n_subvectors,
+                             objective=result.objective, rel_error=rel_error,
+                             distill_loss=losses[-1] if losses else float("nan"),
+                             seconds=time.perf_counter() - start, output_error=output_error,
+                             capture_seconds=capture_s + bn_s)
+        logger.info("[%d] %s d=%d K=%d: rel. weight error %.4f%s (%.1fs, %.1fs capturing)", index, layer.name,
+                    layer.block_size, layer.n_centroids, record.rel_error,
+                    f", distill loss {record.distill_loss:.4f}" if losses else "", record.seconds,
+                    record.capture_seconds)
+        return record
+
+    def fit(self, student: nn.Module, layer: LayerPlan, source: CaptureSource,
+            seed: int) -> Tuple[PQResult, float, float]:
+        """Codes and codebook of ``layer``: Gram capture + EM, then the optional output-space refinement.
+
+        Returns:
+            (the result, rank 0's on every rank; its refined output error or nan; seconds spent capturing).
+        """
+        cfg = self.cfg
         module = student.get_submodule(layer.name)
-        gram = None
+        gram, t0 = None, time.perf_counter()
         if metric_uses_inputs(cfg.QUANT.METRIC) and has_input_metric(module):
-            batches = self.task.calib_batches(n_images=cfg.QUANT.CAPTURE_IMAGES,
-                                              batch_size=cfg.QUANT.CAPTURE_BATCH_SIZE, augment=False, seed=seed)
-            acc = capture_gram(student, layer.name, batches, self.task.forward, block_size=layer.block_size,
-                               rows_per_image=cfg.QUANT.CAPTURE_ROWS_PER_IMAGE, seed=seed,
-                               reduce=self.gram_reduce)
+            batches, forward = source.plain()
+            acc = capture_gram(student, layer.name, batches, forward, block_size=layer.block_size,
+                               rows_per_image=cfg.QUANT.CAPTURE_ROWS_PER_IMAGE, seed=seed, reduce=self._reduce)
             gram = acc.result(centered=cfg.QUANT.METRIC == "centered")
+        capture_s = time.perf_counter() - t0
         weight = module.weight.detach()
         result = em_quantize(weight, gram, block_size=layer.block_size, n_centroids=layer.n_centroids,
                              n_iter=cfg.QUANT.EM_ITERS, seed=seed)
         output_error = float("nan")
         rounds = refine_rounds(cfg.QUANT.REFINE, layer)
         if rounds > 0 and has_input_metric(module):
-            refined = self.refine(student, layer, weight, result, seed, rounds)
+            refined, seconds = self.refine(student, layer, weight, result, source, seed, rounds)
+            capture_s += seconds
             if refined is not None:
                 result, output_error = refined, refined.objective
-        if self.broadcast is not None:
-            result = self.broadcast(result)
+        return self.comm.broadcast_result(result), output_error, capture_s
+
+    def install(self, student: nn.Module, layer: LayerPlan, result: PQResult, source: CaptureSource,
+                seed: int) -> Tuple[nn.Module, float, float]:
+        """Swap the codebook layer into ``student`` and correct the BatchNorm it feeds.
+
+        Returns:
+            (the codebook layer, its relative weight error, seconds spent capturing BatchNorm statistics).
+        """
+        module = student.get_submodule(layer.name)
+        weight = module.weight.detach()
         pq = make_pq_layer(module, layer)
         pq.set_quantization(result.codes, result.codebook)
         set_module(student, layer.name, pq)
         with torch.no_grad():
             err = (pq.decoded_weight() - weight).pow(2).sum() / weight.pow(2).sum().clamp_min(1e-12)
-        self.correct_bn(student, layer.name, seed)
-        losses = distill(student, self.teacher, self.task, [pq.codebook], iters=cfg.FINETUNE.LAYER_ITERS,
-                         lr=cfg.FINETUNE.LAYER_LR, batch_size=cfg.FINETUNE.BATCH_SIZE,
-                         augment=cfg.FINETUNE.AUGMENT, seed=seed, desc=f"distill {layer.name}", wrap=self.wrap,
-                         feature_layers=cfg.FINETUNE.FEATURE_LAYERS, feature_weight=cfg.FINETUNE.FEATURE_WEIGHT)
-        record = LayerRecord(layer.name, layer.block_size, layer.n_centroids, layer.n_subvectors,
-                             objective=result.objective, rel_error=float(err),
-                             distill_loss=losses[-1] if losses else float("nan"),
-                             seconds=time.perf_counter() - start, output_error=output_error)
-        logger.info("[%d] %s d=%d K=%d: rel. weight error %.4f%s (%.1fs)", index, layer.name, layer.block_size,
-                    layer.n_centroids, record.rel_error,
-                    f", distill loss {record.distill_loss:.4f}" if losses else "", record.seconds)
-        return record
+        t0 = time.perf_counter()
+        self.correct_bn(student, layer.name, source)
+        return pq, float(err), time.perf_counter() - t0
+
+    def distill_layer(self, student: nn.Module, layer: LayerPlan, pq: nn.Module, seed: int) -> List[float]:
+        """Layer-wise distillation of ``pq``'s centroids on the task's loss (the whole network runs: the paper's
+        loss is on the logits)."""
+        cfg = self.cfg.FINETUNE
+        return distill(student, self.teacher, self.task, [pq.codebook], iters=cfg.LAYER_ITERS, lr=cfg.LAYER_LR,
+                       batch_size=cfg.BATCH_SIZE, augment=cfg.AUGMENT, seed=seed, desc=f"distill {layer.name}",
+                       wrap=self.comm.wrap, feature_layers=cfg.FEATURE_LAYERS, feature_weight=cfg.FEATURE_WEIGHT)
 
     def refine(self, student: nn.Module, layer: LayerPlan, weight: torch.Tensor, result: PQResult,
-               seed: int, rounds: int) -> Optional[PQResult]:
+               source: CaptureSource, seed: int, rounds: int) -> Tuple[Optional[PQResult], float]:
         """Output-space refinement of the EM's codes and codebook (QUANT.REFINE; see quantization/refine.py), at
         most ``rounds`` sweep + solve rounds.
 
@@ -220,31 +301,35 @@ class Quantizer:
         with QUANT.REFINE.BN_WEIGHTED, each output channel's error is weighted by the square of the scale the
         teacher's following BatchNorm applies to it (the error is measured after that BatchNorm); with
         QUANT.REFINE.RESIDUAL, the last conv of a residual branch also absorbs the drift of the skip path.
-        Returns None (keep the EM result) when fewer rows than weight columns were captured.
+
+        Returns:
+            (the refined result, or None to keep the EM result when fewer rows than weight columns were captured;
+            seconds spent capturing).
         """
         cfg, name = self.cfg.QUANT, layer.name
         views = cfg.REFINE.AUGMENTED_VIEWS  # the values were checked on construction (check_quantizer_cfg)
-        bn_name = self._bn_pairs.get(name)
+        bn_name = self.bn_pairs.get(name)
         skip = residual_branch_end(self.teacher, name) if cfg.REFINE.RESIDUAL and bn_name else None
 
-        def capture(n_images: int, augment: bool, pass_seed: int):
-            batches = self.task.calib_batches(n_images=n_images, batch_size=cfg.CAPTURE_BATCH_SIZE,
-                                              augment=augment, seed=pass_seed)
-            return capture_second_moments(student, self.teacher, name, batches, self.task.forward,
+        def capture(data, pass_seed: int):
+            batches, forward = data
+            return capture_second_moments(student, self.teacher, name, batches, forward,
                                           rows_per_image=cfg.CAPTURE_ROWS_PER_IMAGE, seed=pass_seed,
-                                          reduce=self.gram_reduce, skip=skip)
+                                          reduce=self._reduce, skip=skip)
 
-        moments = capture(cfg.CAPTURE_IMAGES, False, seed)
+        t0 = time.perf_counter()
+        moments = capture(source.plain(), seed)
         dim = moments.ss.shape[1]
         if views and moments.n_rows < cfg.REFINE.MIN_ROWS_PER_COLUMN * dim:
             plain_rows = moments.n_rows
-            moments = moments.merged(capture(cfg.CAPTURE_IMAGES * views, True, seed + 1))
+            moments = moments.merged(capture(source.views(), seed + 1))
             logger.info("%s: %d rows from the plain pass < %d x %d columns: %d augmented passes -> %d rows", name,
                         plain_rows, cfg.REFINE.MIN_ROWS_PER_COLUMN, dim, views, moments.n_rows)
+        capture_s = time.perf_counter() - t0
         if moments.n_rows < dim:
             logger.info("%s: %d captured rows < %d weight columns: refinement would fit noise; keeping the EM "
                         "result (raise QUANT.CAPTURE_IMAGES to refine it)", name, moments.n_rows, dim)
-            return None
+            return None, capture_s
         if cfg.BN_CORRECTION != "none" and bn_name:
             moments = moments.centered()
         affine = bn_scale_shift(self.teacher.get_submodule(bn_name)) if bn_name else None
@@ -256,55 +341,58 @@ class Quantizer:
         damping = refine_damping(cfg.REFINE, layer, dim, moments.n_rows)
         objective = output_objective(weight, moments, damping=damping, target=cfg.REFINE.TARGET,
                                      row_weight=row_weight, residual_gain=gain, metric=cfg.REFINE.DAMPING_METRIC)
-        return refine_pq(objective, result.codes, result.codebook, rounds=rounds,
-                         cg_iters=cfg.REFINE.CG_ITERS,
-                         label=f"{name} ({moments.n_rows} captured rows, damping {damping:.3g})")
+        refined = refine_pq(objective, result.codes, result.codebook, rounds=rounds, cg_iters=cfg.REFINE.CG_ITERS,
+                            label=f"{name} ({moments.n_rows} captured rows, damping {damping:.3g})")
+        return refined, capture_s
 
-    def correct_bn(self, student: nn.Module, name: str, seed: int) -> None:
+    def correct_bn(self, student: nn.Module, name: str, source: CaptureSource) -> None:
         """Re-estimate the running statistics of the BatchNorm fed by layer ``name`` (QUANT.BN_CORRECTION)."""
         mode = self.cfg.QUANT.BN_CORRECTION  # one of BN_CORRECTION_MODES (check_quantizer_cfg)
-        bn_name = self._bn_pairs.get(name)
+        bn_name = self.bn_pairs.get(name)
         if mode == "none" or bn_name is None:
             return
         stats = []
         for model in (student, self.teacher):
-            batches = self.task.calib_batches(n_images=self.cfg.QUANT.CAPTURE_IMAGES,
-                                              batch_size=self.cfg.QUANT.CAPTURE_BATCH_SIZE, augment=False,
-                                              seed=seed)
-            mean, var = channel_stats(model, bn_name, batches, self.task.forward)
-            if self.gram_reduce is not None:  # pool the first two moments of the ranks' (equal) shares
-                n = self.gram_reduce(torch.ones((), dtype=torch.float64))
-                second = self.gram_reduce(var + mean * mean) / n
-                mean = self.gram_reduce(mean) / n
+            batches, forward = source.plain()
+            mean, var = channel_stats(model, bn_name, batches, forward)
+            if self.comm.world_size > 1:  # pool the first two moments of the ranks' (equal) shares
+                n = self.comm.sum(torch.ones((), dtype=torch.float64))
+                second = self.comm.sum(var + mean * mean) / n
+                mean = self.comm.sum(mean) / n
                 var = (second - mean * mean).clamp_min(0)
             stats.append((mean, var))
         correct_batchnorm(student.get_submodule(bn_name), stats[0], stats[1], variance=mode == "mean_var")
 
     # -- whole pipeline ---------------------------------------------------------------------------------
-    def run(self, *, resume: bool = False,
-            on_layer_done: Optional[Callable[[int, LayerRecord], None]] = None) -> QuantizationResult:
+    def run(self, *, resume: bool = False) -> QuantizationResult:
         """Quantize every planned layer in execution order, then finetune globally.
 
         Args:
             resume: continue from ``OUTPUT_DIR/progress.pth`` when present.
-            on_layer_done: called after each layer's progress is saved (index, record).
         """
         cfg = self.cfg
         student = copy.deepcopy(self.teacher)
         plan = self.make_plan(student)
-        self._bn_pairs = following_batchnorms(self.teacher, self.task.example_forward)
         logger.info("plan: %d layers to quantize (execution order)", len(plan))
         records = self._load_progress(student, plan) if resume else []
         timings = {"layers": 0.0}
         t0 = time.perf_counter()
-        for index, layer in enumerate(plan):
-            if index < len(records):
-                continue
-            records.append(self.quantize_layer(student, layer, index))
-            self._save_progress(student, plan, records)
-            if on_layer_done is not None:
-                on_layer_done(index, records[-1])
+        todo = [(i, layer) for i, layer in enumerate(plan) if i >= len(records)]
+        if todo:
+            source = self.capture_source(student, [layer.name for _, layer in todo])
+            try:
+                for index, layer in todo:
+                    for hook in self.hooks:
+                        hook.before_layer(self, index, layer)
+                    records.append(self.quantize_layer(student, layer, index, source))
+                    self._save_progress(student, plan, records)
+                    for hook in self.hooks:
+                        hook.after_layer(self, index, records[-1])
+            finally:
+                source.close()
         timings["layers"] = time.perf_counter() - t0
+        timings["layers_capturing"] = sum(r.capture_seconds for r in records[len(plan) - len(todo):])
+        timings["peak_rss_mib"] = _peak_rss_mib()
 
         t0 = time.perf_counter()
         params = codebook_params(student)
@@ -313,11 +401,17 @@ class Quantizer:
         _seed_all(cfg.SEED * 100003 + len(plan))
         distill(student, self.teacher, self.task, params, iters=cfg.FINETUNE.GLOBAL_ITERS,
                 lr=cfg.FINETUNE.GLOBAL_LR, batch_size=cfg.FINETUNE.BATCH_SIZE, augment=cfg.FINETUNE.AUGMENT,
-                seed=cfg.SEED * 100003 + len(plan), desc="global finetune", wrap=self.wrap,
+                seed=cfg.SEED * 100003 + len(plan), desc="global finetune", wrap=self.comm.wrap,
                 feature_layers=cfg.FINETUNE.FEATURE_LAYERS, feature_weight=cfg.FINETUNE.FEATURE_WEIGHT)
         timings["global_finetune"] = time.perf_counter() - t0
         round_codebooks_to_fp16(student)
         student.eval()
         for p in student.parameters():
             p.requires_grad_(False)
-        return QuantizationResult(student, plan, records, timings)
+        logger.info("layers: %.1fs (%.1fs capturing), global finetuning %.1fs; peak RSS %.0f MiB after the layers",
+                    timings["layers"], timings["layers_capturing"], timings["global_finetune"],
+                    timings["peak_rss_mib"])
+        result = QuantizationResult(student, plan, records, timings)
+        for hook in self.hooks:
+            hook.after_run(self, result)
+        return result

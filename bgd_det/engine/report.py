@@ -46,7 +46,8 @@ def format_report(size: SizeReport, records: Sequence = (), metrics: Optional[Di
     table = tabulate(summary, headers=["model", "size (MiB)", "ratio"] + keys, tablefmt="github")
     text = f"## Per-layer sizes\n\n{per_layer}\n\n## Summary\n\n{table}\n"
     if timings:
-        text += "\n" + ", ".join(f"{k}: {v:.1f}s" for k, v in timings.items()) + "\n"
+        text += "\n" + ", ".join(f"{k}: {v:.0f} MiB" if k.endswith("_mib") else f"{k}: {v:.1f}s"
+                                  for k, v in timings.items()) + "\n"
     return text
 
 

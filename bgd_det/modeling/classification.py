@@ -5,6 +5,7 @@ import torchvision
 from torch import nn
 
 from .registry import ARCH_REGISTRY
+from .stages import resnet_stages
 
 __all__ = ["TORCHVISION_CLASSIFIERS"]
 
@@ -21,6 +22,7 @@ def _register(name: str) -> None:
     build.__name__ = name
     build.__doc__ = f"torchvision ``{name}`` (weights via MODEL.WEIGHTS)."
     build.task = "classification"
+    build.stages = resnet_stages  # all of TORCHVISION_CLASSIFIERS are ResNet variants
     ARCH_REGISTRY.register(build)
 
 

@@ -36,6 +36,11 @@ class Task:
         """Inference-mode forward of ``model`` on ``batch`` (used for activation capture)."""
         raise NotImplementedError
 
+    def model_input(self, batch: Any) -> torch.Tensor:
+        """The tensor the model's first stage takes from ``batch`` (streaming engine; see
+        :mod:`bgd_det.modeling.stages`). A task that does not override it is served by the recompute path."""
+        raise NotImplementedError
+
     def distill_loss(self, student: nn.Module, teacher: nn.Module, batch: Any) -> torch.Tensor:
         """Label-free loss that pulls ``student`` towards ``teacher`` on ``batch`` (scalar Tensor)."""
         raise NotImplementedError

@@ -75,6 +75,9 @@ class ClassificationTask(Task):
     def forward(self, model: nn.Module, batch: Any) -> Any:
         return model(batch[0])
 
+    def model_input(self, batch: Any) -> torch.Tensor:
+        return batch[0]
+
     def distill_loss(self, student: nn.Module, teacher: nn.Module, batch: Any) -> torch.Tensor:
         """KL to the teacher's logits; with ``FINETUNE.MIXUP_ALPHA`` > 0 both models see the same mixed-up
         images ("function matching": the student copies the teacher between the calibration images too)."""
