@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from bgd_det.quantization.capture import SecondMoments, capture_second_moments, input_rows
+from bgd_det.quantization.capture import SecondMoments, StopForward, capture_second_moments, input_rows
 from bgd_det.quantization.pq import em_quantize, pq_decode
 from bgd_det.quantization.refine import (_decode, _solve_codebook, _sweep_codes, damping_metric, output_objective,
                                          refine_pq)
@@ -180,6 +180,38 @@ def test_capture_second_moments_pairs_student_and_teacher_positions():
     centered = mom.centered()
     assert torch.allclose(centered.st[0], torch.cov(torch.cat([xs[0].T, xt[0].T]), correction=0)[:18, 18:],
                           atol=1e-6)
+
+
+def test_capture_second_moments_keeps_every_call_of_a_shared_module():
+    """A module called several times per forward (the RPN head, once per FPN level) contributes the rows of every
+    call, not only the last one's (the bug: 2 of 3 calls were dropped)."""
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, levels):  # as rpn_stage: every level reaches the capture hook, then stop
+            stopped = False
+            for x in levels:
+                try:
+                    self.head(x)
+                except StopForward:
+                    stopped = True
+            if stopped:
+                raise StopForward
+
+    teacher = Shared()
+    student = copy.deepcopy(teacher)
+    levels = [torch.randn(2, 3, s, s) for s in (6, 4, 2)]
+    student_levels = [x * 1.1 for x in levels]
+    mom = capture_second_moments(student, teacher, "head", [0], lambda m, b: m(student_levels if m is student
+                                                                                   else levels))
+    xs = torch.cat([input_rows(teacher.head, x) for x in student_levels]).double().unsqueeze(0)
+    xt = torch.cat([input_rows(teacher.head, x) for x in levels]).double().unsqueeze(0)
+    assert mom.n_rows == 2 * (36 + 16 + 4)
+    ref = _moments(xs, xt)
+    for name in ("ss", "st", "tt", "mean_s", "mean_t"):
+        assert torch.allclose(getattr(mom, name), getattr(ref, name), atol=1e-6), name
 
 
 def test_merged_moments_equal_the_moments_of_all_rows():

@@ -265,8 +265,8 @@ def capture_second_moments(student: nn.Module, teacher: nn.Module, name: str, ba
     seen: dict = {}
 
     def grab(key: str):
-        def fn(mod: nn.Module, x: Tensor) -> None:
-            seen[key] = group_rows(mod, x)
+        def fn(mod: nn.Module, x: Tensor) -> None:  # a module called several times per forward (the RPN head
+            seen.setdefault(key, []).append(group_rows(mod, x))  # once per FPN level) gives every call's rows
             seen["images"] = x.shape[0] if x.dim() == 4 else 1
         return fn
 
@@ -290,7 +290,7 @@ def capture_second_moments(student: nn.Module, teacher: nn.Module, name: str, ba
                     handle.remove()
         if "s" not in seen or "t" not in seen:
             raise RuntimeError(f"layer {name!r} did not run during the forward")
-        xs, xt = seen.pop("s"), seen.pop("t")
+        xs, xt = torch.cat(seen.pop("s"), 1), torch.cat(seen.pop("t"), 1)
         if xs.shape != xt.shape:
             raise RuntimeError(f"layer {name!r}: student input rows {tuple(xs.shape)} != teacher's {tuple(xt.shape)}")
         r = None
