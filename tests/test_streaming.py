@@ -154,3 +154,28 @@ def test_resnet_stages_compose_to_the_forward_and_hold_every_layer():
         assert order == sorted(order), arch
     with pytest.raises(ValueError, match="layer 'layer9.conv' runs in 0 stages"):
         stage_of_layer(stages, "layer9.conv")
+
+
+def test_mask_rcnn_streaming_gives_the_recompute_paths_codes(assets_dir, monkeypatch):
+    """The R-CNN stages (body blocks, FPN, RPN on every level, box and mask heads on each model's proposals)
+    feed the capture the tensors of the full forward: identical codes and codebooks on real coco-tiny images."""
+    from bgd_det.config import load_config
+
+    monkeypatch.setenv("BGD_DATASETS", str(assets_dir))
+    opts = ["INPUT.MIN_SIZE_TEST", 128, "INPUT.MAX_SIZE_TEST", 192, "QUANT.EM_ITERS", 2, "QUANT.CAPTURE_IMAGES", 2,
+            "FINETUNE.GLOBAL_ITERS", 0, "OUTPUT_DIR", "",
+            "QUANT.SKIP", "['backbone.body.conv1', 'backbone.body.layer2.*', 'backbone.body.layer3.*', "
+                          "'backbone.body.layer4.*', 'roi_heads.box_head.fc6']"]
+    states = []
+    for engine in ("streaming", "recompute"):
+        cfg = load_config("configs/COCO/demo_mask_rcnn_coco_tiny.yaml", [str(o) for o in opts + ["QUANT.ENGINE",
+                                                                                                 engine]])
+        torch.manual_seed(0)
+        teacher = build_model(cfg)
+        quantizer = Quantizer(cfg, teacher, build_task(cfg))
+        source = quantizer.capture_source(teacher, [p.name for p in quantizer.make_plan(teacher)])
+        assert isinstance(source, StreamingSource if engine == "streaming" else RecomputeSource)
+        source.close()
+        states.append(_state(quantizer.run().student))
+    assert any(k.startswith("rpn.head") for k in states[0]) and any(k.startswith("roi_heads.mask") for k in states[0])
+    _assert_same(*states)

@@ -28,13 +28,14 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, 
 import torch
 from torch import Tensor, nn
 
-from ..modeling.stages import Stage, stage_of_layer, stages_of
+from ..modeling.stages import Stage, stage_of_layer
 from ..tasks.base import Task
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ENGINES", "CACHE_DTYPES", "CaptureSource", "RecomputeSource", "StreamingSource", "FrontierCache",
-           "PairedInput", "build_capture_source", "cache_budget_bytes", "OverBudget"]
+           "PairedInput", "build_capture_source", "cache_budget_bytes", "OverBudget", "tree_map", "tree_leaves",
+           "tree_equal"]
 
 ENGINES = ("streaming", "recompute")
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -132,6 +133,37 @@ class PairedInput:
     teacher: Tensor
 
 
+def tree_map(fn: Callable[[Tensor], Any], obj: Any) -> Any:
+    """``obj`` with ``fn`` applied to every tensor in it (dicts, lists and tuples are walked; other leaves such
+    as image sizes are kept)."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, tree_map(fn, v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(tree_map(fn, v) for v in obj)
+    return obj
+
+
+def tree_leaves(obj: Any) -> List[Tensor]:
+    """The tensors of ``obj`` in :func:`tree_map` order."""
+    out: List[Tensor] = []
+    tree_map(out.append, obj)
+    return out
+
+
+def tree_equal(a: Any, b: Any) -> bool:
+    """Whether two stage states have the same structure, the same non-tensor leaves and equal tensors."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict) or isinstance(b, dict):
+        return (isinstance(a, dict) and isinstance(b, dict) and list(a) == list(b)
+                and all(tree_equal(a[k], b[k]) for k in a))
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return (type(a) is type(b) and len(a) == len(b)) and all(tree_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 class _Ledger:
     """Byte accounting of every cache of one run against the budget; past it, memory-mapped spill files."""
 
@@ -180,45 +212,56 @@ class _Ledger:
 
 
 class FrontierCache:
-    """Stage inputs of one pass (a list of :class:`PairedInput`, one per batch), stored in ``dtype`` and handed
-    out in the models' dtype; the byte budget is shared with the run's other caches (:class:`_Ledger`)."""
+    """Stage inputs of one pass (a list of :class:`PairedInput`, one per batch; each side a tensor or a nest of
+    dicts / lists of tensors), activations (floating tensors of 4 or more dims) stored in ``dtype`` and handed out
+    in the models' dtype; the byte budget is shared with the run's other caches (:class:`_Ledger`)."""
 
     def __init__(self, name: str, *, dtype: torch.dtype, ledger: _Ledger) -> None:
         self.name, self.dtype, self.ledger = name, dtype, ledger
         self.entries: List[PairedInput] = []
-        self.compute_dtype = torch.float32
         self._files: dict = {}  # id(stored tensor) -> spill file
+        self._narrowed: dict = {}  # id(stored tensor) -> the dtype it had before storage
 
-    def _store(self, t: Tensor) -> Tensor:
-        stored, path = self.ledger.store(t.detach().to(self.dtype).contiguous())
+    def _store_leaf(self, t: Tensor) -> Tensor:
+        t = t.detach()
+        narrow = t.is_floating_point() and t.dim() >= 4 and t.dtype != self.dtype
+        before = t.dtype
+        stored, path = self.ledger.store((t.to(self.dtype) if narrow else t).contiguous())
         if path is not None:
             self._files[id(stored)] = path
+        if narrow:
+            self._narrowed[id(stored)] = before
         return stored
 
-    def _drop(self, t: Tensor) -> None:
-        self.ledger.forget(t)
-        path = self._files.pop(id(t), None)
-        if path is not None:
-            with contextlib.suppress(OSError):
-                os.remove(path)
+    def _drop(self, state: Any) -> None:
+        for t in tree_leaves(state):
+            self.ledger.forget(t)
+            self._narrowed.pop(id(t), None)
+            path = self._files.pop(id(t), None)
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
 
-    def append(self, student: Tensor, teacher: Tensor) -> None:
-        """Store one batch's stage inputs (once when the student's equals the teacher's)."""
-        self.compute_dtype = student.dtype
-        s = self._store(student)
-        t = s if teacher is student or torch.equal(student, teacher) else self._store(teacher)
+    def append(self, student: Any, teacher: Any) -> None:
+        """Store one batch's stage inputs (once when the student's equal the teacher's)."""
+        s = tree_map(self._store_leaf, student)
+        t = s if teacher is student or tree_equal(student, teacher) else tree_map(self._store_leaf, teacher)
         self.entries.append(PairedInput(s, t))
 
     def _widen(self, e: PairedInput) -> PairedInput:
-        s = e.student.to(self.compute_dtype)
-        return PairedInput(s, s if e.teacher is e.student else e.teacher.to(self.compute_dtype))
+        def widen(t: Tensor) -> Tensor:
+            before = self._narrowed.get(id(t))
+            return t if before is None else t.to(before)
+
+        s = tree_map(widen, e.student)
+        return PairedInput(s, s if e.teacher is e.student else tree_map(widen, e.teacher))
 
     def items(self) -> Iterator[PairedInput]:
         """The entries in the models' dtype (fp16 storage is widened back)."""
         for e in self.entries:
             yield self._widen(e)
 
-    def advance(self, run_student: Callable[[Tensor], Tensor], run_teacher: Callable[[Tensor], Tensor]) -> None:
+    def advance(self, run_student: Callable[[Any], Any], run_teacher: Callable[[Any], Any]) -> None:
         """Replace every entry by the stage's outputs, one batch at a time (an entry is dropped as soon as its
         successor is stored, so the cache never holds two stages' worth)."""
         old, self.entries = self.entries, []
@@ -231,7 +274,7 @@ class FrontierCache:
 
     def nbytes(self) -> Tuple[int, int]:
         """(bytes in memory, bytes spilled to disk)."""
-        return self.ledger.usage(t for e in self.entries for t in (e.student, e.teacher))
+        return self.ledger.usage(t for e in self.entries for t in tree_leaves([e.student, e.teacher]))
 
     def clear(self) -> None:
         for e in self.entries:
@@ -365,9 +408,12 @@ def _stages_reproduce(stages: Sequence[Stage], task: Task, model: nn.Module, bat
         x = task.model_input(batch)
         for stage in stages:
             x = stage.run(model, x)
-    if not isinstance(y, Tensor) or y.shape != x.shape:
-        return f"the stages give {tuple(x.shape)}, the model's forward {type(y).__name__}"
-    err = float((x - y).abs().max() / y.abs().max().clamp_min(1e-12))
+    xs, ys = tree_leaves(x), tree_leaves(y)
+    if len(xs) != len(ys) or any(a.shape != b.shape for a, b in zip(xs, ys)):
+        return (f"the stages give {len(xs)} tensors {[tuple(a.shape) for a in xs][:4]}, the model's forward "
+                f"{len(ys)} {[tuple(b.shape) for b in ys][:4]}")
+    err = max((float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12))
+               for a, b in zip(xs, ys) if b.numel()), default=0.0)
     return None if err <= 1e-4 else f"the stages' output differs from the model's forward by {err:.2e} (relative)"
 
 
@@ -379,10 +425,11 @@ def build_capture_source(cfg, task: Task, student: nn.Module, teacher: nn.Module
     if cfg.QUANT.ENGINE == "recompute":
         logger.info("capture engine: recompute (reference): every capture runs the network from its input")
         return RecomputeSource(task, plain, views)
-    stages = stages_of(cfg.MODEL.ARCH, teacher)
+    stages = task.stages(teacher)
     why = None
     if stages is None:
-        why = f"MODEL.ARCH {cfg.MODEL.ARCH!r} declares no stages (its builder has no 'stages' attribute)"
+        why = (f"MODEL.ARCH {cfg.MODEL.ARCH!r} declares no stages (its builder has no 'stages' attribute) and "
+               f"task {type(task).__name__} defines none")
     elif type(task).model_input is Task.model_input:
         why = f"task {type(task).__name__} does not say what the first stage's input is (Task.model_input)"
     else:

@@ -6,11 +6,13 @@ builders (``build.task = "classification"``) with :data:`TASK_REGISTRY`.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 from fvcore.common.registry import Registry
 from torch import nn
+
+from ..modeling.stages import Stage, stages_of
 
 __all__ = ["Task", "TASK_REGISTRY", "build_task"]
 
@@ -40,6 +42,11 @@ class Task:
         """The tensor the model's first stage takes from ``batch`` (streaming engine; see
         :mod:`bgd_det.modeling.stages`). A task that does not override it is served by the recompute path."""
         raise NotImplementedError
+
+    def stages(self, model: nn.Module) -> Optional[List[Stage]]:
+        """Sequential stages of :meth:`forward` on ``model`` (:class:`bgd_det.modeling.stages.Stage`), or None:
+        by default those the architecture's registry builder declares (its ``stages`` attribute)."""
+        return stages_of(self.cfg.MODEL.ARCH, model)
 
     def distill_loss(self, student: nn.Module, teacher: nn.Module, batch: Any) -> torch.Tensor:
         """Label-free loss that pulls ``student`` towards ``teacher`` on ``batch`` (scalar Tensor)."""

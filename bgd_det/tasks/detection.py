@@ -43,6 +43,7 @@ from ..data import DatasetCatalog
 from ..data.coco import CocoInstances, annotations_to_target
 from ..evaluation.coco_evaluation import COCOEvaluator
 from ..evaluation.evaluator import inference_on_dataset
+from ..modeling.stages import Stage
 from ..quantization.capture import StopForward
 from ..utils import comm
 from .base import TASK_REGISTRY, Task
@@ -50,7 +51,7 @@ from .classification import kl_distill_loss
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DetectionTask", "RPNStage", "rpn_stage", "rpn_proposals", "box_outputs", "mask_outputs",
+__all__ = ["DetectionTask", "RPNStage", "rpn_stage", "rcnn_stages", "FORWARD_KEYS", "rpn_proposals", "box_outputs", "mask_outputs",
            "distill_terms", "supervised_terms", "model_num_classes", "LOSSES"]
 
 LOSSES = ("distill", "supervised", "both")
@@ -86,6 +87,12 @@ def rpn_stage(model: nn.Module, images: Sequence[Tensor],
     """
     image_list, targets = model.transform(list(images), targets)
     features = model.backbone(image_list.tensors)
+    return _rpn_head(model, image_list, targets, features)
+
+
+def _rpn_head(model: nn.Module, image_list: ImageList, targets: Optional[List[Dict[str, Tensor]]],
+              features: Dict[str, Tensor]) -> RPNStage:
+    """The RPN head on every FPN level of ``features`` (one call per level), anchors and the concatenation."""
     feats = list(features.values())
     objectness, deltas = [], []
     stopped = False
@@ -241,6 +248,77 @@ def _student_call(runner: nn.Module, fn: Callable[..., Any], *args) -> Any:
         del module.forward
 
 
+# -- the detector as sequential stages (streaming engine) ------------------------------------------------------
+#: the outputs of :meth:`DetectionTask.forward`, which the last stage returns too.
+FORWARD_KEYS = ("objectness", "rpn_deltas", "proposals", "class_logits", "box_deltas", "mask_logits")
+
+
+def rcnn_stages(model: nn.Module, *, box_proposals: int, mask_proposals: int) -> List[Stage]:
+    """:meth:`DetectionTask.forward` of a torchvision R-CNN with a ResNet-FPN backbone as sequential stages.
+
+    States between stages are dicts: after the transform and the body's stem, one stage per residual block of
+    ``backbone.body`` (the outputs its ``return_layers`` name are collected), the FPN, the RPN (head on every level,
+    proposals), the box head on each model's top ``box_proposals`` proposals, the mask head on the top
+    ``mask_proposals``, and a last stage that returns the forward's outputs (:data:`FORWARD_KEYS`).
+    """
+    body = model.backbone.body
+    returns = dict(body.return_layers)
+
+    def stem(m: nn.Module, images: Sequence[Tensor]) -> Dict[str, Any]:
+        image_list, _ = m.transform(list(images), None)
+        b = m.backbone.body
+        x = b.maxpool(b.relu(b.bn1(b.conv1(image_list.tensors))))
+        return {"tensors": image_list.tensors, "sizes": image_list.image_sizes, "x": x, "c": {}}
+
+    def block(layer: str, index: int, last: bool):
+        def run(m: nn.Module, state: Dict[str, Any]) -> Dict[str, Any]:
+            x = m.get_submodule(f"backbone.body.{layer}.{index}")(state["x"])
+            c = dict(state["c"], **({returns[layer]: x} if last and layer in returns else {}))
+            return {**state, "x": x, "c": c}
+        return run
+
+    def fpn(m: nn.Module, state: Dict[str, Any]) -> Dict[str, Any]:
+        from collections import OrderedDict
+
+        features = m.backbone.fpn(OrderedDict(state["c"]))
+        return {"tensors": state["tensors"], "sizes": state["sizes"], "features": features}
+
+    def rpn(m: nn.Module, state: Dict[str, Any]) -> Dict[str, Any]:
+        stage = _rpn_head(m, ImageList(state["tensors"], state["sizes"]), None, state["features"])
+        return {"sizes": state["sizes"], "features": state["features"], "objectness": stage.objectness,
+                "rpn_deltas": stage.deltas, "proposals": rpn_proposals(m, stage, box_proposals)}
+
+    def boxes(m: nn.Module, state: Dict[str, Any]) -> Dict[str, Any]:
+        cls, deltas = box_outputs(m, _HeadInput(state), state["proposals"])
+        return {**state, "class_logits": cls, "box_deltas": deltas}
+
+    def masks(m: nn.Module, state: Dict[str, Any]) -> Dict[str, Any]:
+        logits = mask_outputs(m, _HeadInput(state), [p[:mask_proposals] for p in state["proposals"]])
+        return {**state, "mask_logits": logits}
+
+    stages = [Stage("stem", ("transform", "backbone.body.conv1", "backbone.body.bn1", "backbone.body.relu",
+                             "backbone.body.maxpool"), stem)]
+    for layer in ("layer1", "layer2", "layer3", "layer4"):
+        n = len(body.get_submodule(layer))
+        stages += [Stage(f"{layer}.{i}", (f"backbone.body.{layer}.{i}",), block(layer, i, i == n - 1))
+                   for i in range(n)]
+    stages += [Stage("fpn", ("backbone.fpn",), fpn), Stage("rpn", ("rpn",), rpn),
+               Stage("box_head", ("roi_heads.box_roi_pool", "roi_heads.box_head", "roi_heads.box_predictor"), boxes)]
+    if model.roi_heads.has_mask():
+        stages.append(Stage("mask_head", ("roi_heads.mask_roi_pool", "roi_heads.mask_head",
+                                          "roi_heads.mask_predictor"), masks))
+    stages.append(Stage("outputs", (), lambda m, state: {k: state.get(k) for k in FORWARD_KEYS}))
+    return stages
+
+
+class _HeadInput:
+    """What :func:`box_outputs` / :func:`mask_outputs` read of an :class:`RPNStage`, from a stage state."""
+
+    def __init__(self, state: Dict[str, Any]) -> None:
+        self.features = state["features"]
+        self.images = ImageList(torch.empty(0), state["sizes"])
+
+
 # -- the task --------------------------------------------------------------------------------------------------
 def _flip(image: Tensor, target: Optional[Dict[str, Tensor]]) -> Tuple[Tensor, Optional[Dict[str, Tensor]]]:
     image = image.flip(-1)
@@ -368,6 +446,17 @@ class DetectionTask(Task):
         masks = mask_outputs(model, stage, [p[: d.DISTILL_MASK_PROPOSALS] for p in proposals])
         return {"objectness": stage.objectness, "rpn_deltas": stage.deltas, "proposals": proposals,
                 "class_logits": cls, "box_deltas": deltas, "mask_logits": masks}
+
+    def model_input(self, batch: Any) -> List[Tensor]:
+        return batch["images"]
+
+    def stages(self, model: nn.Module) -> Optional[List[Stage]]:
+        """:func:`rcnn_stages` for torchvision R-CNNs with a ResNet-FPN backbone (None for other detectors)."""
+        body = getattr(getattr(model, "backbone", None), "body", None)
+        if body is None or not all(hasattr(body, k) for k in ("conv1", "layer1", "layer4", "return_layers")):
+            return None
+        d = self.cfg.DETECTION
+        return rcnn_stages(model, box_proposals=d.DISTILL_BOX_PROPOSALS, mask_proposals=d.DISTILL_MASK_PROPOSALS)
 
     def distill_loss(self, student: nn.Module, teacher: nn.Module, batch: Any) -> Tensor:
         d = self.cfg.DETECTION
