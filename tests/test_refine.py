@@ -400,3 +400,40 @@ def test_rounds_override_reaches_the_refinement(tiny_images, tmp_path, monkeypat
     assert seen == {"conv2": 1, "conv3": 3}  # fc has too few rows to be refined
     records = {r.name: r for r in result.records}
     assert math.isnan(records["conv1"].output_error) and records["conv3"].output_error < 1.0
+
+
+@pytest.mark.parametrize("rows_per_image", [0, 7])
+def test_projected_capture_gives_the_full_capture_objective(rows_per_image):
+    """Keeping the teacher's side only as ``W x_t`` (QUANT.REFINE.TARGET 'teacher') gives the objective of the
+    full ``st`` / ``tt`` capture, plain and centered, with a skip path and merged over two passes."""
+    from torchvision.models import resnet18
+
+    from bgd_det.quantization.residual import residual_branch_end
+
+    torch.manual_seed(0)
+    net = resnet18(num_classes=4).eval()
+    student = copy.deepcopy(net)
+    with torch.no_grad():
+        student.conv1.weight.mul_(0.8)
+    name = "layer2.0.conv2"
+    weight = net.get_submodule(name).weight.detach()
+    skip = residual_branch_end(net, name)
+    passes = [[torch.randn(2, 3, 64, 64)], [torch.randn(1, 3, 64, 64)]]
+    full, proj = [], []
+    for seed, batches in enumerate(passes):
+        kw = dict(skip=skip, rows_per_image=rows_per_image, seed=seed)
+        full.append(capture_second_moments(student, net, name, batches, lambda m, b: m(b), **kw))
+        proj.append(capture_second_moments(student, net, name, batches, lambda m, b: m(b), project=weight, **kw))
+    assert proj[0].projected and proj[0].st is None and proj[0].tt is None and proj[0].td is None
+    full_m, proj_m = full[0].merged(full[1]), proj[0].merged(proj[1])
+    gain = torch.rand(128) + 0.5
+    w_hat = weight.double().reshape(1, 128, -1) + 0.01 * torch.randn(1, 128, 1152, dtype=torch.float64)
+    for a, b in ((full_m, proj_m), (full_m.centered(), proj_m.centered())):
+        oa = output_objective(weight, a, damping=0.01, residual_gain=gain, row_weight=gain ** 2)
+        ob = output_objective(weight, b, damping=0.01, residual_gain=gain, row_weight=gain ** 2)
+        # float32 products summed in another order (W (x_t x_s^T) vs (W x_t) x_s^T): agreement to ~1e-6
+        assert float((oa.b - ob.b).abs().max() / oa.b.abs().max()) < 1e-5
+        assert ob.const == pytest.approx(oa.const, rel=1e-6)
+        assert ob.value(w_hat) == pytest.approx(oa.value(w_hat), rel=1e-5)  # const - 2 b.w + w.h.w cancels
+    with pytest.raises(ValueError, match="with and without a projection"):
+        full[0].merged(proj[1])

@@ -315,7 +315,8 @@ class Quantizer:
             batches, forward = data
             return capture_second_moments(student, self.teacher, name, batches, forward,
                                           rows_per_image=cfg.CAPTURE_ROWS_PER_IMAGE, seed=pass_seed,
-                                          reduce=self._reduce, skip=skip)
+                                          reduce=self._reduce, skip=skip,
+                                          project=weight if cfg.REFINE.TARGET == "teacher" else None)
 
         t0 = time.perf_counter()
         moments = capture(source.plain(), seed)

@@ -121,25 +121,31 @@ def output_objective(weight: Tensor, moments: SecondMoments, *, damping: float =
     check_refine_target(target)
     g, dim = moments.ss.shape[0], moments.ss.shape[1]
     w = weight.detach().double().reshape(g, -1, dim)
-    cross = moments.st if target == "teacher" else moments.ss
-    tt = moments.tt if target == "teacher" else moments.ss
+    projected = target == "teacher" and moments.projected  # the teacher's side kept as W x_t (capture.py)
     kernel = weight[0, 0].numel() if weight.dim() > 2 else 1
     ss = moments.ss.to(w)
     ridge = damping * damping_metric(ss, metric, kernel)  # Tensor[g, D, D]
     w_ridge = w @ ridge  # Tensor[g, m, D], used by b and by the constant
     h = ss + ridge
-    b = w @ cross.transpose(1, 2).to(w) + w_ridge
     r = torch.ones(g, w.shape[1], 1, dtype=w.dtype) if row_weight is None else \
         row_weight.detach().to(w).reshape(g, -1, 1)
     if bool((r <= 0).any()) or not bool(torch.isfinite(r).all()):
         raise ValueError("row_weight must be positive and finite for every output channel")
-    scale = float((w @ tt.to(w) * w * r).sum())
+    if projected:  # b = W st^T, scale = sum_o r_o E[(w_o x_t)^2]
+        b = moments.cross_w.to(w) + w_ridge
+        scale = float((moments.energy_w.to(w) * r.squeeze(2)).sum())
+    else:
+        cross = moments.st if target == "teacher" else moments.ss
+        tt = moments.tt if target == "teacher" else moments.ss
+        b = w @ cross.transpose(1, 2).to(w) + w_ridge
+        scale = float((w @ tt.to(w) * w * r).sum())
     if moments.sd is not None:
         if residual_gain is None:
             raise ValueError("the moments hold a skip-path difference: residual_gain is required")
         inv = 1.0 / residual_gain.detach().to(w).reshape(g, 1, -1)  # Tensor[g, 1, m]
         b = b + (moments.sd.to(w) * inv).transpose(1, 2)
-        scale += float(2 * ((w @ moments.td.to(w) * inv).diagonal(dim1=1, dim2=2) * r.squeeze(2)).sum()
+        td_w = moments.td_w.to(w) if projected else (w @ moments.td.to(w)).diagonal(dim1=1, dim2=2)  # Tensor[g, m]
+        scale += float(2 * (td_w * inv.squeeze(1) * r.squeeze(2)).sum()
                        + (moments.dd.to(w) * inv.squeeze(1) ** 2 * r.squeeze(2)).sum())
     const = scale + float((w_ridge * w * r).sum())
     return OutputObjective(h, b, r, const, scale)
