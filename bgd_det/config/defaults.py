@@ -116,6 +116,9 @@ _C.QUANT.STREAM.SPILL_DIR = ""
 # After each layer, re-estimate the running statistics of the BatchNorm fed by it so the student's output
 # distribution matches the teacher's: "mean_var", "mean" or "none".
 _C.QUANT.BN_CORRECTION = "mean_var"
+# Where BN_CORRECTION is on, a layer that feeds no BatchNorm but has a bias (FPN, RPN and R-CNN heads, classifiers)
+# gets empirical bias correction: its bias absorbs the mean shift of its output against the teacher's.
+_C.QUANT.BIAS_CORRECTION = True
 
 _C.FINETUNE = CfgNode()
 _C.FINETUNE.BATCH_SIZE = 32

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ..checkpoint import atomic_save, compressed_state, load_compressed_into, round_codebooks_to_fp16
-from ..quantization.bn_correction import bn_scale_shift, channel_stats, correct_batchnorm, following_batchnorms
+from ..quantization.bn_correction import (bn_scale_shift, channel_stats, correct_batchnorm, correct_bias,
+                                         following_batchnorms, output_channel_mean)
 from ..quantization.capture import capture_gram, capture_second_moments, has_input_metric, metric_uses_inputs
 from ..quantization.plan import LayerPlan, QuantRules, build_plan, execution_order
 from ..quantization.pq import PQResult, em_quantize
@@ -347,22 +348,34 @@ class Quantizer:
         return refined, capture_s
 
     def correct_bn(self, student: nn.Module, name: str, source: CaptureSource) -> None:
-        """Re-estimate the running statistics of the BatchNorm fed by layer ``name`` (QUANT.BN_CORRECTION)."""
+        """Re-estimate the running statistics of the BatchNorm fed by layer ``name`` (QUANT.BN_CORRECTION); a
+        layer that feeds none but has a bias gets bias correction instead (QUANT.BIAS_CORRECTION)."""
         mode = self.cfg.QUANT.BN_CORRECTION  # one of BN_CORRECTION_MODES (check_quantizer_cfg)
         bn_name = self.bn_pairs.get(name)
-        if mode == "none" or bn_name is None:
+        if mode == "none":
+            return
+        if bn_name is None:
+            layer = student.get_submodule(name)
+            if self.cfg.QUANT.BIAS_CORRECTION and getattr(layer, "bias", None) is not None:
+                means = [self._pooled(output_channel_mean(model, name, *source.plain()))
+                         for model in (student, self.teacher)]
+                correct_bias(layer, means[0], means[1])
             return
         stats = []
         for model in (student, self.teacher):
-            batches, forward = source.plain()
-            mean, var = channel_stats(model, bn_name, batches, forward)
+            mean, var = channel_stats(model, bn_name, *source.plain())
             if self.comm.world_size > 1:  # pool the first two moments of the ranks' (equal) shares
-                n = self.comm.sum(torch.ones((), dtype=torch.float64))
-                second = self.comm.sum(var + mean * mean) / n
-                mean = self.comm.sum(mean) / n
+                second = self._pooled(var + mean * mean)
+                mean = self._pooled(mean)
                 var = (second - mean * mean).clamp_min(0)
             stats.append((mean, var))
         correct_batchnorm(student.get_submodule(bn_name), stats[0], stats[1], variance=mode == "mean_var")
+
+    def _pooled(self, mean: torch.Tensor) -> torch.Tensor:
+        """The mean over the ranks of per-rank means of equal shares (itself in one process)."""
+        if self.comm.world_size == 1:
+            return mean
+        return self.comm.sum(mean) / self.comm.sum(torch.ones((), dtype=torch.float64))
 
     # -- whole pipeline ---------------------------------------------------------------------------------
     def run(self, *, resume: bool = False) -> QuantizationResult:

@@ -1,9 +1,11 @@
-"""BatchNorm statistics correction after quantizing a layer.
+"""Statistics correction after quantizing a layer.
 
 Quantizing a conv shifts the per-channel mean and variance of its output. When a BatchNorm consumes that
 output directly, its running statistics can absorb the shift: with the student's pre-BN statistics
 ``(m_s, s_s)`` and the teacher's ``(m_t, s_t)`` on the same images, the corrected BatchNorm maps the student's
-output distribution onto the teacher's post-BN distribution (per channel, first two moments).
+output distribution onto the teacher's post-BN distribution (per channel, first two moments). A layer that feeds
+no BatchNorm but has a bias (FPN, RPN and R-CNN heads, classifiers) gets empirical bias correction (Nagel et al.,
+2019): its bias absorbs the per-channel mean shift of its output against the teacher's (:func:`correct_bias`).
 """
 from __future__ import annotations
 
@@ -15,11 +17,12 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .capture import for_each_input
+from .capture import StopForward, for_each_input
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BN_TYPES", "bn_scale_shift", "following_batchnorms", "channel_stats", "correct_batchnorm"]
+__all__ = ["BN_TYPES", "bn_scale_shift", "following_batchnorms", "channel_stats", "correct_batchnorm",
+           "output_channel_mean", "correct_bias"]
 
 BN_TYPES = (_BatchNorm, FrozenBatchNorm2d)
 
@@ -118,3 +121,43 @@ def correct_batchnorm(bn: nn.Module, student: Tuple[Tensor, Tensor], teacher: Tu
     with torch.no_grad():
         bn.running_mean.copy_(rm_new.to(bn.running_mean.dtype))
         bn.running_var.copy_((sigma_new * sigma_new - bn.eps).clamp_min(0).to(bn.running_var.dtype))
+
+
+def output_channel_mean(model: nn.Module, name: str, batches: Iterable[Any],
+                        forward: Callable[[nn.Module, Any], Any]) -> Tensor:
+    """Per-channel mean (float64, Tensor[C]) of layer ``name``'s output over ``batches`` (every call of the layer
+    in a forward counts; channels on dim 1, or the last dim of a Linear's output). The forward stops after it."""
+    module = model.get_submodule(name)
+    total: Optional[Tensor] = None
+    count = 0
+
+    def hook(_m: nn.Module, _args: tuple, out: Tensor) -> None:
+        nonlocal total, count
+        y = out.detach().double()
+        y = y.reshape(-1, y.shape[-1]) if isinstance(module, nn.Linear) else y.transpose(0, 1).reshape(y.shape[1], -1).T
+        total = y.sum(0) if total is None else total + y.sum(0)
+        count += y.shape[0]
+        raise StopForward
+
+    handle = module.register_forward_hook(hook)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    forward(model, batch)
+                except StopForward:
+                    pass
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if total is None:
+        raise RuntimeError(f"layer {name!r} did not run during the forward")
+    return total / count
+
+
+def correct_bias(layer: nn.Module, student_mean: Tensor, teacher_mean: Tensor) -> None:
+    """Add the teacher's minus the student's output mean (Tensor[C]) to ``layer``'s bias, in place."""
+    with torch.no_grad():
+        layer.bias.add_((teacher_mean - student_mean).to(layer.bias.dtype))
