@@ -1,8 +1,10 @@
-"""PQ EM: Gram-form E-step against a brute-force ||X (w - c)||^2 reference."""
+"""PQ EM: Gram-form E-step against a brute-force ||X (w - c)||^2 reference; the accelerated EM
+(Hamerly bounds, local search, chunked score blocks) against a plain Lloyd EM written out here."""
 import pytest
 import torch
 
-from bgd_det.quantization.pq import code_dtype, em_quantize, pq_decode, split_subvectors
+from bgd_det.quantization import pq
+from bgd_det.quantization.pq import assign, code_dtype, em_quantize, pq_decode, split_subvectors
 
 
 def brute_force_assign(points, codebook, x):
@@ -59,7 +61,8 @@ def test_em_decreases_objective_and_is_seeded():
 
 
 def test_empty_clusters_are_split():
-    # 64 distinct points in 4 tight groups; K=16 starting from random points leaves clusters empty without splits.
+    # 64 distinct points in 4 tight groups; K=16 starting from random points leaves clusters empty
+    # without splits.
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(4, 4, generator=g) * 10
     points = centers.repeat_interleave(16, 0) + 0.01 * torch.randn(64, 4, generator=g)
@@ -93,3 +96,142 @@ def test_bad_inputs():
         em_quantize(torch.randn(4, 8), None, block_size=4, n_centroids=64)
     with pytest.raises(ValueError, match=r"gram has shape \(3, 3\)"):
         em_quantize(torch.randn(4, 8), torch.eye(3), block_size=4, n_centroids=2)
+
+
+# -- the accelerated EM against a plain Lloyd EM written out here ----------------------------------
+
+
+def reference_em(weight, gram, d, k, n_iter, seed, eps=1e-8):
+    """EM as ``em_quantize`` documents it, without bounds or chunks: every E-step is a dense
+    argmin of ``||z - c||^2`` (taken as differences) over all K centroids, lowest index on ties.
+
+    Returns:
+        (codes Tensor[N], centroids Tensor[K, d] in the transformed space, factor U, iterations).
+    """
+    z = weight.float().reshape(-1, d)
+    if gram is None:
+        u = torch.eye(d)
+    else:
+        g = gram.double()
+        jitter = eps * g.diagonal().mean().clamp_min(1e-12) * torch.eye(d, dtype=torch.float64)
+        u = torch.linalg.cholesky(g + jitter).T.float()
+    z = z @ u.T
+    gen = torch.Generator().manual_seed(seed)
+    c = z[torch.randperm(z.shape[0], generator=gen)[:k]].clone()
+    split_scale = 1e-3 * float(z.std())
+
+    def nearest(c):
+        return ((z[:, None, :] - c[None, :, :]) ** 2).sum(-1).argmin(1)
+
+    idx, iterations = nearest(c), n_iter
+    for it in range(n_iter):
+        if it > 0:
+            new = nearest(c)
+            if torch.equal(new, idx):
+                iterations = it
+                break
+            idx = new
+        counts = torch.bincount(idx, minlength=k)
+        for j in range(k):
+            if counts[j]:
+                c[j] = z[idx == j].mean(0)
+        for e in (counts == 0).nonzero().flatten().tolist():  # split the most populated cluster
+            big = int(counts.argmax())
+            noise = torch.randn(d, generator=gen) * split_scale
+            c[e], c[big] = c[big] + noise, c[big] - noise
+            counts[e], counts[big] = counts[big] // 2, counts[big] - counts[big] // 2
+    if 0 < n_iter == iterations:
+        idx = nearest(c)  # the codes of the final centroids
+    return idx, c, u, iterations
+
+
+def _problem(seed, c_out, d, n_blocks, clustered):
+    g = torch.Generator().manual_seed(seed)
+    if clustered:  # sub-vectors around 24 centres: the EM settles and the bounds skip most points
+        centres = torch.randn(24, d, generator=g) * 4
+        pick = torch.randint(0, 24, (c_out * n_blocks,), generator=g)
+        weight = (centres[pick] + torch.randn(c_out * n_blocks, d, generator=g)).reshape(c_out, -1)
+    else:
+        weight = torch.randn(c_out, n_blocks * d, generator=g)
+    mix = torch.randn(d, d, generator=g) * torch.logspace(0, 1, d)
+    x = torch.randn(400, d, generator=g) @ mix
+    return weight, x.T @ x / 400
+
+
+@pytest.mark.parametrize("d,k,n_iter,clustered,use_gram", [
+    (4, 16, 6, False, True),     # stopped by n_iter (no fixed point yet)
+    (9, 32, 100, False, True),   # runs to a fixed point
+    (4, 64, 100, True, True),    # K > the 24 natural clusters: empty clusters and splits
+    (4, 8, 100, True, False),    # plain k-means
+    (8, 5, 0, False, True),      # no iteration: codes of the initial centroids
+])
+@pytest.mark.parametrize("e_step", ["hamerly", "hamerly+local", "lloyd"])
+def test_em_matches_plain_lloyd(d, k, n_iter, clustered, use_gram, e_step, monkeypatch):
+    monkeypatch.setattr(pq, "_BOUNDS_MIN_POINTS", 1 << 62 if e_step == "lloyd" else 0)
+    if e_step == "hamerly+local":  # the local search (K >= 512 in use) on these small codebooks
+        monkeypatch.setattr(pq, "_LOCAL_MIN_K", 0)
+        monkeypatch.setattr(pq, "_N_NEAR", 3)
+    weight, gram = _problem(d * 100 + k, 48, d, 20, clustered)
+    gram = gram if use_gram else None
+    res = em_quantize(weight, gram, block_size=d, n_centroids=k, n_iter=n_iter, seed=3)
+    ref_idx, ref_c, u, ref_iters = reference_em(weight, gram, d, k, n_iter, seed=3)
+    # Same codes: on these random problems no two centroids are within float32 rounding of a point's
+    # nearest, so the score form of the implementation and the difference form here agree exactly.
+    assert torch.equal(res.codes.flatten().long(), ref_idx)
+    assert res.iterations == ref_iters
+    # Centroids and objective agree up to summation order (index_add_ there, the mean of a masked
+    # selection here; per-point squared distances summed in another order).
+    torch.testing.assert_close(res.codebook @ u.T, ref_c, rtol=1e-5, atol=1e-5)
+    z = weight.float().reshape(-1, d) @ u.T
+    ref_obj = float(((z - ref_c[ref_idx]) ** 2).sum(1).double().sum())
+    assert res.objective == pytest.approx(ref_obj, rel=1e-6)
+
+
+def test_bounds_skip_settled_points(monkeypatch):
+    """Most points are not searched again after a few iterations; the codes still match Lloyd's."""
+    searched = []
+    store = pq._Hamerly._store
+
+    def counting(self, rows, own, found):
+        searched.append(rows.numel())
+        return store(self, rows, own, found)
+
+    monkeypatch.setattr(pq, "_BOUNDS_MIN_POINTS", 0)
+    monkeypatch.setattr(pq._Hamerly, "_store", counting)
+    weight, gram = _problem(7, 256, 4, 32, clustered=True)
+    n = weight.numel() // 4
+    res = em_quantize(weight, gram, block_size=4, n_centroids=32, n_iter=40, seed=1)
+    ref_idx, _, _, ref_iters = reference_em(weight, gram, 4, 32, 40, seed=1)
+    assert torch.equal(res.codes.flatten().long(), ref_idx) and res.iterations == ref_iters
+    assert res.iterations >= 3
+    # The E-steps after the first (which searches every point; one per iteration in
+    # res.iterations) searched fewer than half of the points on average.
+    assert 0 < sum(searched) < 0.5 * n * res.iterations
+
+
+def test_assign_matches_dense_argmin_and_breaks_ties_low():
+    g = torch.Generator().manual_seed(0)
+    points = torch.randn(3000, 4, generator=g)
+    centroids = torch.randn(40, 4, generator=g)
+    centroids[7] = centroids[3]  # an exact duplicate: index 3 must win
+    idx, dist = assign(points, centroids, chunk=256)
+    ref = torch.cdist(points.double(), centroids.double()).pow(2)
+    assert torch.equal(idx, ref.argmin(1))
+    assert not (idx == 7).any() and (idx == 3).any()
+    torch.testing.assert_close(dist.double(), ref.min(1).values, rtol=1e-4, atol=1e-4)
+
+
+def test_block_threads_same_codes_and_restores_threads(monkeypatch):
+    """Score blocks spread over 2 Python threads give Lloyd's codes; the thread count comes back."""
+    monkeypatch.setattr(pq, "_BOUNDS_MIN_POINTS", 0)
+    monkeypatch.setattr(pq, "_SCORE_BLOCK", 64 * 16)  # 64-row blocks: many per search
+    weight, gram = _problem(11, 64, 4, 20, clustered=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        res = em_quantize(weight, gram, block_size=4, n_centroids=16, n_iter=30, seed=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    ref_idx, _, _, ref_iters = reference_em(weight, gram, 4, 16, 30, seed=2)
+    assert torch.equal(res.codes.flatten().long(), ref_idx) and res.iterations == ref_iters
