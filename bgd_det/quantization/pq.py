@@ -143,7 +143,7 @@ _WORKERS = threading.local()
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    """The shared pool of ``workers`` threads for score blocks (each runs torch ops on one thread)."""
+    """The shared pool of ``workers`` threads for score blocks (torch ops on one thread each)."""
     global _POOL
     with _POOL_LOCK:
         if _POOL is None or _POOL[1] != workers:
@@ -169,10 +169,10 @@ def _block_threads() -> Iterator[None]:
     """Run the enclosed EM with single-threaded tensor ops and its score blocks on as many Python
     threads as torch had intra-op threads.
 
-    Every intra-op parallel op is a fork/join of OpenMP threads that spin while they wait; when other
-    jobs share the cores, a descheduled thread stalls each join (on the 2-core development machine
-    with another job running, ``fc``'s EM took 57-63 s with 2 intra-op threads and 7 s with one).
-    Threads that each take whole score blocks do not wait for one another.
+    Every intra-op parallel op is a fork/join of OpenMP threads that spin while they wait; when
+    other jobs share the cores, a descheduled thread stalls each join (on the 2-core development
+    machine with another job running, ``fc``'s EM took 57-63 s with 2 intra-op threads and 7 s with
+    one). Threads that each take whole score blocks do not wait for one another.
     """
     workers = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -365,8 +365,8 @@ class _Hamerly:
     the distance to the own centroid. So a point whose upper bound is below its lower bound and
     below half the gap from its centroid to the next one has every other centroid farther by more
     than the rounding: the full search would keep it where it is. Bounds are float64 (their updates
-    add no rounding that matters). Per-point values sit in ``[N, 2]`` tensors so that each update is one
-    tensor op (each op over many points is a fork/join of the intra-op threads).
+    add no rounding that matters). Per-point values sit in ``[N, 2]`` tensors so that each update
+    is one tensor op.
 
     Attributes:
         idx (Tensor[N] int64): current assignment.
@@ -421,7 +421,8 @@ class _Hamerly:
         """
         k = weights.shape[1]
         n, m1 = own.shape[0], nbrs.near.shape[1] + 1
-        cand = torch.cat([own.unsqueeze(1), _rows(nbrs.near, own)], 1)  # Tensor[n, m1], distinct rows
+        # Tensor[n, m1]: own centroid and its neighbours, distinct in every row.
+        cand = torch.cat([own.unsqueeze(1), _rows(nbrs.near, own)], 1)
         cand_w = _rows(weights.T.contiguous(), cand.flatten()).view(n, m1, weights.shape[0])
         scores = torch.bmm(cand_w, z1.unsqueeze(2)).squeeze(2)  # Tensor[n, m1]
         best = scores.amin(1, keepdim=True)
@@ -465,8 +466,8 @@ class _Hamerly:
         still = upper >= _rows(bound, open_)
         local = still & (_rows(nbrs.reach, own) > 2 * upper)
         def search_near(part: Tensor) -> tuple[Tensor, Tensor]:
-            return self._local(_rows(self.z1, _rows(open_, part)), _rows(norms, part), _rows(own, part),
-                               _rows(upper, part), weights, nbrs)
+            return self._local(_rows(self.z1, _rows(open_, part)), _rows(norms, part),
+                               _rows(own, part), _rows(upper, part), weights, nbrs)
 
         parts = [p for p in local.nonzero().squeeze(1).split(_LOCAL_ROWS) if p.numel()]
         changed = 0
