@@ -179,3 +179,34 @@ def test_mask_rcnn_streaming_gives_the_recompute_paths_codes(assets_dir, monkeyp
         states.append(_state(quantizer.run().student))
     assert any(k.startswith("rpn.head") for k in states[0]) and any(k.startswith("roi_heads.mask") for k in states[0])
     _assert_same(*states)
+
+
+@pytest.mark.parametrize("engine", ["streaming", "recompute"])
+def test_detector_heads_are_captured_on_the_teachers_proposals(assets_dir, monkeypatch, engine):
+    """A student whose RPN differs from the teacher's (so its own proposals would differ) but whose backbone is
+    the teacher's: the box head's captured inputs equal the teacher's, because both run on the teacher's
+    proposals (before the fix each ran on its own and the paired moments paired different boxes)."""
+    import copy
+
+    from bgd_det.config import load_config
+
+    monkeypatch.setenv("BGD_DATASETS", str(assets_dir))
+    cfg = load_config("configs/COCO/demo_mask_rcnn_coco_tiny.yaml", [
+        "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "192", "QUANT.CAPTURE_IMAGES", "2",
+        "QUANT.ENGINE", engine, "OUTPUT_DIR", ""])
+    torch.manual_seed(0)
+    teacher = build_model(cfg).eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student.rpn.head.cls_logits.weight.normal_()
+    quantizer = Quantizer(cfg, teacher, build_task(cfg))
+    name = "roi_heads.box_predictor.cls_score"  # 1024 columns: small moments
+    source = quantizer.capture_source(student, [name])
+    source.begin_layer(name)
+    batches, forward = source.plain()
+    mom = capture_second_moments(student, teacher, name, list(batches), forward)
+    source.close()
+    assert torch.equal(mom.ss, mom.tt) and torch.equal(mom.st, mom.tt)
+    own = capture_second_moments(student, teacher, name, list(quantizer.plain_pass.batches(quantizer.task)),
+                                 quantizer.task.forward)  # each model on its own proposals
+    assert not torch.allclose(own.ss, own.tt)

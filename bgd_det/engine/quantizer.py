@@ -220,7 +220,8 @@ class Quantizer:
     def quantize_layer(self, student: nn.Module, layer: LayerPlan, index: int,
                        source: Optional[CaptureSource] = None) -> LayerRecord:
         """Fit, install and distill one layer; ``source`` defaults to the recompute path."""
-        source = source if source is not None else RecomputeSource(self.task, self.plain_pass, self.views_pass)
+        source = source if source is not None else RecomputeSource(self.task, self.teacher, self.plain_pass,
+                                                                         self.views_pass)
         start = time.perf_counter()
         seed = self.cfg.SEED * 100003 + index
         _seed_all(seed)

@@ -97,16 +97,18 @@ class PassSpec:
 
 
 class RecomputeSource(CaptureSource):
-    """Reference source: every capture loads the images again and runs the models from their input."""
+    """Reference source: every capture loads the images again and runs the models from their input (through
+    ``task.paired_forward(teacher)``)."""
 
-    def __init__(self, task: Task, plain: PassSpec, views: PassSpec) -> None:
+    def __init__(self, task: Task, teacher: nn.Module, plain: PassSpec, views: PassSpec) -> None:
         self.task, self._plain, self._views = task, plain, views
+        self._forward = task.paired_forward(teacher)
 
     def plain(self) -> Tuple[Iterable[Any], Forward]:
-        return self._plain.batches(self.task), self.task.forward
+        return self._plain.batches(self.task), self._forward
 
     def views(self) -> Tuple[Iterable[Any], Forward]:
-        return self._views.batches(self.task), self.task.forward
+        return self._views.batches(self.task), self._forward
 
 
 def cache_budget_bytes(budget_mb: float) -> int:
@@ -261,8 +263,8 @@ class FrontierCache:
         for e in self.entries:
             yield self._widen(e)
 
-    def advance(self, run_student: Callable[[Any], Any], run_teacher: Callable[[Any], Any]) -> None:
-        """Replace every entry by the stage's outputs, one batch at a time (an entry is dropped as soon as its
+    def advance(self, stage: Stage, student: nn.Module, teacher: nn.Module) -> None:
+        """Replace every entry by ``stage``'s outputs, one batch at a time (an entry is dropped as soon as its
         successor is stored, so the cache never holds two stages' worth)."""
         old, self.entries = self.entries, []
         for e in old:
@@ -270,7 +272,7 @@ class FrontierCache:
             self._drop(e.student)
             if e.teacher is not e.student:
                 self._drop(e.teacher)
-            self.append(run_student(x.student), run_teacher(x.teacher))
+            self.append(*_run_stage(stage, student, teacher, x.student, x.teacher))
 
     def nbytes(self) -> Tuple[int, int]:
         """(bytes in memory, bytes spilled to disk)."""
@@ -282,6 +284,12 @@ class FrontierCache:
             if e.teacher is not e.student:
                 self._drop(e.teacher)
         self.entries = []
+
+
+def _run_stage(stage: Stage, student: nn.Module, teacher: nn.Module, xs: Any, xt: Any) -> Tuple[Any, Any]:
+    """Both models' outputs of ``stage`` (the student's paired with the teacher's by ``stage.pair``)."""
+    ys, yt = stage.run(student, xs), stage.run(teacher, xt)
+    return (ys if stage.pair is None else stage.pair(ys, yt)), yt
 
 
 class StreamingSource(CaptureSource):
@@ -296,7 +304,7 @@ class StreamingSource(CaptureSource):
                  spill_dir: Optional[str]) -> None:
         self.task, self.student, self.teacher, self.stages = task, student, teacher, list(stages)
         self._views_spec, self.dtype = views, dtype
-        self._recompute = RecomputeSource(task, plain, views)
+        self._recompute = RecomputeSource(task, teacher, plain, views)
         self._fallback = False
         self.ledger = _Ledger(budget, spill_dir)
         self.index = 0  # the stage whose inputs the caches hold
@@ -311,7 +319,7 @@ class StreamingSource(CaptureSource):
             for batch in spec.batches(self.task):
                 xs = xt = self.task.model_input(batch)
                 for stage in self.stages[:upto]:
-                    xs, xt = stage.run(self.student, xs), stage.run(self.teacher, xt)
+                    xs, xt = _run_stage(stage, self.student, self.teacher, xs, xt)
                 cache.append(xs, xt)
         return cache
 
@@ -322,7 +330,7 @@ class StreamingSource(CaptureSource):
         stage, t0 = self.stages[self.index], time.perf_counter()
         with _eval_mode(self.student, self.teacher):
             for cache in self._caches():
-                cache.advance(lambda x: stage.run(self.student, x), lambda x: stage.run(self.teacher, x))
+                cache.advance(stage, self.student, self.teacher)
         self.index += 1
         logger.info("stage %s done; cache advanced to %s in %.1fs: %s", stage.name, self.stages[self.index].name
                     if self.index < len(self.stages) else "the end", time.perf_counter() - t0, self.describe())
@@ -424,7 +432,7 @@ def build_capture_source(cfg, task: Task, student: nn.Module, teacher: nn.Module
     scfg = cfg.QUANT.STREAM
     if cfg.QUANT.ENGINE == "recompute":
         logger.info("capture engine: recompute (reference): every capture runs the network from its input")
-        return RecomputeSource(task, plain, views)
+        return RecomputeSource(task, teacher, plain, views)
     stages = task.stages(teacher)
     why = None
     if stages is None:
@@ -440,7 +448,7 @@ def build_capture_source(cfg, task: Task, student: nn.Module, teacher: nn.Module
                 why = _stages_reproduce(stages, task, teacher, first)
     if why is not None:
         logger.info("capture engine: recompute path, because %s", why)
-        return RecomputeSource(task, plain, views)
+        return RecomputeSource(task, teacher, plain, views)
     budget = cache_budget_bytes(scfg.BUDGET_MB)
     dtype = CACHE_DTYPES[scfg.DTYPE]
     if scfg.SPILL:  # a folder of this run's own: removed when the source closes
@@ -450,7 +458,7 @@ def build_capture_source(cfg, task: Task, student: nn.Module, teacher: nn.Module
                                  spill_dir=spill_dir if scfg.SPILL else None)
     except OverBudget as e:
         logger.info("capture engine: recompute path, because %s", e)
-        return RecomputeSource(task, plain, views)
+        return RecomputeSource(task, teacher, plain, views)
     logger.info("capture engine: streaming over %d stages, cache budget %.0f MiB (%s); %s", len(stages),
                 budget / 2 ** 20, scfg.DTYPE, source.describe())
     return source

@@ -9,7 +9,7 @@ builder: ``builder.stages = fn(model) -> List[Stage]``; one without it is quanti
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -28,11 +28,14 @@ class Stage:
         modules: names of the submodules the stage runs (a layer belongs to the stage when its name is one of
             them or lies below one of them).
         run: ``fn(model, x) -> y``: the stage of ``model`` (student or teacher) on its input Tensor[B, ...].
+        pair: optional ``fn(student output, teacher output) -> student output`` applied after the stage, when
+            the student's later stages must follow the teacher's decisions (a detector's proposals).
     """
 
     name: str
     modules: Tuple[str, ...]
     run: Callable[[nn.Module, Tensor], Tensor]
+    pair: Optional[Callable[[Any, Any], Any]] = None
 
     def holds(self, layer: str) -> bool:
         """Whether module ``layer`` runs inside this stage."""

@@ -6,7 +6,7 @@ builders (``build.task = "classification"``) with :data:`TASK_REGISTRY`.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 from fvcore.common.registry import Registry
@@ -37,6 +37,12 @@ class Task:
     def forward(self, model: nn.Module, batch: Any) -> Any:
         """Inference-mode forward of ``model`` on ``batch`` (used for activation capture)."""
         raise NotImplementedError
+
+    def paired_forward(self, teacher: nn.Module) -> Callable[[nn.Module, Any], Any]:
+        """The forward that captures run on the student and on ``teacher`` (paired statistics); by default
+        :meth:`forward`. A task whose later layers depend on the model's own earlier decisions (a detector's
+        proposals) makes the student follow the teacher's."""
+        return self.forward
 
     def model_input(self, batch: Any) -> torch.Tensor:
         """The tensor the model's first stage takes from ``batch`` (streaming engine; see

@@ -302,7 +302,10 @@ def rcnn_stages(model: nn.Module, *, box_proposals: int, mask_proposals: int) ->
         n = len(body.get_submodule(layer))
         stages += [Stage(f"{layer}.{i}", (f"backbone.body.{layer}.{i}",), block(layer, i, i == n - 1))
                    for i in range(n)]
-    stages += [Stage("fpn", ("backbone.fpn",), fpn), Stage("rpn", ("rpn",), rpn),
+    def teacher_proposals(student: Dict[str, Any], teacher: Dict[str, Any]) -> Dict[str, Any]:
+        return {**student, "proposals": teacher["proposals"]}  # the heads pair the same boxes
+
+    stages += [Stage("fpn", ("backbone.fpn",), fpn), Stage("rpn", ("rpn",), rpn, pair=teacher_proposals),
                Stage("box_head", ("roi_heads.box_roi_pool", "roi_heads.box_head", "roi_heads.box_predictor"), boxes)]
     if model.roi_heads.has_mask():
         stages.append(Stage("mask_head", ("roi_heads.mask_roi_pool", "roi_heads.mask_head",
@@ -437,15 +440,31 @@ class DetectionTask(Task):
                    "image_ids": [item["image_id"] for item in items]}
 
     # -- forward / loss ------------------------------------------------------------------------------------
-    def forward(self, model: nn.Module, batch: Any) -> Dict[str, Any]:
-        """Every layer of the detector on ``batch["images"]`` (see the module docstring); returns the outputs."""
+    def forward(self, model: nn.Module, batch: Any, *, proposals_from: Optional[nn.Module] = None
+                ) -> Dict[str, Any]:
+        """Every layer of the detector on ``batch["images"]`` (see the module docstring); returns the outputs.
+
+        Args:
+            proposals_from: a model (the teacher) whose proposals the heads run on instead of ``model``'s own.
+        """
         d = self.cfg.DETECTION
         stage = rpn_stage(model, batch["images"])
-        proposals = rpn_proposals(model, stage, d.DISTILL_BOX_PROPOSALS)
+        source, source_stage = model, stage
+        if proposals_from is not None:  # computed only once the student's RPN has run (captures stop earlier)
+            with torch.no_grad():
+                source, source_stage = proposals_from, rpn_stage(proposals_from, batch["images"])
+        proposals = rpn_proposals(source, source_stage, d.DISTILL_BOX_PROPOSALS)
         cls, deltas = box_outputs(model, stage, proposals)
         masks = mask_outputs(model, stage, [p[: d.DISTILL_MASK_PROPOSALS] for p in proposals])
         return {"objectness": stage.objectness, "rpn_deltas": stage.deltas, "proposals": proposals,
                 "class_logits": cls, "box_deltas": deltas, "mask_logits": masks}
+
+    def paired_forward(self, teacher: nn.Module) -> Callable[[nn.Module, Any], Any]:
+        """:meth:`forward` in which any model but ``teacher`` runs its heads on the teacher's proposals, so the
+        student's and the teacher's head inputs pair the same boxes (captures, as in distillation)."""
+        def forward(model: nn.Module, batch: Any) -> Dict[str, Any]:
+            return self.forward(model, batch, proposals_from=None if model is teacher else teacher)
+        return forward
 
     def model_input(self, batch: Any) -> List[Tensor]:
         return batch["images"]
