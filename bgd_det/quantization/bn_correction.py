@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .capture import StopForward, for_each_input
+from .capture import for_each_input, for_each_output
 
 logger = logging.getLogger(__name__)
 
@@ -131,27 +131,14 @@ def output_channel_mean(model: nn.Module, name: str, batches: Iterable[Any],
     total: Optional[Tensor] = None
     count = 0
 
-    def hook(_m: nn.Module, _args: tuple, out: Tensor) -> None:
+    def add(_m: nn.Module, out: Tensor) -> None:
         nonlocal total, count
-        y = out.detach().double()
+        y = out.double()
         y = y.reshape(-1, y.shape[-1]) if isinstance(module, nn.Linear) else y.transpose(0, 1).reshape(y.shape[1], -1).T
         total = y.sum(0) if total is None else total + y.sum(0)
         count += y.shape[0]
-        raise StopForward
 
-    handle = module.register_forward_hook(hook)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                try:
-                    forward(model, batch)
-                except StopForward:
-                    pass
-    finally:
-        handle.remove()
-        model.train(was_training)
+    for_each_output(model, name, batches, forward, add)
     if total is None:
         raise RuntimeError(f"layer {name!r} did not run during the forward")
     return total / count

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 logger = logging.getLogger(__name__)
 
 __all__ = ["METRICS", "metric_uses_inputs", "input_rows", "has_input_metric", "GramAccumulator", "for_each_input",
-           "capture_gram", "StopForward", "group_rows", "SecondMoments", "capture_second_moments"]
+           "for_each_output", "capture_gram", "StopForward", "group_rows", "SecondMoments", "capture_second_moments"]
 
 
 class StopForward(Exception):
@@ -131,13 +131,27 @@ def for_each_input(model: nn.Module, name: str, batches: Iterable[Any],
     Each forward stops right after the module's input is seen: the rest of the network is not run. The hook is
     removed and the training mode restored whatever happens.
     """
-    module = model.get_submodule(name)
-
     def hook(mod: nn.Module, args: tuple) -> None:
         fn(mod, args[0].detach())
         raise StopForward
 
-    handle = module.register_forward_pre_hook(hook)
+    _run_stopped(model, model.get_submodule(name).register_forward_pre_hook(hook), batches, forward)
+
+
+def for_each_output(model: nn.Module, name: str, batches: Iterable[Any],
+                    forward: Callable[[nn.Module, Any], Any], fn: Callable[[nn.Module, Tensor], None]) -> None:
+    """Call ``fn(module, output)`` with the output of submodule ``name`` for every batch; as
+    :func:`for_each_input`, each forward stops right after it."""
+    def hook(mod: nn.Module, _args: tuple, out: Tensor) -> None:
+        fn(mod, out.detach())
+        raise StopForward
+
+    _run_stopped(model, model.get_submodule(name).register_forward_hook(hook), batches, forward)
+
+
+def _run_stopped(model: nn.Module, handle, batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any]) -> None:
+    """``forward(model, batch)`` for every batch in eval mode without grad, a :class:`StopForward` ending each;
+    ``handle`` (the hook) is removed and the training mode restored whatever happens."""
     was_training = model.training
     model.eval()
     try:
