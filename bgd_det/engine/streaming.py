@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..modeling.stages import Stage, stage_of_layer
+from ..quantization.capture import eval_mode
 from ..tasks.base import Task
 
 logger = logging.getLogger(__name__)
@@ -41,20 +42,6 @@ ENGINES = ("streaming", "recompute")
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 Forward = Callable[[nn.Module, Any], Any]
-
-
-@contextlib.contextmanager
-def _eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Eval mode and no grad for ``models``; their previous modes are restored whatever happens."""
-    modes = [m.training for m in models]
-    try:
-        for m in models:
-            m.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
 
 
 def _seeded(make: Callable[[], Iterable[Any]], seed: int) -> Iterator[Any]:
@@ -171,7 +158,7 @@ class _Ledger:
 
     def __init__(self, budget: int, spill_dir: Optional[str]) -> None:
         self.budget, self.spill_dir = budget, spill_dir
-        self.in_memory = self.on_disk = self.peak = 0
+        self.in_memory = 0
         self._bytes: dict = {}  # id(stored tensor) -> (bytes, on disk)
         self._counter = 0
 
@@ -180,7 +167,6 @@ class _Ledger:
         n = t.numel() * t.element_size()
         if self.in_memory + n <= self.budget:
             self.in_memory += n
-            self.peak = max(self.peak, self.in_memory)
             self._bytes[id(t)] = (n, False)
             return t, None
         if self.spill_dir is None:
@@ -193,15 +179,12 @@ class _Ledger:
         path = os.path.join(self.spill_dir, f"frontier_{self._counter}.bin")
         t.reshape(-1).view(torch.uint8).numpy().tofile(path)
         mapped = torch.from_file(path, shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
-        self.on_disk += n
         self._bytes[id(mapped)] = (n, True)
         return mapped, path
 
     def forget(self, t: Tensor) -> None:
         n, on_disk = self._bytes.pop(id(t), (0, False))
-        if on_disk:
-            self.on_disk -= n
-        else:
+        if not on_disk:
             self.in_memory -= n
 
     def usage(self, tensors: Iterable[Tensor]) -> Tuple[int, int]:
@@ -269,20 +252,21 @@ class FrontierCache:
         old, self.entries = self.entries, []
         for e in old:
             x = self._widen(e)
-            self._drop(e.student)
-            if e.teacher is not e.student:
-                self._drop(e.teacher)
+            self._drop_entry(e)
             self.append(*_run_stage(stage, student, teacher, x.student, x.teacher))
 
     def nbytes(self) -> Tuple[int, int]:
         """(bytes in memory, bytes spilled to disk)."""
         return self.ledger.usage(t for e in self.entries for t in tree_leaves([e.student, e.teacher]))
 
+    def _drop_entry(self, e: PairedInput) -> None:
+        self._drop(e.student)
+        if e.teacher is not e.student:
+            self._drop(e.teacher)
+
     def clear(self) -> None:
         for e in self.entries:
-            self._drop(e.student)
-            if e.teacher is not e.student:
-                self._drop(e.teacher)
+            self._drop_entry(e)
         self.entries = []
 
 
@@ -315,7 +299,7 @@ class StreamingSource(CaptureSource):
     def _fill(self, name: str, spec: PassSpec, *, upto: int) -> FrontierCache:
         """A cache of ``spec``'s images run through stages ``[0, upto)`` of both models."""
         cache = FrontierCache(name, dtype=self.dtype, ledger=self.ledger)
-        with _eval_mode(self.student, self.teacher):
+        with eval_mode(self.student, self.teacher):
             for batch in spec.batches(self.task):
                 xs = xt = self.task.model_input(batch)
                 for stage in self.stages[:upto]:
@@ -328,7 +312,7 @@ class StreamingSource(CaptureSource):
 
     def _advance(self) -> None:
         stage, t0 = self.stages[self.index], time.perf_counter()
-        with _eval_mode(self.student, self.teacher):
+        with eval_mode(self.student, self.teacher):
             for cache in self._caches():
                 cache.advance(stage, self.student, self.teacher)
         self.index += 1
@@ -411,7 +395,7 @@ def _check_stages(stages: Sequence[Stage], plan_names: Sequence[str]) -> Optiona
 
 def _stages_reproduce(stages: Sequence[Stage], task: Task, model: nn.Module, batch: Any) -> Optional[str]:
     """Why the stages composed do not give the model's own output on ``batch`` (None: they do)."""
-    with _eval_mode(model):
+    with eval_mode(model):
         y = task.forward(model, batch)
         x = task.model_input(batch)
         for stage in stages:

@@ -23,7 +23,7 @@ from typing import Dict, List, Tuple
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.models.resnet import BasicBlock, ResNet
 
 __all__ = ["destructure_resnet", "distinct_subvectors", "structure_report", "compare_logits"]
 

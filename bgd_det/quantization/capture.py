@@ -6,9 +6,10 @@ b, one input sub-vector ``x_b`` (Tensor[d]); the quantization error of sub-vecto
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Tuple
+from typing import Any, Callable, Iterable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 logger = logging.getLogger(__name__)
 
 __all__ = ["METRICS", "metric_uses_inputs", "input_rows", "has_input_metric", "GramAccumulator", "for_each_input",
-           "for_each_output", "capture_gram", "StopForward", "group_rows", "SecondMoments", "capture_second_moments"]
+           "for_each_output", "eval_mode", "capture_gram", "StopForward", "group_rows", "SecondMoments", "capture_second_moments"]
 
 
 class StopForward(Exception):
@@ -149,13 +150,25 @@ def for_each_output(model: nn.Module, name: str, batches: Iterable[Any],
     _run_stopped(model, model.get_submodule(name).register_forward_hook(hook), batches, forward)
 
 
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Eval mode and no grad for ``models``; their previous modes are restored whatever happens."""
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
 def _run_stopped(model: nn.Module, handle, batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any]) -> None:
     """``forward(model, batch)`` for every batch in eval mode without grad, a :class:`StopForward` ending each;
     ``handle`` (the hook) is removed and the training mode restored whatever happens."""
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model):
             for batch in batches:
                 try:
                     forward(model, batch)
@@ -163,7 +176,6 @@ def _run_stopped(model: nn.Module, handle, batches: Iterable[Any], forward: Call
                     pass
     finally:
         handle.remove()
-        model.train(was_training)
 
 
 def capture_gram(model: nn.Module, name: str, batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any],
