@@ -38,7 +38,7 @@ from bgd_det.quantization.capture import (  # noqa: E402
     capture_gram, has_input_metric, metric_uses_inputs)
 from bgd_det.quantization.plan import QuantRules, build_plan, execution_order  # noqa: E402
 from bgd_det.quantization.pq import (  # noqa: E402
-    PQResult, _metric_factor, assign, code_dtype, em_quantize, split_subvectors)
+    PQResult, _metric_factor, _split_empty, assign, code_dtype, em_quantize, split_subvectors)
 from bgd_det.tasks import build_task  # noqa: E402
 from bgd_det.utils.logger import setup_logger  # noqa: E402
 
@@ -113,19 +113,6 @@ def _old_assign(points: Tensor, centroids: Tensor, *, chunk: int = 65536) -> tup
     return idx, dist
 
 
-def _old_split_empty(centroids: Tensor, counts: Tensor, generator: torch.Generator,
-                     scale: float) -> int:
-    empty = (counts == 0).nonzero().flatten().tolist()
-    for e in empty:
-        big = int(counts.argmax())
-        noise = torch.randn(centroids.shape[1], generator=generator).to(centroids) * scale
-        centroids[e] = centroids[big] + noise
-        centroids[big] = centroids[big] - noise
-        half = counts[big] // 2
-        counts[e], counts[big] = half, counts[big] - half
-    return len(empty)
-
-
 def old_em_quantize(weight: Tensor, gram: Optional[Tensor], *, block_size: int, n_centroids: int,
                     n_iter: int = 100, seed: int = 0, eps: float = 1e-8) -> PQResult:
     """``em_quantize`` before issue 21, plus ``iterations`` (M-steps run) as the new one reports."""
@@ -152,7 +139,7 @@ def old_em_quantize(weight: Tensor, gram: Optional[Tensor], *, block_size: int, 
         sums = torch.zeros_like(centroids).index_add_(0, idx, z)
         nonempty = counts > 0
         centroids[nonempty] = sums[nonempty] / counts[nonempty].unsqueeze(1).to(z.dtype)
-        _old_split_empty(centroids, counts, gen, split_scale)
+        _split_empty(centroids, counts, gen, split_scale)  # unchanged by the new EM
     idx, dist = _old_assign(z, centroids)
     codebook = torch.linalg.solve_triangular(factor, centroids.T, upper=True).T.contiguous()
     codes = idx.reshape(weight.shape[0], -1).to(code_dtype(n_centroids))

@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     check = compare_logits(teacher, model, build_task(cfg).test_loader())
     sizes = {"kxk": 9, "1x1": 4, "linear": 4}
     before, after = structure_report(teacher, sizes), structure_report(model, sizes)
-    print(f"| layer | d | sub-vectors | distinct before | distinct after |\n|---|---|---|---|---|")
+    print("| layer | d | sub-vectors | distinct before | distinct after |\n|---|---|---|---|---|")
     for name, row in after.items():
         print(f"| {name} | {row['d']} | {row['subvectors']} | {before[name]['distinct']} | {row['distinct']} |")
     print(f"spread {args.spread}, seed {args.seed}: logits max relative difference {check['max_rel_diff']:.2e}, "
