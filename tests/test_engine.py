@@ -66,7 +66,13 @@ def test_resume_gives_same_codes_as_uninterrupted_run(tiny_images, tmp_path):
     ("QUANT.REFINE.AUGMENTED_VIEWS", -1, "QUANT.REFINE.AUGMENTED_VIEWS=-1; allowed: an integer >= 0"),
     ("QUANT.REFINE.DAMPING", -0.5, "QUANT.REFINE.DAMPING=-0.5, DAMPING_PER_COLUMN=0.0; allowed: numbers >= 0"),
     ("QUANT.BN_CORRECTION", "full", "QUANT.BN_CORRECTION='full'; allowed: 'mean_var', 'mean', 'none'"),
-    ("FINETUNE.BN", "train", "FINETUNE.BN='train'; allowed: 'affine', 'frozen'"),
+    ("FINETUNE.BN", "running", "FINETUNE.BN='running'; allowed: 'affine', 'frozen', 'stats', 'train'"),
+    ("QUANT.K_CLAMP", "lte", "QUANT.K_CLAMP='lte'; allowed: 'le', 'lt'"),
+    ("FINETUNE.OPTIMIZER", "lbfgs", "FINETUNE.OPTIMIZER='lbfgs'; allowed: adam, sgd"),
+    ("FINETUNE.CENTROID_GRAD", "max", "FINETUNE.CENTROID_GRAD='max'; allowed: sum, mean"),
+    ("FINETUNE.LR_SCHEDULE", "poly", "FINETUNE.LR_SCHEDULE='poly'; allowed: constant, step, cosine"),
+    ("FINETUNE.LR_MILESTONES", "[0.6, 0.3]", "FINETUNE.LR_MILESTONES=[0.6, 0.3]; allowed: increasing fractions"),
+    ("FINETUNE.GLOBAL_EPOCHS", -1.0, "FINETUNE.GLOBAL_EPOCHS=-1.0; allowed: a number >= 0"),
     ("FINETUNE.FEATURE_LAYERS", "['layer9']", "FINETUNE.FEATURE_LAYERS: no module 'layer9' in TinyNet"),
 ])
 def test_bad_settings_fail_before_the_teacher_is_evaluated(tiny_images, tmp_path, monkeypatch, key, value, message):

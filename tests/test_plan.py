@@ -8,7 +8,7 @@ from torch import nn
 from bgd_det.config import load_config
 from bgd_det.engine.quantizer import Quantizer
 from bgd_det.modeling import build_model
-from bgd_det.quantization.plan import QuantRules, build_plan, execution_order
+from bgd_det.quantization.plan import QuantRules, build_plan, clamp_power, execution_order
 from bgd_det.quantization.size import model_size
 from bgd_det.quantization.swap import swap_in_skeleton
 from bgd_det.tasks import build_task
@@ -106,6 +106,19 @@ def test_clamp_to_power_of_two():
     plan = build_plan(model, ["0"], QuantRules(block_size_linear=4))
     # 10 * 12 = 120 sub-vectors -> 120/4 = 30 -> 16
     assert plan[0].n_centroids == 16 and plan[0].n_subvectors == 120
+
+
+def test_k_clamp_rules_le_and_lt():
+    """"le" (the paper's text, PQF) and "lt" (the paper's released code) differ only where n_sub / 4 is a power of
+    two: ResNet-50 layer1.0.conv1 at d=8 (64 x 8 = 512 sub-vectors) gets 128 / 64."""
+    assert clamp_power(512, 4, "le") == 128 and clamp_power(512, 4, "lt") == 64
+    assert clamp_power(120, 4, "le") == clamp_power(120, 4, "lt") == 16
+    for rule, k in (("le", 128), ("lt", 64)):
+        _, plan, _ = _plan_and_size(load_config("configs/ImageNet/resnet50_large_blocks.yaml", ["QUANT.K_CLAMP", rule]))
+        plan = {p.name: p for p in plan}
+        assert plan["layer1.0.conv1"].n_centroids == k and plan["layer2.0.conv2"].n_centroids == 256
+    with pytest.raises(ValueError, match=r"QUANT.K_CLAMP='lte'; allowed: le, lt"):
+        clamp_power(512, 4, "lte")
 
 
 def test_errors_name_the_bad_value():

@@ -47,6 +47,9 @@ _C.QUANT = CfgNode()
 _C.QUANT.N_CENTROIDS = 256
 # K of a layer is clamped to the largest power of two <= n_subvectors / MIN_SUBVECTORS_PER_CENTROID.
 _C.QUANT.MIN_SUBVECTORS_PER_CENTROID = 4
+# That rule's comparison: "le" (K <= n_subvectors / MIN_SUBVECTORS_PER_CENTROID: the paper's text and PQF) or "lt"
+# (K < it: the paper's released code; ResNet-50 layer1.0.conv1 at d=8 gets K=64 instead of 128).
+_C.QUANT.K_CLAMP = "le"
 _C.QUANT.BLOCK_SIZE = CfgNode()
 _C.QUANT.BLOCK_SIZE.CONV_KXK = 9
 _C.QUANT.BLOCK_SIZE.CONV_1X1 = 4
@@ -123,13 +126,34 @@ _C.QUANT.BIAS_CORRECTION = True
 _C.FINETUNE = CfgNode()
 _C.FINETUNE.BATCH_SIZE = 32
 _C.FINETUNE.TEMPERATURE = 1.0
-# Layer-wise distillation of the current layer's centroids (KL to the teacher's logits).
+# Layer-wise distillation of the current layer's centroids (KL to the teacher's logits), constant LR.
 _C.FINETUNE.LAYER_ITERS = 0
 _C.FINETUNE.LAYER_LR = 1e-4
-# Global finetuning of all centroids (+ BatchNorm affine when FINETUNE.BN is "affine").
+# Global finetuning of all centroids (+ BatchNorm, see FINETUNE.BN): GLOBAL_ITERS steps, or, when GLOBAL_EPOCHS > 0,
+# ceil(GLOBAL_EPOCHS * images in DATASETS.CALIB / BATCH_SIZE) steps.
 _C.FINETUNE.GLOBAL_ITERS = 0
+_C.FINETUNE.GLOBAL_EPOCHS = 0.0
 _C.FINETUNE.GLOBAL_LR = 1e-4
-_C.FINETUNE.BN = "affine"  # "affine": train BN weight/bias, keep running stats; "frozen": no BN update
+# BatchNorm during global finetuning: "affine" (weight/bias trained, running statistics kept), "frozen" (no update),
+# "stats" (train mode: batch statistics, running statistics updated; weight/bias fixed, as the paper's code),
+# "train" (train mode and weight/bias trained).
+_C.FINETUNE.BN = "affine"
+# Optimizer of both stages: "adam" or "sgd" (MOMENTUM applies to SGD; WEIGHT_DECAY to both).
+_C.FINETUNE.OPTIMIZER = "adam"
+_C.FINETUNE.MOMENTUM = 0.9
+_C.FINETUNE.WEIGHT_DECAY = 0.0
+# A centroid's gradient: "sum" over the sub-vectors decoded from it (autograd's), or "mean" over them (the paper).
+_C.FINETUNE.CENTROID_GRAD = "sum"
+# Global finetuning's LR schedule: "constant", "step" (times LR_GAMMA at each fraction of the run in LR_MILESTONES),
+# "cosine" (to 0 at the last step).
+_C.FINETUNE.LR_SCHEDULE = "constant"
+_C.FINETUNE.LR_MILESTONES = []
+_C.FINETUNE.LR_GAMMA = 0.1
+# Global finetuning saves its state (OUTPUT_DIR/finetune_state.pth) every CHECKPOINT_PERIOD steps (0 = never); a
+# resumed run (tools/quantize_net.py --resume) continues from it to the same codebooks as an uninterrupted run.
+_C.FINETUNE.CHECKPOINT_PERIOD = 0
+# Evaluate the student on DATASETS.TEST every EVAL_PERIOD steps of global finetuning (and at its end; 0 = never).
+_C.FINETUNE.EVAL_PERIOD = 0
 # Feature distillation added to the task's loss: FEATURE_WEIGHT * sum over the modules FEATURE_LAYERS of
 # ||student output - teacher output||^2 / ||teacher output||^2 (e.g. ["layer1", "layer2", "layer3", "layer4"]).
 _C.FINETUNE.FEATURE_LAYERS = []

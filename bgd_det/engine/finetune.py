@@ -3,20 +3,28 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Dict, Iterable, Iterator, List, Sequence
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..checkpoint import atomic_save
 from ..quantization.layers import PQ_LAYER_TYPES
 from ..tasks.base import Task
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["distill", "bn_affine_params", "codebook_params", "feature_modules", "feature_taps", "feature_loss"]
+__all__ = ["distill", "OptimSpec", "FinetuneCheckpoint", "centroid_mean_grads", "bn_train_mode", "OPTIMIZERS",
+           "CENTROID_GRADS", "LR_SCHEDULES", "bn_affine_params", "codebook_params", "feature_modules", "feature_taps", "feature_loss"]
 
 _BN_TYPES = (nn.BatchNorm2d, nn.BatchNorm1d, nn.SyncBatchNorm)
+OPTIMIZERS = ("adam", "sgd")
+CENTROID_GRADS = ("sum", "mean")
+LR_SCHEDULES = ("constant", "step", "cosine")
 
 
 def codebook_params(model: nn.Module) -> List[nn.Parameter]:
@@ -84,15 +92,146 @@ def feature_loss(student_feats: Dict[str, Any], teacher_feats: Dict[str, Any]) -
     return total
 
 
+@dataclass(frozen=True)
+class OptimSpec:
+    """How :func:`distill` steps (FINETUNE.OPTIMIZER ... LR_GAMMA; one spec per stage: layer-wise or global).
+
+    Attributes:
+        lr: base learning rate; optimizer: "adam" or "sgd" (momentum, weight_decay apply to SGD; weight_decay to
+        Adam too); centroid_grad: "sum" (autograd's gradient of a centroid: the sum over the sub-vectors decoded
+        from it) or "mean" (the paper: that sum divided by the number of sub-vectors assigned to the centroid);
+        schedule: "constant", "step" (the LR is multiplied by ``gamma`` at every fraction of the run in
+        ``milestones``) or "cosine" (to zero at the last step).
+    """
+
+    lr: float
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    centroid_grad: str = "sum"
+    schedule: str = "constant"
+    milestones: Tuple[float, ...] = ()
+    gamma: float = 0.1
+
+    @classmethod
+    def from_cfg(cls, fcfg, lr: float) -> "OptimSpec":
+        return cls(lr=lr, optimizer=fcfg.OPTIMIZER, momentum=fcfg.MOMENTUM, weight_decay=fcfg.WEIGHT_DECAY,
+                   centroid_grad=fcfg.CENTROID_GRAD, schedule=fcfg.LR_SCHEDULE,
+                   milestones=tuple(float(m) for m in fcfg.LR_MILESTONES), gamma=fcfg.LR_GAMMA)
+
+    def check(self) -> None:
+        """One-line errors for values outside the allowed sets."""
+        for key, value, allowed in (("OPTIMIZER", self.optimizer, OPTIMIZERS),
+                                    ("CENTROID_GRAD", self.centroid_grad, CENTROID_GRADS),
+                                    ("LR_SCHEDULE", self.schedule, LR_SCHEDULES)):
+            if value not in allowed:
+                raise ValueError(f"FINETUNE.{key}={value!r}; allowed: {', '.join(allowed)}")
+        if any(not 0 < m < 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"FINETUNE.LR_MILESTONES={list(self.milestones)}; allowed: increasing fractions of the "
+                             f"run, each in (0, 1)")
+        if not (self.lr > 0 and self.momentum >= 0 and self.weight_decay >= 0 and 0 < self.gamma <= 1):
+            raise ValueError(f"FINETUNE learning rate {self.lr}, MOMENTUM {self.momentum}, WEIGHT_DECAY "
+                             f"{self.weight_decay}, LR_GAMMA {self.gamma}; allowed: lr > 0, momentum >= 0, "
+                             f"weight decay >= 0, 0 < gamma <= 1")
+
+    def lr_factor(self, step: int, iters: int) -> float:
+        """The schedule's multiplier of ``lr`` at ``step`` (0-based) of ``iters``."""
+        frac = step / max(iters, 1)
+        if self.schedule == "step":
+            return self.gamma ** sum(frac >= m for m in self.milestones)
+        if self.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * frac))
+        return 1.0
+
+    def build(self, params: List[nn.Parameter], iters: int):
+        """(optimizer, LambdaLR scheduler) for ``iters`` steps."""
+        if self.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        else:
+            opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.lr_factor(step, iters))
+
+
+@contextlib.contextmanager
+def centroid_mean_grads(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[None]:
+    """While open, the gradient reaching the codebook of every codebook layer of ``model`` whose codebook is in
+    ``params`` is divided, row k, by the number of sub-vectors assigned to centroid k (at least 1): each centroid
+    moves by the mean of its sub-vectors' gradients instead of their sum."""
+    wanted = {id(p) for p in params}
+    handles = []
+    try:
+        for m in model.modules():
+            if isinstance(m, PQ_LAYER_TYPES) and id(m.codebook) in wanted:
+                counts = torch.bincount(m.codes.reshape(-1).long(), minlength=m.codebook.shape[0])
+                scale = 1.0 / counts.clamp_min(1).to(m.codebook.dtype).unsqueeze(1)  # Tensor[K, 1]
+                handles.append(m.codebook.register_hook(lambda g, s=scale: g * s.to(g.device)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def bn_train_mode(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """While open (``enabled``), every BatchNorm of ``model`` is in train mode: it normalises with the batch's
+    statistics and updates its running statistics (FINETUNE.BN "stats" / "train"); the rest stays in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, _BN_TYPES)] if enabled else []
+    try:
+        for m in bns:
+            m.train()
+        yield
+    finally:
+        for m in bns:
+            m.eval()
+
+
+@dataclass
+class FinetuneCheckpoint:
+    """Periodic state of a :func:`distill` run, so that it resumes after a crash (global finetuning).
+
+    Attributes:
+        path: file written atomically every ``period`` steps and removed when the run ends ("" = never); every
+        process reads it, only the one with ``write`` writes and removes it.
+    """
+
+    path: str = ""
+    period: int = 0
+    write: bool = True
+
+    def due(self, step: int, iters: int) -> bool:
+        return bool(self.path) and self.write and self.period > 0 and step % self.period == 0 and step < iters
+
+    def save(self, step: int, model: nn.Module, opt, sched, losses: List[float], rng_start) -> None:
+        atomic_save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "losses": losses, "rng_start": rng_start,
+                     "rng": torch.get_rng_state()}, self.path)
+        logger.info("finetuning state after step %d saved to %s", step, self.path)
+
+    def load(self) -> Optional[dict]:
+        if not self.path or not os.path.isfile(self.path):
+            return None
+        return torch.load(self.path, map_location="cpu", weights_only=True)
+
+    def remove(self) -> None:
+        if self.path and self.write and os.path.isfile(self.path):
+            os.remove(self.path)
+
+
 def distill(student: nn.Module, teacher: nn.Module, task: Task, params: Iterable[nn.Parameter], *, iters: int,
-            lr: float, batch_size: int, augment: bool, seed: int, desc: str,
-            wrap=None, feature_layers: Sequence[str] = (), feature_weight: float = 0.0) -> List[float]:
-    """Adam on ``params`` for ``iters`` steps of ``task.distill_loss`` (student in eval mode: BatchNorm
-    running statistics are kept; only the given parameters move), plus ``feature_weight`` times the
-    :func:`feature_loss` of the modules ``feature_layers`` when both are set.
+            optim: OptimSpec, batch_size: int, augment: bool, seed: int, desc: str, wrap=None,
+            feature_layers: Sequence[str] = (), feature_weight: float = 0.0, bn_stats: bool = False,
+            checkpoint: Optional[FinetuneCheckpoint] = None,
+            validate: Optional[Tuple[int, Callable[[nn.Module], Dict[str, float]]]] = None) -> List[float]:
+    """``iters`` steps of ``optim`` on ``params`` against ``task.distill_loss`` (only the given parameters move),
+    plus ``feature_weight`` times the :func:`feature_loss` of the modules ``feature_layers`` when both are set.
 
     Args:
         wrap: optional ``fn(student) -> module`` (e.g. DistributedDataParallel) used for the forward.
+        bn_stats: BatchNorm in train mode (batch statistics, running statistics updated); else the student runs
+            in eval mode and BatchNorm running statistics are kept.
+        checkpoint: save the state every ``checkpoint.period`` steps; a run that finds the file continues from it
+            (the same batches and the same result as an uninterrupted run).
+        validate: ``(period, fn)``: ``fn(student)`` every ``period`` steps and at the end, logged.
 
     Returns:
         The loss of every step.
@@ -100,6 +239,7 @@ def distill(student: nn.Module, teacher: nn.Module, task: Task, params: Iterable
     params = list(params)
     if iters <= 0 or not params:
         return []
+    optim.check()
     all_params = list(student.parameters())
     requires = [p.requires_grad for p in all_params]
     wanted = {id(p) for p in params}
@@ -108,24 +248,52 @@ def distill(student: nn.Module, teacher: nn.Module, task: Task, params: Iterable
     teacher.eval()
     student.eval()
     runner = wrap(student) if wrap is not None else student
-    opt = torch.optim.Adam(params, lr=lr)
+    opt, sched = optim.build(params, iters)
     losses: List[float] = []
+    start, rng_start = 0, torch.get_rng_state()
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is not None:
+        student.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, losses, rng_start = state["step"], list(state["losses"]), state["rng_start"]
+        logger.info("%s: resuming after step %d of %d from %s", desc, start, iters, checkpoint.path)
+    torch.set_rng_state(rng_start)  # the stream's augmentations are drawn as in an uninterrupted run
     batches = task.calib_batches(n_images=iters * batch_size, batch_size=batch_size, augment=augment, seed=seed)
+    batches = iter(batches)
+    for _ in range(start):  # consumed, not run: the data a resumed run skips
+        next(batches)
+    if state is not None:
+        torch.set_rng_state(state["rng"])
     use_features = bool(feature_layers) and feature_weight > 0
     with contextlib.ExitStack() as stack:
         for p, r in zip(all_params, requires):  # restored whatever happens
             stack.callback(p.requires_grad_, r)
+        if optim.centroid_grad == "mean":
+            stack.enter_context(centroid_mean_grads(student, params))
         if use_features:  # hooks stay on for the whole loop; each forward overwrites the outputs
             s_feats = stack.enter_context(feature_taps(student, feature_layers))
             t_feats = stack.enter_context(feature_taps(teacher, feature_layers))
-        for batch in tqdm(batches, total=iters, desc=desc, leave=False):
-            loss = task.distill_loss(runner, teacher, batch)
-            if use_features:
-                loss = loss + feature_weight * feature_loss(s_feats, t_feats)
+        for step in tqdm(range(start, iters), total=iters, initial=start, desc=desc, leave=False):
+            batch = next(batches)
+            with bn_train_mode(student, bn_stats):
+                loss = task.distill_loss(runner, teacher, batch)
+                if use_features:
+                    loss = loss + feature_weight * feature_loss(s_feats, t_feats)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             losses.append(loss.item())
+            done = step + 1
+            if validate is not None and validate[0] > 0 and (done % validate[0] == 0 or done == iters):
+                metrics = validate[1](student)
+                logger.info("%s: step %d/%d, validation %s", desc, done, iters,
+                            ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+            if checkpoint is not None and checkpoint.due(done, iters):
+                checkpoint.save(done, student, opt, sched, losses, rng_start)
+    if checkpoint is not None:
+        checkpoint.remove()
     if losses:
         logger.info("%s: loss %.4f -> %.4f over %d steps", desc, losses[0], losses[-1], len(losses))
     return losses

@@ -10,7 +10,9 @@ an uninterrupted one.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,7 +26,7 @@ from ..checkpoint import atomic_save, compressed_state, load_compressed_into, ro
 from ..quantization.bn_correction import (bn_scale_shift, channel_stats, correct_batchnorm, correct_bias,
                                          following_batchnorms, output_channel_mean)
 from ..quantization.capture import capture_gram, capture_second_moments, has_input_metric, metric_uses_inputs
-from ..quantization.plan import LayerPlan, QuantRules, build_plan, execution_order
+from ..quantization.plan import K_CLAMP_RULES, LayerPlan, QuantRules, build_plan, execution_order
 from ..quantization.pq import PQResult, em_quantize
 from ..quantization.refine import check_damping_metric, check_refine_target, output_objective, refine_pq
 from ..quantization.residual import residual_branch_end
@@ -32,7 +34,7 @@ from ..quantization.swap import make_pq_layer, set_module
 from ..tasks.base import Task
 from ..utils import comm
 from .distributed import Collectives
-from .finetune import bn_affine_params, codebook_params, distill, feature_modules
+from .finetune import FinetuneCheckpoint, OptimSpec, bn_affine_params, codebook_params, distill, feature_modules
 from .streaming import CACHE_DTYPES, ENGINES, CaptureSource, PassSpec, RecomputeSource, build_capture_source
 
 logger = logging.getLogger(__name__)
@@ -89,7 +91,8 @@ def refine_rounds(refine_cfg, layer: LayerPlan) -> int:
 
 
 BN_CORRECTION_MODES = ("mean_var", "mean", "none")
-FINETUNE_BN_MODES = ("affine", "frozen")
+FINETUNE_BN_MODES = ("affine", "frozen", "stats", "train")
+FINETUNE_STATE_FILE = "finetune_state.pth"
 
 
 def _check_choice(key: str, value, allowed) -> None:
@@ -111,11 +114,18 @@ def check_quantizer_cfg(cfg) -> None:
         raise ValueError(f"QUANT.REFINE.DAMPING={q.REFINE.DAMPING}, DAMPING_PER_COLUMN="
                          f"{q.REFINE.DAMPING_PER_COLUMN}; allowed: numbers >= 0")
     _check_choice("QUANT.BN_CORRECTION", q.BN_CORRECTION, BN_CORRECTION_MODES)
+    _check_choice("QUANT.K_CLAMP", q.K_CLAMP, K_CLAMP_RULES)
     _check_choice("QUANT.ENGINE", q.ENGINE, ENGINES)
     _check_choice("QUANT.STREAM.DTYPE", q.STREAM.DTYPE, tuple(CACHE_DTYPES))
     if q.STREAM.BUDGET_MB < 0:
         raise ValueError(f"QUANT.STREAM.BUDGET_MB={q.STREAM.BUDGET_MB}; allowed: a number >= 0 (0 = automatic)")
-    _check_choice("FINETUNE.BN", cfg.FINETUNE.BN, FINETUNE_BN_MODES)
+    f = cfg.FINETUNE
+    _check_choice("FINETUNE.BN", f.BN, FINETUNE_BN_MODES)
+    OptimSpec.from_cfg(f, f.LAYER_LR).check()
+    OptimSpec.from_cfg(f, f.GLOBAL_LR).check()
+    for key in ("LAYER_ITERS", "GLOBAL_ITERS", "GLOBAL_EPOCHS", "CHECKPOINT_PERIOD", "EVAL_PERIOD"):
+        if getattr(f, key) < 0:
+            raise ValueError(f"FINETUNE.{key}={getattr(f, key)}; allowed: a number >= 0")
 
 
 def _seed_all(seed: int) -> None:
@@ -290,7 +300,8 @@ class Quantizer:
         """Layer-wise distillation of ``pq``'s centroids on the task's loss (the whole network runs: the paper's
         loss is on the logits)."""
         cfg = self.cfg.FINETUNE
-        return distill(student, self.teacher, self.task, [pq.codebook], iters=cfg.LAYER_ITERS, lr=cfg.LAYER_LR,
+        optim = dataclasses.replace(OptimSpec.from_cfg(cfg, cfg.LAYER_LR), schedule="constant")
+        return distill(student, self.teacher, self.task, [pq.codebook], iters=cfg.LAYER_ITERS, optim=optim,
                        batch_size=cfg.BATCH_SIZE, augment=cfg.AUGMENT, seed=seed, desc=f"distill {layer.name}",
                        wrap=self.comm.wrap, feature_layers=cfg.FEATURE_LAYERS, feature_weight=cfg.FEATURE_WEIGHT)
 
@@ -378,6 +389,32 @@ class Quantizer:
             return mean
         return self.comm.sum(mean) / self.comm.sum(torch.ones((), dtype=torch.float64))
 
+    def global_iters(self) -> int:
+        """Steps of global finetuning: FINETUNE.GLOBAL_EPOCHS of the calibration set when set, else GLOBAL_ITERS."""
+        f = self.cfg.FINETUNE
+        if f.GLOBAL_EPOCHS > 0:
+            return math.ceil(f.GLOBAL_EPOCHS * self.task.calib_size() / f.BATCH_SIZE)
+        return f.GLOBAL_ITERS
+
+    def finetune(self, student: nn.Module, *, seed: int, resume: bool = False) -> List[float]:
+        """Global finetuning of every codebook (and BatchNorm per FINETUNE.BN); with FINETUNE.CHECKPOINT_PERIOD its
+        state is saved periodically and, with ``resume``, a saved state is continued."""
+        f = self.cfg.FINETUNE
+        params = codebook_params(student)
+        if f.BN in ("affine", "train"):
+            params += bn_affine_params(student)
+        path = os.path.join(self.output_dir, FINETUNE_STATE_FILE) if self.output_dir else ""
+        checkpoint = FinetuneCheckpoint(path, f.CHECKPOINT_PERIOD, write=comm.is_main_process())
+        if not resume:
+            checkpoint.remove()  # a state left by an earlier, interrupted run is not continued without --resume
+        validate = (f.EVAL_PERIOD, self.task.evaluate) if f.EVAL_PERIOD > 0 else None
+        _seed_all(seed)
+        return distill(student, self.teacher, self.task, params, iters=self.global_iters(),
+                       optim=OptimSpec.from_cfg(f, f.GLOBAL_LR), batch_size=f.BATCH_SIZE, augment=f.AUGMENT,
+                       seed=seed, desc="global finetune", wrap=self.comm.wrap, feature_layers=f.FEATURE_LAYERS,
+                       feature_weight=f.FEATURE_WEIGHT, bn_stats=f.BN in ("stats", "train"), checkpoint=checkpoint,
+                       validate=validate)
+
     # -- whole pipeline ---------------------------------------------------------------------------------
     def run(self, *, resume: bool = False) -> QuantizationResult:
         """Quantize every planned layer in execution order, then finetune globally.
@@ -410,14 +447,7 @@ class Quantizer:
         timings["peak_rss_mib"] = _peak_rss_mib()
 
         t0 = time.perf_counter()
-        params = codebook_params(student)
-        if cfg.FINETUNE.BN == "affine":  # else "frozen" (check_quantizer_cfg)
-            params += bn_affine_params(student)
-        _seed_all(cfg.SEED * 100003 + len(plan))
-        distill(student, self.teacher, self.task, params, iters=cfg.FINETUNE.GLOBAL_ITERS,
-                lr=cfg.FINETUNE.GLOBAL_LR, batch_size=cfg.FINETUNE.BATCH_SIZE, augment=cfg.FINETUNE.AUGMENT,
-                seed=cfg.SEED * 100003 + len(plan), desc="global finetune", wrap=self.comm.wrap,
-                feature_layers=cfg.FINETUNE.FEATURE_LAYERS, feature_weight=cfg.FINETUNE.FEATURE_WEIGHT)
+        self.finetune(student, seed=cfg.SEED * 100003 + len(plan), resume=resume)
         timings["global_finetune"] = time.perf_counter() - t0
         round_codebooks_to_fp16(student)
         student.eval()

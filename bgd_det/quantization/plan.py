@@ -19,7 +19,7 @@ from .layers import PQ_LAYER_TYPES, QUANTIZABLE_TYPES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LayerPlan", "QuantRules", "execution_order", "build_plan", "OVERRIDE_KEYS"]
+__all__ = ["LayerPlan", "QuantRules", "execution_order", "build_plan", "clamp_power", "OVERRIDE_KEYS", "K_CLAMP_RULES"]
 
 #: override keys that replace a QUANT.REFINE value for the matching layers (LayerPlan.damping, .damping_per_column,
 #: .rounds), in LayerPlan's field order.
@@ -59,9 +59,9 @@ class QuantRules:
     Attributes:
         block_size_kxk: d for convs with kernel > 1x1; block_size_1x1: d for 1x1 convs;
         block_size_linear: d for Linear; block_size_transpose: d for ConvTranspose2d;
-        n_centroids: default K; min_subvectors_per_centroid: K is clamped to the largest power of two
-            <= n_subvectors / this (the paper's "min(K, C_out*m/4)", rounded down to a power of two so
-            codes take an integral number of bits);
+        n_centroids: default K; min_subvectors_per_centroid, k_clamp: K is clamped to the largest power of two
+            <= n_subvectors / this (k_clamp "le": the paper's "min(K, C_out*m/4)", rounded down to a power of two
+            so codes take an integral number of bits), or < it ("lt": the paper's released code);
         skip: glob patterns of modules left in fp32; overrides: ``[pattern, KEY, value]`` triples.
     """
 
@@ -71,6 +71,7 @@ class QuantRules:
     block_size_transpose: int = 4
     n_centroids: int = 256
     min_subvectors_per_centroid: int = 4
+    k_clamp: str = "le"
     skip: Sequence[str] = ()
     overrides: Sequence[Sequence[Any]] = ()
 
@@ -83,6 +84,7 @@ class QuantRules:
             block_size_transpose=qcfg.BLOCK_SIZE.CONV_TRANSPOSE,
             n_centroids=qcfg.N_CENTROIDS,
             min_subvectors_per_centroid=qcfg.MIN_SUBVECTORS_PER_CENTROID,
+            k_clamp=qcfg.K_CLAMP,
             skip=list(qcfg.SKIP),
             overrides=[list(o) if isinstance(o, (list, tuple)) else o for o in qcfg.OVERRIDES],
         )
@@ -176,12 +178,32 @@ def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> Lis
         cap = n_sub // max(1, rules.min_subvectors_per_centroid)
         if cap < 2:
             raise ValueError(f"{name!r} has only {n_sub} sub-vectors of size {d}; skip it in QUANT.SKIP")
-        clamped = min(k, 2 ** int(math.floor(math.log2(cap))))
+        clamped = min(k, clamp_power(n_sub, rules.min_subvectors_per_centroid, rules.k_clamp))
+        if clamped < 2:
+            raise ValueError(f"{name!r} has only {n_sub} sub-vectors of size {d}; skip it in QUANT.SKIP")
         if clamped != k:
             logger.info("%s: K clamped from %d to %d (%d sub-vectors)", name, k, clamped, n_sub)
         refine = [_refine_value(name, setting, key) for key in REFINE_OVERRIDE_KEYS]
         plan.append(LayerPlan(name, d, clamped, n_sub, *refine))
     return plan
+
+
+K_CLAMP_RULES = ("le", "lt")
+
+
+def clamp_power(n_sub: int, per_centroid: int, rule: str = "le") -> int:
+    """The largest power of two K with ``K <= n_sub / per_centroid`` (rule "le": the paper's text and PQF) or
+    ``K < n_sub / per_centroid`` ("lt": the paper's released code); e.g. 512 sub-vectors, 4 per centroid: 128 / 64."""
+    if rule not in K_CLAMP_RULES:
+        raise ValueError(f"QUANT.K_CLAMP={rule!r}; allowed: {', '.join(K_CLAMP_RULES)}")
+    per_centroid = max(1, per_centroid)
+    cap = n_sub // per_centroid
+    if cap < 1:
+        return 0
+    power = 1 << (cap.bit_length() - 1)  # largest power of two <= cap, hence <= n_sub / per_centroid
+    if rule == "lt" and power * per_centroid >= n_sub:
+        power //= 2
+    return power
 
 
 def _refine_value(name: str, setting: Dict[str, Any], key: str) -> Union[None, int, float]:

@@ -34,6 +34,10 @@ class Task:
         """Batches of calibration data covering ``n_images`` images (cycling if needed), seeded."""
         raise NotImplementedError
 
+    def calib_size(self) -> int:
+        """Number of images in ``cfg.DATASETS.CALIB`` (one epoch of :meth:`calib_batches`)."""
+        raise NotImplementedError
+
     def forward(self, model: nn.Module, batch: Any) -> Any:
         """Inference-mode forward of ``model`` on ``batch`` (used for activation capture)."""
         raise NotImplementedError

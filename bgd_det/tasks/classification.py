@@ -53,6 +53,9 @@ class ClassificationTask(Task):
             self._calib = DatasetCatalog.get(self.cfg.DATASETS.CALIB)
         return self._calib
 
+    def calib_size(self) -> int:
+        return len(self.calib_dataset())
+
     def example_forward(self, model: nn.Module) -> Any:
         return model(torch.zeros(1, 3, self.cfg.INPUT.CROP, self.cfg.INPUT.CROP, device=self.device))
 

@@ -400,6 +400,9 @@ class DetectionTask(Task):
     def needs_targets(self) -> bool:
         return self.cfg.DETECTION.LOSS in ("supervised", "both")
 
+    def calib_size(self) -> int:
+        return len(self.dataset(self.cfg.DATASETS.CALIB))
+
     def example_forward(self, model: nn.Module) -> Any:
         size = self.cfg.INPUT.MIN_SIZE_TEST
         image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(0)).to(self.device)
