@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bgd_det.quantization.capture import capture_gram, input_rows
+from bgd_det.quantization.capture import capture_gram, capture_gram_pool, input_rows
 
 
 def loop_rows(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -84,3 +84,17 @@ def test_centered_gram_is_sum_of_block_covariances():
     assert torch.allclose(acc.result(centered=True).double(), ref, atol=1e-5)
     raw = torch.einsum("nbi,nbj->ij", blocks, blocks) / (300 * 3)
     assert torch.allclose(acc.result().double(), raw, rtol=1e-5)
+
+
+def test_gram_pool_holds_one_gram_per_image_that_sum_to_the_shared_gram():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, groups=2))
+    batches = [torch.randn(2, 3, 6, 6) for _ in range(3)]
+    grams, counts = capture_gram_pool(model, "2", batches, lambda m, b: m(b), block_size=6)
+    acc = capture_gram(model, "2", batches, lambda m, b: m(b), block_size=6)
+    assert grams.shape == (6, 6, 6) and counts.tolist() == [2 * 16 * 6] * 6  # 2 groups x 16 positions x 6 blocks
+    assert torch.allclose(grams.sum(0) / counts.sum(), acc.result().double(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        first = input_rows(model[2], model[1](model[0](batches[0][:1]))).reshape(-1, 6).double()
+    assert torch.allclose(grams[0], first.T @ first, rtol=1e-6)  # item 0 is image 0 alone
+    sampled, n = capture_gram_pool(model, "2", batches, lambda m, b: m(b), block_size=6, rows_per_image=5)
+    assert n.tolist() == [5 * 6] * 6 and not torch.allclose(sampled, grams)

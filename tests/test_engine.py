@@ -67,6 +67,7 @@ def test_resume_gives_same_codes_as_uninterrupted_run(tiny_images, tmp_path):
     ("QUANT.REFINE.DAMPING", -0.5, "QUANT.REFINE.DAMPING=-0.5, DAMPING_PER_COLUMN=0.0; allowed: numbers >= 0"),
     ("QUANT.BN_CORRECTION", "full", "QUANT.BN_CORRECTION='full'; allowed: 'mean_var', 'mean', 'none'"),
     ("FINETUNE.BN", "running", "FINETUNE.BN='running'; allowed: 'affine', 'frozen', 'stats', 'train'"),
+    ("QUANT.EM_RESAMPLE_IMAGES", -1, "QUANT.EM_RESAMPLE_IMAGES=-1 with QUANT.METRIC='shared'; allowed: 0, or an integer > 0"),
     ("QUANT.K_CLAMP", "lte", "QUANT.K_CLAMP='lte'; allowed: 'le', 'lt'"),
     ("FINETUNE.OPTIMIZER", "lbfgs", "FINETUNE.OPTIMIZER='lbfgs'; allowed: adam, sgd"),
     ("FINETUNE.CENTROID_GRAD", "max", "FINETUNE.CENTROID_GRAD='max'; allowed: sum, mean"),

@@ -82,11 +82,12 @@ def _quantizer(tmp_path, name, *extra):
     return cfg, Quantizer(cfg, teacher, build_task(cfg), output_dir=cfg.OUTPUT_DIR)
 
 
-def test_paper_finetuning_updates_running_statistics_and_counts_epochs(tiny_images, tmp_path):
+def test_paper_mode_runs_and_its_finetuning_updates_running_statistics_and_counts_epochs(tiny_images, tmp_path):
     cfg, q = _quantizer(tmp_path, "a", "FINETUNE.GLOBAL_EPOCHS", 1.5, "FINETUNE.BN", "stats",
                         "FINETUNE.OPTIMIZER", "sgd", "FINETUNE.GLOBAL_LR", 0.01, "FINETUNE.CENTROID_GRAD", "mean",
                         "FINETUNE.WEIGHT_DECAY", 1e-4, "FINETUNE.LR_SCHEDULE", "step",
-                        "FINETUNE.LR_MILESTONES", "[0.5]")
+                        "FINETUNE.LR_MILESTONES", "[0.5]", "QUANT.EM_RESAMPLE_IMAGES", 4,
+                        "QUANT.CAPTURE_AUGMENT", True, "QUANT.BN_CORRECTION", "none")
     assert q.global_iters() == 4  # ceil(1.5 epochs * 10 even-class images / batch 4)
     result = q.run()
     bn_t, bn_s = q.teacher.bn2, result.student.bn2

@@ -235,3 +235,35 @@ def test_block_threads_same_codes_and_restores_threads(monkeypatch):
         torch.set_num_threads(before)
     ref_idx, _, _, ref_iters = reference_em(weight, gram, 4, 16, 30, seed=2)
     assert torch.equal(res.codes.flatten().long(), ref_idx) and res.iterations == ref_iters
+
+
+def test_resampled_em_draws_a_new_image_set_every_iteration(monkeypatch):
+    """Item i's Gram is e_i e_i^T: the diagonal of each E-step's metric shows which images were drawn."""
+    seen = []
+    factor = pq._metric_factor
+    monkeypatch.setattr(pq, "_metric_factor", lambda g, eps: seen.append(g.diagonal().clone()) or factor(g, eps))
+    grams = torch.diag_embed(torch.eye(4, dtype=torch.float64))
+    weight = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    res = pq.em_quantize_resampled(weight, grams, torch.ones(4, dtype=torch.float64), block_size=4, n_centroids=4,
+                                   sample=2, n_iter=6, seed=0)
+    assert len(seen) == 7 and res.iterations == 6
+    draws = [tuple(torch.nonzero(s).flatten().tolist()) for s in seen[:6]]
+    assert all(len(d) == 2 and torch.allclose(s[list(d)], torch.full((2,), 0.5)) for d, s in zip(draws, seen))
+    assert len(set(draws)) > 1  # resampled, not one fixed draw
+    assert torch.allclose(seen[6], torch.full((4,), 0.25))  # the final codes use the whole pool
+    with pytest.raises(ValueError, match=r"QUANT.EM_RESAMPLE_IMAGES=5; allowed: 1 .. 4"):
+        pq.em_quantize_resampled(weight, grams, torch.ones(4), block_size=4, n_centroids=4, sample=5)
+
+
+def test_resampled_em_with_the_whole_pool_is_the_plain_em():
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(6, 4, generator=g) * 3
+    weight = (centres[torch.randint(0, 6, (96,), generator=g)] + 0.05 * torch.randn(96, 4, generator=g)).reshape(24, 16)
+    x = torch.randn(40, 4, generator=g) * torch.tensor([0.3, 1.0, 2.0, 0.7])
+    grams = torch.einsum("ni,nj->nij", x, x).double()
+    counts = torch.ones(40, dtype=torch.float64)
+    ref = em_quantize(weight, (grams.sum(0) / 40).float(), block_size=4, n_centroids=6, n_iter=20, seed=3)
+    res = pq.em_quantize_resampled(weight, grams, counts, block_size=4, n_centroids=6, sample=40, n_iter=20, seed=3)
+    assert torch.equal(res.codes, ref.codes)
+    assert torch.allclose(res.codebook, ref.codebook, atol=1e-5)
+    assert res.objective == pytest.approx(ref.objective, rel=1e-4)

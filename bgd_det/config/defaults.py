@@ -99,6 +99,12 @@ _C.QUANT.REFINE.AUGMENTED_VIEWS = 0
 _C.QUANT.REFINE.MIN_ROWS_PER_COLUMN = 20
 # Activation capture: images forwarded per layer, and input rows (im2col positions) kept per image.
 _C.QUANT.CAPTURE_IMAGES = 128
+# Capture images are random-resized crops + flips of the calibration images (the paper's augmented training
+# images) instead of centre crops.
+_C.QUANT.CAPTURE_AUGMENT = False
+# 0: the E-step's metric is one Gram from all capture images; n > 0 (the paper, with QUANT.METRIC "shared"): one
+# Gram is kept per capture image and every EM iteration's E-step uses that of n images drawn afresh.
+_C.QUANT.EM_RESAMPLE_IMAGES = 0
 _C.QUANT.CAPTURE_ROWS_PER_IMAGE = 256
 _C.QUANT.CAPTURE_BATCH_SIZE = 32
 # Where a layer's calibration activations come from (bgd_det/engine/streaming.py): "streaming" keeps the student's

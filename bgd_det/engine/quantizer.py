@@ -25,9 +25,10 @@ from torch import nn
 from ..checkpoint import atomic_save, compressed_state, load_compressed_into, round_codebooks_to_fp16
 from ..quantization.bn_correction import (bn_scale_shift, channel_stats, correct_batchnorm, correct_bias,
                                          following_batchnorms, output_channel_mean)
-from ..quantization.capture import capture_gram, capture_second_moments, has_input_metric, metric_uses_inputs
+from ..quantization.capture import (capture_gram, capture_gram_pool, capture_second_moments, has_input_metric,
+                                    metric_uses_inputs)
 from ..quantization.plan import K_CLAMP_RULES, LayerPlan, QuantRules, build_plan, execution_order
-from ..quantization.pq import PQResult, em_quantize
+from ..quantization.pq import PQResult, em_quantize, em_quantize_resampled
 from ..quantization.refine import check_damping_metric, check_refine_target, output_objective, refine_pq
 from ..quantization.residual import residual_branch_end
 from ..quantization.swap import make_pq_layer, set_module
@@ -115,6 +116,9 @@ def check_quantizer_cfg(cfg) -> None:
                          f"{q.REFINE.DAMPING_PER_COLUMN}; allowed: numbers >= 0")
     _check_choice("QUANT.BN_CORRECTION", q.BN_CORRECTION, BN_CORRECTION_MODES)
     _check_choice("QUANT.K_CLAMP", q.K_CLAMP, K_CLAMP_RULES)
+    if q.EM_RESAMPLE_IMAGES < 0 or (q.EM_RESAMPLE_IMAGES and q.METRIC != "shared"):
+        raise ValueError(f"QUANT.EM_RESAMPLE_IMAGES={q.EM_RESAMPLE_IMAGES} with QUANT.METRIC={q.METRIC!r}; allowed: "
+                         f"0, or an integer > 0 with the 'shared' metric")
     _check_choice("QUANT.ENGINE", q.ENGINE, ENGINES)
     _check_choice("QUANT.STREAM.DTYPE", q.STREAM.DTYPE, tuple(CACHE_DTYPES))
     if q.STREAM.BUDGET_MB < 0:
@@ -177,7 +181,7 @@ class Quantizer:
         self.bn_pairs: Dict[str, str] = following_batchnorms(self.teacher, self.task.example_forward)
         q = cfg.QUANT
         capture_seed = cfg.SEED * 100003 + 90001  # once per run: the same images and views for every layer
-        self.plain_pass = PassSpec(q.CAPTURE_IMAGES, q.CAPTURE_BATCH_SIZE, False, capture_seed)
+        self.plain_pass = PassSpec(q.CAPTURE_IMAGES, q.CAPTURE_BATCH_SIZE, q.CAPTURE_AUGMENT, capture_seed)
         self.views_pass = PassSpec(q.CAPTURE_IMAGES * q.REFINE.AUGMENTED_VIEWS, q.CAPTURE_BATCH_SIZE, True,
                                    capture_seed + 1)
 
@@ -260,15 +264,25 @@ class Quantizer:
         cfg = self.cfg
         module = student.get_submodule(layer.name)
         gram, t0 = None, time.perf_counter()
-        if metric_uses_inputs(cfg.QUANT.METRIC) and has_input_metric(module):
-            batches, forward = source.plain()
-            acc = capture_gram(student, layer.name, batches, forward, block_size=layer.block_size,
-                               rows_per_image=cfg.QUANT.CAPTURE_ROWS_PER_IMAGE, seed=seed, reduce=self._reduce)
-            gram = acc.result(centered=cfg.QUANT.METRIC == "centered")
-        capture_s = time.perf_counter() - t0
         weight = module.weight.detach()
-        result = em_quantize(weight, gram, block_size=layer.block_size, n_centroids=layer.n_centroids,
-                             n_iter=cfg.QUANT.EM_ITERS, seed=seed)
+        resample = cfg.QUANT.EM_RESAMPLE_IMAGES
+        if resample and has_input_metric(module):  # the paper's E-step (one process: rank 0's codes are kept)
+            batches, forward = source.plain()
+            grams, counts = capture_gram_pool(student, layer.name, batches, forward, block_size=layer.block_size,
+                                              rows_per_image=cfg.QUANT.CAPTURE_ROWS_PER_IMAGE, seed=seed)
+            capture_s = time.perf_counter() - t0
+            result = em_quantize_resampled(weight, grams, counts, block_size=layer.block_size,
+                                           n_centroids=layer.n_centroids, sample=min(resample, len(counts)),
+                                           n_iter=cfg.QUANT.EM_ITERS, seed=seed)
+        else:
+            if metric_uses_inputs(cfg.QUANT.METRIC) and has_input_metric(module):
+                batches, forward = source.plain()
+                acc = capture_gram(student, layer.name, batches, forward, block_size=layer.block_size,
+                                   rows_per_image=cfg.QUANT.CAPTURE_ROWS_PER_IMAGE, seed=seed, reduce=self._reduce)
+                gram = acc.result(centered=cfg.QUANT.METRIC == "centered")
+            capture_s = time.perf_counter() - t0
+            result = em_quantize(weight, gram, block_size=layer.block_size, n_centroids=layer.n_centroids,
+                                 n_iter=cfg.QUANT.EM_ITERS, seed=seed)
         output_error = float("nan")
         rounds = refine_rounds(cfg.QUANT.REFINE, layer)
         if rounds > 0 and has_input_metric(module):

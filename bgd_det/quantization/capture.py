@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional, Tuple
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METRICS", "metric_uses_inputs", "input_rows", "has_input_metric", "GramAccumulator", "for_each_input",
+__all__ = ["METRICS", "metric_uses_inputs", "input_rows", "has_input_metric", "GramAccumulator", "capture_gram_pool", "for_each_input",
            "for_each_output", "eval_mode", "capture_gram", "StopForward", "group_rows", "SecondMoments", "capture_second_moments"]
 
 
@@ -205,6 +205,39 @@ def capture_gram(model: nn.Module, name: str, batches: Iterable[Any], forward: C
         acc.n_rows = int(reduce(torch.tensor(float(acc.n_rows), dtype=torch.float64)))
         acc.n_positions = int(reduce(torch.tensor(float(acc.n_positions), dtype=torch.float64)))
     return acc
+
+
+def capture_gram_pool(model: nn.Module, name: str, batches: Iterable[Any],
+                      forward: Callable[[nn.Module, Any], Any], *, block_size: int, rows_per_image: int = 0,
+                      seed: int = 0) -> Tuple[Tensor, Tensor]:
+    """One Gram per input item of layer ``name`` (an image for a conv, a row for a Linear), for the E-step that
+    resamples its metric every iteration (:func:`bgd_det.quantization.pq.em_quantize_resampled`).
+
+    Args:
+        rows_per_image: random input positions kept per item (0 = all).
+
+    Returns:
+        (Tensor[n_items, d, d] float64 sums ``x x^T`` over the item's sub-vectors, Tensor[n_items] their counts).
+    """
+    grams: List[Tensor] = []
+    counts: List[int] = []
+    gen = torch.Generator().manual_seed(seed)
+
+    def add(mod: nn.Module, x: Tensor) -> None:
+        items = x.shape[0] if x.dim() == 4 else 1
+        rows = input_rows(mod, x)
+        rows = rows.reshape(items, -1, rows.shape[1]) if x.dim() == 4 else rows.unsqueeze(1)
+        for item in rows:  # Tensor[positions, cols]
+            if rows_per_image and item.shape[0] > rows_per_image:
+                item = item[torch.randperm(item.shape[0], generator=gen)[:rows_per_image].to(item.device)]
+            z = item.reshape(-1, block_size).double()
+            grams.append((z.T @ z).cpu())
+            counts.append(z.shape[0])
+
+    for_each_input(model, name, batches, forward, add)
+    if not grams:
+        raise RuntimeError("no activations were captured (did the layer run during the forward?)")
+    return torch.stack(grams), torch.tensor(counts, dtype=torch.float64)
 
 
 def group_rows(module: nn.Module, x: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-__all__ = ["pq_decode", "code_dtype", "split_subvectors", "PQResult", "em_quantize", "assign"]
+__all__ = ["pq_decode", "code_dtype", "split_subvectors", "PQResult", "em_quantize", "em_quantize_resampled", "assign"]
 
 
 def code_dtype(n_centroids: int) -> torch.dtype:
@@ -580,3 +580,62 @@ def em_quantize(
     codebook = torch.linalg.solve_triangular(factor, centroids.T, upper=True).T.contiguous()
     codes = idx.reshape(weight.shape[0], -1).to(code_dtype(n_centroids))
     return PQResult(codes=codes, codebook=codebook, objective=objective, iterations=iterations)
+
+
+def em_quantize_resampled(
+    weight: Tensor,
+    grams: Tensor,
+    counts: Tensor,
+    *,
+    block_size: int,
+    n_centroids: int,
+    sample: int,
+    n_iter: int = 100,
+    seed: int = 0,
+    eps: float = 1e-8,
+) -> PQResult:
+    """The activation-aware EM with the E-step's metric resampled every iteration (the paper's recipe).
+
+    Iteration ``t``'s E-step uses the Gram of ``sample`` input items (images) drawn afresh, without replacement,
+    from the pool ``grams``; the M-step is the cluster mean (in weight space: it does not depend on the metric).
+    The final codes and the objective use the Gram of the whole pool. No early stop: the metric changes every
+    iteration.
+
+    Args:
+        weight (Tensor[C_out, ...]): dense weight.
+        grams (Tensor[n_items, d, d]): per-item sums ``x x^T`` of the captured input sub-vectors; counts
+            (Tensor[n_items]): the sub-vectors each sum holds (a draw's metric is its mean Gram).
+        sample: items per E-step (``1 <= sample <= n_items``).
+
+    Returns:
+        PQResult as :func:`em_quantize`.
+    """
+    points = split_subvectors(weight.detach().float(), block_size)
+    n, n_items = points.shape[0], grams.shape[0]
+    if n_centroids > n:
+        raise ValueError(f"n_centroids={n_centroids} exceeds the layer's {n} sub-vectors; allowed: <= {n}")
+    if grams.dim() != 3 or grams.shape[1:] != (block_size, block_size):
+        raise ValueError(f"grams has shape {tuple(grams.shape)}, expected (n_items, {block_size}, {block_size})")
+    if not 1 <= sample <= n_items:
+        raise ValueError(f"QUANT.EM_RESAMPLE_IMAGES={sample}; allowed: 1 .. {n_items} (the captured images)")
+    gen = torch.Generator().manual_seed(seed)
+    centroids = _init_centroids(points, n_centroids, gen)
+    split_scale = 1e-3 * float(points.std().clamp_min(1e-12))
+
+    def factor_of(items: Tensor) -> Tensor:
+        mean = grams[items].sum(0) / counts[items].sum().clamp_min(1)
+        return _metric_factor(mean.to(points), eps)
+
+    with _block_threads():
+        for _ in range(n_iter):
+            draw = torch.randperm(n_items, generator=gen)[:sample]
+            factor = factor_of(draw)
+            idx, _ = assign(points @ factor.T, centroids @ factor.T)
+            centroids = _m_step(points, idx, centroids, gen, split_scale)
+        factor = factor_of(torch.arange(n_items))
+        z = points @ factor.T
+        idx, dist = assign(z, centroids @ factor.T)
+    codes = idx.reshape(weight.shape[0], -1).to(code_dtype(n_centroids))
+    return PQResult(codes=codes, codebook=centroids.contiguous(), objective=float(dist.double().sum()),
+                    iterations=n_iter)
+
