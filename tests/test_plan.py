@@ -164,6 +164,11 @@ SHIPPED_SIZES = {
     "ImageNet/resnet18_small_blocks.yaml": (1.54, 28.9),
     "ImageNet/resnet50_large_blocks.yaml": (3.19, 30.6),
     "ImageNet/resnet50_small_blocks.yaml": (5.09, 19.1),
+    "ImageNet/paper/demo_resnet18_large_blocks_sample.yaml": (1.03, 43.3),
+    "ImageNet/paper/resnet18_large_blocks.yaml": (1.03, 43.3),
+    "ImageNet/paper/resnet18_small_blocks.yaml": (1.54, 28.9),
+    "ImageNet/paper/resnet50_large_blocks.yaml": (3.19, 30.6),
+    "ImageNet/paper/resnet50_small_blocks.yaml": (5.09, 19.1),
 }
 
 
