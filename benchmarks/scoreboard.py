@@ -4,14 +4,22 @@
     BGD_DATASETS=../shared/assets python benchmarks/scoreboard.py \
         --ours r18_large=output/demo_resnet18_large_blocks/model_final.pth [--all] [--output t.md]
 
-All rows are evaluated on the same real images by ``ClassificationTask.evaluate``: the 500 odd-class
-``imagenet_sample_odd`` images (even classes are the calibration split of bgd_det's demo configs)
-and, with ``--all``, also all 1000 ``imagenet_sample`` images (these include the calibration images
-of ours: not a held-out number for ours). Rows: the dense teachers (ResNet-18 from ``teachers/``;
-ResNet-50 decoded from PQF's ``resnet50_large.pth`` by :func:`bgd_det.peers.dense_state_dict`, so
-its function *is* PQF's R50), the peers' checkpoints imported by :mod:`bgd_det.peers`, and every
-``--ours NAME=PATH`` (a bgd_det compressed checkpoint). Size and ratio come from the one size
-function, :func:`bgd_det.quantization.size.model_size`.
+    # the frozen protocol (docs/scoreboard.md): seeds of one recipe, calibrated on the odd classes, scored on the
+    # even ones, against the peers on the same images
+    python benchmarks/scoreboard.py --splits even --only "R18 large,bgd_det" \
+        --ours "paper d18=out/s0/model_final.pth,out/s1/model_final.pth,..." --compare "BGD R18 large,PQF R18 large"
+
+All rows are evaluated on the same real images by ``ClassificationTask.evaluate``: by default the 500 odd-class
+``imagenet_sample_odd`` images (the even classes are the calibration split of bgd_det's development configs);
+``--splits even`` scores the 500 even-class images (the frozen protocol's test split: those configs calibrate on
+the odd classes), ``--all`` adds all 1000 ``imagenet_sample`` images (these include calibration images of ours).
+Rows: the dense teachers (ResNet-18 from ``teachers/``; ResNet-50 decoded from PQF's ``resnet50_large.pth`` by
+:func:`bgd_det.peers.dense_state_dict`, so its function *is* PQF's R50), ``--teacher NAME=ARCH:PATH`` dense state
+dicts (e.g. a de-structured teacher), the peers' checkpoints imported by :mod:`bgd_det.peers`, and every ``--ours
+NAME=PATH[,PATH...]`` (bgd_det compressed checkpoints; several paths are seeds of one recipe: the row gives the
+per-seed top-1, their mean +- sd and, against every row named by ``--compare``, the seed-averaged top-1
+difference with a paired bootstrap 95% interval over the images, :mod:`bgd_det.evaluation.protocol`). Size and
+ratio come from the one size function, :func:`bgd_det.quantization.size.model_size`.
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from bgd_det.config import get_cfg  # noqa: E402
+from bgd_det.evaluation.protocol import paired_bootstrap, seed_summary  # noqa: E402
 from bgd_det.modeling import build_model, load_weights  # noqa: E402
 from bgd_det.peers import dense_state_dict, import_peer, load_checkpoint_model  # noqa: E402
 from bgd_det.quantization.size import model_size  # noqa: E402
@@ -48,7 +57,8 @@ PEERS = [
 ]
 R18_TEACHER = "teachers/resnet18_pqf_small_dense.pth"
 #: split -> (short column label, description)
-SPLITS = {"imagenet_sample_odd": ("odd", "odd classes"), "imagenet_sample": ("all", "all classes")}
+SPLITS = {"imagenet_sample_odd": ("odd", "odd classes"), "imagenet_sample_even": ("even", "even classes"),
+          "imagenet_sample": ("all", "all classes")}
 
 
 def _dense(arch: str, weights) -> torch.nn.Module:
@@ -68,28 +78,33 @@ def _dense_r50(assets: Path) -> torch.nn.Module:
     return _dense("resnet50", dense_state_dict(pqf_r50))
 
 
-def candidates(assets: Path, ours):
-    """``(name, method, loader)`` for every row; a loader builds the model when called."""
+def candidates(assets: Path, ours, teachers=()):
+    """``(name, method, loaders)`` for every row; a loader builds a model when called (several: seeds)."""
     rows = [
-        ("ResNet-18 dense teacher", "dense", lambda: _dense("resnet18", str(assets / R18_TEACHER))),
-        ("ResNet-50 dense (decoded PQF R50)", "dense", lambda: _dense_r50(assets)),
+        ("ResNet-18 dense teacher", "dense", [lambda: _dense("resnet18", str(assets / R18_TEACHER))]),
+        ("ResNet-50 dense (decoded PQF R50)", "dense", [lambda: _dense_r50(assets)]),
     ]
-    for name, method, rel in PEERS:
-        rows.append(
-            (name, method, lambda p=str(assets / rel), m=method: import_peer(p, m.lower())[0])
-        )
-    for spec in ours:
-        label, _, path = spec.partition("=")
+    for spec in teachers:
+        label, _, rest = spec.partition("=")
+        arch, _, path = rest.partition(":")
         if not path:
-            raise SystemExit(f"--ours expects NAME=PATH, got {spec!r}")
-        rows.append((f"bgd_det {label}", "bgd_det", lambda p=path: load_checkpoint_model(p)[0]))
+            raise SystemExit(f"--teacher expects NAME=ARCH:PATH, got {spec!r}")
+        rows.append((label, "dense", [lambda a=arch, p=path: _dense(a, p)]))
+    for name, method, rel in PEERS:
+        rows.append((name, method, [lambda p=str(assets / rel), m=method: import_peer(p, m.lower())[0]]))
+    for spec in ours:
+        label, _, paths = spec.partition("=")
+        if not paths:
+            raise SystemExit(f"--ours expects NAME=PATH[,PATH...], got {spec!r}")
+        rows.append((f"bgd_det {label}", "bgd_det",
+                     [lambda p=p: load_checkpoint_model(p)[0] for p in paths.split(",")]))
     return rows
 
 
 def evaluate(model: torch.nn.Module, split: str, max_images: int) -> dict:
     cfg = get_cfg()
     cfg.DATASETS.TEST, cfg.DATASETS.TEST_MAX_IMAGES = split, max_images
-    return ClassificationTask(cfg).evaluate(model)
+    return ClassificationTask(cfg).evaluate(model, per_image=True)
 
 
 def main(argv=None) -> list:
@@ -101,13 +116,13 @@ def main(argv=None) -> list:
         default=str(Path(__file__).resolve().parents[2] / "shared/assets"),
         help="offline assets folder (peers/, teachers/, imagenet-sample/)",
     )
-    p.add_argument(
-        "--ours",
-        action="append",
-        default=[],
-        metavar="NAME=PATH",
-        help="a bgd_det compressed checkpoint to add (repeatable)",
-    )
+    p.add_argument("--ours", action="append", default=[], metavar="NAME=PATH[,PATH...]",
+                   help="bgd_det compressed checkpoints, several = seeds of one recipe (repeatable)")
+    p.add_argument("--teacher", action="append", default=[], metavar="NAME=ARCH:PATH",
+                   help="a dense state dict to add as a row (repeatable)")
+    p.add_argument("--compare", default="BGD R18 large,PQF R18 large",
+                   help="comma-separated substrings: rows every --ours row is compared with (paired bootstrap)")
+    p.add_argument("--splits", default="odd", help="comma-separated: odd, even, all")
     p.add_argument(
         "--all", action="store_true", help="also evaluate on all 1000 imagenet_sample images"
     )
@@ -124,52 +139,80 @@ def main(argv=None) -> list:
     if not (assets / "imagenet-sample").is_dir():
         raise SystemExit(f"assets folder {assets} has no imagenet-sample/ (pass --assets)")
     os.environ.setdefault("BGD_DATASETS", str(assets))
-    splits = ["imagenet_sample_odd"] + (["imagenet_sample"] if args.all else [])
+    short = {v[0]: k for k, v in SPLITS.items()}
+    splits = [short[x.strip()] for x in args.splits.split(",") if x.strip() in short]
+    if not splits:
+        raise SystemExit(f"--splits {args.splits!r}; allowed: {', '.join(short)}")
+    if args.all and "imagenet_sample" not in splits:
+        splits.append("imagenet_sample")
     rows = []
-    for name, method, load in candidates(assets, args.ours):
+    for name, method, loaders in candidates(assets, args.ours, args.teacher):
         if args.only and not any(s.strip().lower() in name.lower() for s in args.only.split(",")):
             continue
         t0 = time.perf_counter()
         try:
-            model = load()
+            models = [load() for load in loaders]
         except FileNotFoundError as e:
             if method == "bgd_det":
                 raise
             logger.warning("skipping %s: %s", name, e)
             continue
-        size = model_size(model)
-        row = {
-            "model": name,
-            "method": method,
-            "size_mib": size.compressed_mib,
-            "ratio": size.ratio,
-        }
+        size = model_size(models[0])
+        row = {"model": name, "method": method, "size_mib": size.compressed_mib, "ratio": size.ratio,
+               "seeds": len(models)}
         for split in splits:
-            m = evaluate(model, split, args.max_images)
-            row[split] = {"top1": m["top1"], "top5": m["top5"], "n_images": m["n_images"]}
+            per_seed = [evaluate(model, split, args.max_images) for model in models]
+            hits = torch.tensor([m["top1_per_image"] for m in per_seed])
+            row[split] = {"top1": float(sum(m["top1"] for m in per_seed) / len(per_seed)),
+                          "top5": float(sum(m["top5"] for m in per_seed) / len(per_seed)),
+                          "n_images": per_seed[0]["n_images"], "top1_per_seed": [m["top1"] for m in per_seed],
+                          "top1_sd": seed_summary(hits).sd, "hits": hits.int().tolist()}
         row["seconds"] = time.perf_counter() - t0
-        logger.info("%s: %s", name, json.dumps(row))
+        logger.info("%s: %s", name, json.dumps({k: v for k, v in row.items() if k not in splits}))
         rows.append(row)
         if args.output:  # after every row, so a long run keeps what it measured
-            Path(args.output).write_text(format_table(rows, splits) + "\n")
-            Path(args.output).with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
-    print(format_table(rows, splits))
+            Path(args.output).write_text(format_table(rows, splits, args.compare) + "\n")
+            Path(args.output).with_suffix(".json").write_text(json.dumps(rows) + "\n")
+    print(format_table(rows, splits, args.compare))
     return rows
 
 
-def format_table(rows: list, splits: list) -> str:
-    headers = ["Model", "Method", "Size (MiB)", "Ratio"]
+def comparisons(rows: list, split: str, compare: str) -> list:
+    """``[(ours row, reference row, PairedDifference)]`` for every bgd_det row against every --compare row."""
+    refs = [r for r in rows if r["method"] != "bgd_det"
+            and any(c.strip().lower() in r["model"].lower() for c in compare.split(",") if c.strip())]
+    out = []
+    for ours in (r for r in rows if r["method"] == "bgd_det"):
+        for ref in refs:
+            diff = paired_bootstrap(torch.tensor(ours[split]["hits"]), torch.tensor(ref[split]["hits"][0]))
+            out.append((ours, ref, diff))
+    return out
+
+
+def format_table(rows: list, splits: list, compare: str = "") -> str:
+    headers = ["Model", "Method", "Size (MiB)", "Ratio", "Seeds"]
     for split in splits:
-        headers += [f"Top-1 {SPLITS[split][0]}", f"Top-5 {SPLITS[split][0]}"]
+        headers += [f"Top-1 {SPLITS[split][0]} (mean +- sd)", f"Top-5 {SPLITS[split][0]}"]
     headers.append("Images (split)")
     body = []
     for r in rows:
-        line = [r["model"], r["method"], f"{r['size_mib']:.2f}", f"{r['ratio']:.1f}x"]
+        line = [r["model"], r["method"], f"{r['size_mib']:.2f}", f"{r['ratio']:.1f}x", str(r.get("seeds", 1))]
         for split in splits:
-            line += [f"{r[split]['top1']:.1f}", f"{r[split]['top5']:.1f}"]
+            sd = f" +- {r[split]['top1_sd']:.1f}" if r.get("seeds", 1) > 1 else ""
+            line += [f"{r[split]['top1']:.1f}{sd}", f"{r[split]['top5']:.1f}"]
         line.append(" + ".join(f"{r[s]['n_images']} {SPLITS[s][1]} (`{s}`)" for s in splits))
         body.append(line)
-    return tabulate(body, headers, tablefmt="github", disable_numparse=True)
+    text = tabulate(body, headers, tablefmt="github", disable_numparse=True)
+    for split in splits:
+        pairs = comparisons(rows, split, compare) if compare else []
+        if pairs:
+            lines = [[o["model"], ", ".join(f"{v:.1f}" for v in o[split]["top1_per_seed"]), r["model"], str(d)]
+                     for o, r, d in pairs]
+            text += (f"\n\nTop-1 difference on {SPLITS[split][1]} (`{split}`), points: seed-averaged ours minus the "
+                     f"reference, paired bootstrap 95% interval over the images (10000 draws)\n\n")
+            text += tabulate(lines, ["Ours", "Top-1 per seed", "Reference", "Difference [95% CI]"],
+                             tablefmt="github", disable_numparse=True)
+    return text
 
 
 if __name__ == "__main__":

@@ -101,10 +101,13 @@ class ClassificationTask(Task):
         return DataLoader(Subset(ds, indices), batch_size=self.cfg.TEST.BATCH_SIZE,
                           num_workers=self.cfg.DATALOADER.NUM_WORKERS)
 
-    def evaluate(self, model: nn.Module, *, reference: Optional[nn.Module] = None) -> Dict[str, float]:
-        """Top-1/top-5 (%) on ``DATASETS.TEST``; with ``reference`` also its KL and top-1 agreement to it."""
+    def evaluate(self, model: nn.Module, *, reference: Optional[nn.Module] = None,
+                 per_image: bool = False) -> Dict[str, float]:
+        """Top-1/top-5 (%) on ``DATASETS.TEST``; with ``reference`` also its KL and top-1 agreement to it; with
+        ``per_image`` also every image's top-1 hit (``top1_per_image``, in the dataset's order)."""
         device = self.device
-        return inference_on_dataset(model, self.test_loader(), ClassificationEvaluator(reference=reference),
+        evaluator = ClassificationEvaluator(reference=reference, per_image=per_image)
+        return inference_on_dataset(model, self.test_loader(), evaluator,
                                     forward=lambda m, b: m(b[0].to(device)), desc=self.cfg.DATASETS.TEST)
 
 

@@ -1,0 +1,46 @@
+"""The frozen protocol's statistics: per-seed summary and the paired bootstrap against a loop reference."""
+import math
+
+import pytest
+import torch
+
+from bgd_det.evaluation.classification import ClassificationEvaluator
+from bgd_det.evaluation.protocol import paired_bootstrap, seed_summary
+
+
+def test_seed_summary_is_mean_and_sample_sd_of_per_seed_top1():
+    hits = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    s = seed_summary(hits)
+    assert s.values == (50.0, 75.0, 25.0) and s.mean == pytest.approx(50.0) and s.sd == pytest.approx(25.0)
+    assert seed_summary(hits[0]).sd == 0.0
+
+
+def test_paired_bootstrap_matches_a_loop_reference_and_is_paired():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(200, generator=g) < 0.7
+    ours = torch.stack([ref ^ (torch.rand(200, generator=g) < 0.1) for _ in range(4)])
+    res = paired_bootstrap(ours, ref, n_boot=2000, seed=5)
+    diff = ours.double().mean(0) - ref.double()
+    assert res.mean == pytest.approx(100 * float(diff.mean()))
+    gen = torch.Generator().manual_seed(5)
+    draws = torch.randint(0, 200, (2000, 200), generator=gen)
+    boot = sorted(100 * float(diff[d].mean()) for d in draws)
+    assert res.low == pytest.approx(boot[int(0.025 * 1999)], abs=0.2)
+    assert res.high == pytest.approx(boot[int(math.ceil(0.975 * 1999))], abs=0.2)
+    assert res.low < res.mean < res.high
+    # Pairing: an identical model has a zero-width interval, which unpaired resampling would not give.
+    same = paired_bootstrap(ref, ref, n_boot=500)
+    assert same.mean == same.low == same.high == 0.0
+
+
+def test_paired_bootstrap_refuses_different_images():
+    with pytest.raises(ValueError, match="ours has 3 images and the reference 4"):
+        paired_bootstrap(torch.ones(2, 3), torch.ones(4))
+
+
+def test_evaluator_per_image_hits_follow_the_images():
+    ev = ClassificationEvaluator(topk=(1,), per_image=True)
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0], [0.0, 3.0, 1.0]])
+    ev.process((None, torch.tensor([0, 1, 1])), logits)
+    out = ev.evaluate()
+    assert out["top1_per_image"] == [True, False, True] and out["top1"] == pytest.approx(200 / 3)
