@@ -52,3 +52,17 @@ def test_flat_sample_layout_and_unknown_wnids(tmp_path, monkeypatch):
         scan_image_folder(str(tmp_path / "imagenet-sample"))
     with pytest.raises(FileNotFoundError, match="dataset folder not found: .*imagenet/train"):
         DatasetCatalog.get("imagenet_train")
+
+
+def test_num_workers_automatic_and_errors(monkeypatch):
+    from bgd_det.data import num_workers
+
+    assert num_workers(3) == 3 and num_workers(0) == 0
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert num_workers(-1) == 0
+    monkeypatch.setattr("os.cpu_count", lambda: 32)
+    assert num_workers(-1) == 8
+    monkeypatch.setattr("os.cpu_count", lambda: 6)
+    assert num_workers(-1) == 3
+    with pytest.raises(ValueError, match=r"DATALOADER.NUM_WORKERS=-2; allowed: -1 \(automatic\)"):
+        num_workers(-2)

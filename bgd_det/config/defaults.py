@@ -176,7 +176,8 @@ _C.DATASETS.TEST = "imagenet_sample_odd"
 _C.DATASETS.TEST_MAX_IMAGES = 0  # 0 = all
 
 _C.DATALOADER = CfgNode()
-_C.DATALOADER.NUM_WORKERS = 0
+# Worker processes per DataLoader; -1: automatic (half the CPU cores up to 8; none on <= 2 cores).
+_C.DATALOADER.NUM_WORKERS = -1
 
 _C.INPUT = CfgNode()
 _C.INPUT.RESIZE = 256

@@ -36,3 +36,14 @@ class _DatasetCatalog:
 
 
 DatasetCatalog = _DatasetCatalog()
+
+
+def num_workers(setting: int) -> int:
+    """DataLoader workers for DATALOADER.NUM_WORKERS: the value when >= 0; -1 (automatic): half the CPU cores up to
+    8, and none on a machine of <= 2 cores (a worker would take a core from the model's threads)."""
+    if setting >= 0:
+        return setting
+    if setting != -1:
+        raise ValueError(f"DATALOADER.NUM_WORKERS={setting}; allowed: -1 (automatic) or an integer >= 0")
+    cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else min(8, cores // 2)

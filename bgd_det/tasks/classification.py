@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from ..data import DatasetCatalog
+from ..data import DatasetCatalog, num_workers
 from ..data.imagenet import eval_transform, train_transform
 from ..evaluation import ClassificationEvaluator, inference_on_dataset
 from ..utils import comm
@@ -71,7 +71,7 @@ class ClassificationTask(Task):
             order += torch.randperm(len(ds), generator=gen).tolist()
         order = order[:n_images][rank::world]
         loader = DataLoader(Subset(ds, order), batch_size=max(1, batch_size // world), shuffle=False,
-                            num_workers=self.cfg.DATALOADER.NUM_WORKERS)
+                            num_workers=num_workers(self.cfg.DATALOADER.NUM_WORKERS))
         for images, labels in loader:
             yield images.to(self.device), labels.to(self.device)
 
@@ -99,7 +99,7 @@ class ClassificationTask(Task):
             indices = indices[: self.cfg.DATASETS.TEST_MAX_IMAGES]
         indices = indices[comm.get_rank()::comm.get_world_size()]
         return DataLoader(Subset(ds, indices), batch_size=self.cfg.TEST.BATCH_SIZE,
-                          num_workers=self.cfg.DATALOADER.NUM_WORKERS)
+                          num_workers=num_workers(self.cfg.DATALOADER.NUM_WORKERS))
 
     def evaluate(self, model: nn.Module, *, reference: Optional[nn.Module] = None,
                  per_image: bool = False) -> Dict[str, float]:

@@ -39,7 +39,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import fastrcnn_loss, maskrcnn_loss
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
-from ..data import DatasetCatalog
+from ..data import DatasetCatalog, num_workers
 from ..data.coco import CocoInstances, annotations_to_target
 from ..evaluation.coco_evaluation import COCOEvaluator
 from ..evaluation.evaluator import inference_on_dataset
@@ -422,7 +422,7 @@ class DetectionTask(Task):
         flips = (torch.rand(len(order), generator=gen) < self.cfg.DETECTION.FLIP_PROB).tolist()
         flips = [f and augment for f in flips][rank::world]
         loader = DataLoader(Subset(ds, order[rank::world]), batch_size=max(1, batch_size // world), shuffle=False,
-                            num_workers=self.cfg.DATALOADER.NUM_WORKERS, collate_fn=_collate)
+                            num_workers=num_workers(self.cfg.DATALOADER.NUM_WORKERS), collate_fn=_collate)
         k = 0
         for items in loader:
             images, targets = [], []
@@ -510,7 +510,7 @@ class DetectionTask(Task):
             indices = indices[: self.cfg.DATASETS.TEST_MAX_IMAGES]
         indices = indices[comm.get_rank()::comm.get_world_size()]
         return DataLoader(Subset(ds, indices), batch_size=self.cfg.TEST.BATCH_SIZE,
-                          num_workers=self.cfg.DATALOADER.NUM_WORKERS, collate_fn=_collate)
+                          num_workers=num_workers(self.cfg.DATALOADER.NUM_WORKERS), collate_fn=_collate)
 
     def evaluate(self, model: nn.Module, *, output_dir: str = "", desc: str = "") -> Dict[str, float]:
         """COCO box/mask AP (percent) of ``model`` on ``DATASETS.TEST``; ``output_dir`` receives the results json.
