@@ -8,7 +8,7 @@ from torch import nn
 from bgd_det.config import load_config
 from bgd_det.engine.quantizer import Quantizer
 from bgd_det.modeling import build_model
-from bgd_det.quantization.plan import QuantRules, build_plan, clamp_power, execution_order
+from bgd_det.quantization.plan import PlanError, QuantRules, build_plan, clamp_power, execution_order
 from bgd_det.quantization.size import model_size
 from bgd_det.quantization.swap import swap_in_skeleton
 from bgd_det.tasks import build_task
@@ -132,6 +132,31 @@ def test_errors_name_the_bad_value():
         build_plan(model, order, QuantRules(overrides=[["early", "BLOK_SIZE", 9]]))
     with pytest.raises(ValueError, match="block size 5 for 'early' does not divide its row length 27"):
         build_plan(model, order, QuantRules(overrides=[["early", "BLOCK_SIZE", 5]]))
+
+
+def test_every_rule_error_at_once_with_the_valid_block_sizes():
+    model = Reordered()
+    order = execution_order(model, run)
+    with pytest.raises(PlanError) as info:
+        build_plan(model, order, QuantRules(skip=["layer9"], overrides=[["early", "BLOCK_SIZE", 5],
+                                                                        ["late", "N_CENTROIDS", 3]]))
+    errors = info.value.errors
+    assert len(errors) == 3 and str(info.value).startswith("3 errors in the quantization plan:")
+    assert "'layer9' matches no quantizable module" in errors[0]
+    assert "allowed: a divisor of 27 (1, 3, 9, 27)" in errors[1]
+    assert "N_CENTROIDS=3 for 'late' must be a power of two" in errors[2]
+
+
+def test_plan_only_lists_every_layer_with_its_bytes_and_skips(tmp_path):
+    from bgd_det.engine.pipeline import describe_plan
+
+    cfg = load_config("configs/ImageNet/resnet18_large_blocks.yaml", ["MODEL.WEIGHTS", ""])
+    text = describe_plan(cfg)
+    lines = text.splitlines()
+    assert any(line.startswith("| conv1 ") and "skipped: QUANT.SKIP 'conv1'" in line for line in lines)
+    assert any(line.startswith("| layer4.1.conv2 ") and "| Conv2d " in line and "| 18 " in line and "| 256 " in line
+               for line in lines)
+    assert "1.03 MiB" in text and "43.3x" in text
 
 
 def _plan_and_size(cfg):

@@ -2,6 +2,7 @@
 """Compress a trained network with activation-aware product quantization.
 
     python tools/quantize_net.py --config configs/ImageNet/resnet18_large_blocks.yaml [KEY VALUE ...]
+    python tools/quantize_net.py --config X.yaml --plan-only   # the plan and every rule error, nothing run
 
 Writes OUTPUT_DIR/model_final.pth (compressed checkpoint), report.md/json, layer_sizes.png and log.txt.
 """
@@ -12,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bgd_det.engine import launch  # noqa: E402
 from bgd_det.engine.defaults import default_argument_parser, default_setup  # noqa: E402
-from bgd_det.engine.pipeline import quantize_and_report  # noqa: E402
+from bgd_det.config import load_config  # noqa: E402
+from bgd_det.engine.pipeline import describe_plan, quantize_and_report  # noqa: E402
 
 
 def main(args) -> None:
@@ -21,6 +23,15 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    args = default_argument_parser(__doc__).parse_args()
+    parser = default_argument_parser(__doc__)
+    parser.add_argument("--plan-only", action="store_true",
+                        help="print the plan (every layer's d, K, bytes or skip reason) and every rule error; exit")
+    args = parser.parse_args()
+    if args.plan_only:
+        try:
+            print(describe_plan(load_config(args.config, args.opts)))
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
+        sys.exit(0)
     launch(main, args.num_processes, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))

@@ -1,14 +1,19 @@
 """End-to-end job behind ``tools/quantize_net.py``: teacher -> compressed model -> checkpoint + report."""
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import time
 from typing import Dict
 
+from tabulate import tabulate
+
 from ..checkpoint import save_compressed
 from ..modeling import build_model
+from ..quantization.plan import execution_order
 from ..quantization.size import model_size
+from ..quantization.swap import swap_in_skeleton
 from ..tasks import build_task
 from ..utils import comm
 from .distributed import build_collectives
@@ -17,9 +22,40 @@ from .report import write_report
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["quantize_and_report", "FINAL_CHECKPOINT"]
+__all__ = ["quantize_and_report", "describe_plan", "FINAL_CHECKPOINT"]
 
 FINAL_CHECKPOINT = "model_final.pth"
+
+
+def describe_plan(cfg) -> str:
+    """The plan of ``cfg`` as a markdown table (``tools/quantize_net.py --plan-only``): every quantizable layer in
+    execution order with its weight shape, d, K, sub-vectors and compressed bytes, or why it is skipped; then the
+    model's size. Builds the model without loading weights; raises :class:`PlanError` with every rule error."""
+    task = build_task(cfg)
+    model = build_model(cfg, load=False).eval()
+    quantizer = Quantizer(cfg, model, task)  # checks every QUANT / FINETUNE value first
+    order = execution_order(model, task.example_forward)
+    plan = {layer.name: layer for layer in quantizer.make_plan(model)}
+    shapes = {name: tuple(model.get_submodule(name).weight.shape) for name in order}
+    types = {name: type(model.get_submodule(name)).__name__ for name in order}  # before the skeleton swap
+    sizes = model_size(swap_in_skeleton(model, plan.values())).by_name()
+    rows = []
+    for name in order:
+        layer = plan.get(name)
+        if layer is None:
+            rule = next(p for p in cfg.QUANT.SKIP if fnmatch.fnmatchcase(name, p)) if any(
+                fnmatch.fnmatchcase(name, p) for p in cfg.QUANT.SKIP) else "a QUANT.OVERRIDES SKIP entry"
+            what = f"QUANT.SKIP {rule!r}" if rule in cfg.QUANT.SKIP else rule
+            rows.append([name, types[name], str(shapes[name]), "-", "-", "-",
+                         f"{sizes[name].bytes:.0f}", f"skipped: {what}"])
+        else:
+            rows.append([name, types[name], str(shapes[name]), str(layer.block_size),
+                         str(layer.n_centroids), str(layer.n_subvectors), f"{sizes[name].bytes:.0f}", "quantized"])
+    table = tabulate(rows, ["layer", "type", "weight", "d", "K", "sub-vectors", "bytes", "status"],
+                     tablefmt="github", disable_numparse=True)
+    total = model_size(model)
+    return (f"{table}\n\n{len(plan)} of {len(order)} layers quantized; model {total.compressed_mib:.2f} MiB "
+            f"({total.ratio:.1f}x of {total.dense_mib:.2f} MiB)")
 
 
 def quantize_and_report(cfg, *, resume: bool = False, **quantizer_kwargs) -> Dict:

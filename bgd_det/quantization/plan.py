@@ -19,7 +19,7 @@ from .layers import PQ_LAYER_TYPES, QUANTIZABLE_TYPES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LayerPlan", "QuantRules", "execution_order", "build_plan", "clamp_power", "OVERRIDE_KEYS", "K_CLAMP_RULES"]
+__all__ = ["LayerPlan", "QuantRules", "execution_order", "build_plan", "clamp_power", "OVERRIDE_KEYS", "K_CLAMP_RULES", "PlanError"]
 
 #: override keys that replace a QUANT.REFINE value for the matching layers (LayerPlan.damping, .damping_per_column,
 #: .rounds), in LayerPlan's field order.
@@ -126,13 +126,27 @@ def execution_order(model: nn.Module, run: Callable[[nn.Module], Any],
     return order
 
 
-def _check_patterns(patterns: Iterable[str], names: Sequence[str], what: str) -> None:
+def _pattern_errors(patterns: Iterable[str], names: Sequence[str], what: str) -> List[str]:
+    errors = []
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             near = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
-            raise ValueError(
-                f"{what} pattern {pattern!r} matches no quantizable module; near matches: {near or 'none'}"
-            )
+            errors.append(f"{what} pattern {pattern!r} matches no quantizable module; near matches: {near or 'none'}")
+    return errors
+
+
+def _divisors(n: int, limit: int = 32) -> List[int]:
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
+
+
+class PlanError(ValueError):
+    """Every rule error of a plan at once (one line each; a single error is its own one-line message)."""
+
+    def __init__(self, errors: Sequence[str]) -> None:
+        self.errors = list(errors)
+        text = self.errors[0] if len(self.errors) == 1 else (
+            f"{len(self.errors)} errors in the quantization plan:\n" + "\n".join(f"  - {e}" for e in self.errors))
+        super().__init__(text)
 
 
 def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> List[LayerPlan]:
@@ -140,15 +154,22 @@ def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> Lis
 
     Returns:
         The layers to quantize, in execution order (skipped modules left out).
+
+    Raises:
+        PlanError: every rule error at once (patterns that match nothing, block sizes that do not divide a layer's
+            row length, bad K or refinement values).
     """
     modules = dict(model.named_modules())
-    _check_patterns(rules.skip, order, "QUANT.SKIP")
+    errors = _pattern_errors(rules.skip, order, "QUANT.SKIP")
+    overrides = []
     for entry in rules.overrides:
         if not _is_override_entry(entry):
-            raise ValueError(f"QUANT.OVERRIDES entry {entry!r} must be [pattern, KEY, value]")
-        if entry[1] not in OVERRIDE_KEYS:
-            raise ValueError(f"QUANT.OVERRIDES key {entry[1]!r} unknown; allowed: {list(OVERRIDE_KEYS)}")
-    _check_patterns([o[0] for o in rules.overrides], order, "QUANT.OVERRIDES")
+            errors.append(f"QUANT.OVERRIDES entry {entry!r} must be [pattern, KEY, value]")
+        elif entry[1] not in OVERRIDE_KEYS:
+            errors.append(f"QUANT.OVERRIDES key {entry[1]!r} unknown; allowed: {list(OVERRIDE_KEYS)}")
+        else:
+            overrides.append(entry)
+    errors += _pattern_errors([o[0] for o in overrides], order, "QUANT.OVERRIDES")
 
     plan: List[LayerPlan] = []
     for name in order:
@@ -159,7 +180,7 @@ def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> Lis
             "SKIP": any(fnmatch.fnmatchcase(name, p) for p in rules.skip),
             **dict.fromkeys(REFINE_OVERRIDE_KEYS),  # None: the QUANT.REFINE value
         }
-        for pattern, key, value in rules.overrides:  # later overrides win
+        for pattern, key, value in overrides:  # later overrides win
             if fnmatch.fnmatchcase(name, pattern):
                 setting[key] = value
         if setting["SKIP"]:
@@ -168,23 +189,29 @@ def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> Lis
         shape = _weight_shape(module)
         cols = math.prod(shape[1:])
         if cols % d != 0:
-            raise ValueError(
-                f"block size {d} for {name!r} does not divide its row length {cols} (weight {tuple(shape)}); "
-                f"allowed: a divisor of {cols}, set with QUANT.OVERRIDES [[{name!r}, 'BLOCK_SIZE', d]]"
-            )
+            errors.append(f"block size {d} for {name!r} does not divide its row length {cols} (weight "
+                          f"{tuple(shape)}); allowed: a divisor of {cols} ({', '.join(map(str, _divisors(cols)))}"
+                          f"{', ...' if cols > 32 else ''}), set with QUANT.OVERRIDES [[{name!r}, 'BLOCK_SIZE', d]]"
+                          f" or skip it in QUANT.SKIP")
+            continue
         if k < 2 or k & (k - 1):
-            raise ValueError(f"N_CENTROIDS={k} for {name!r} must be a power of two >= 2")
+            errors.append(f"N_CENTROIDS={k} for {name!r} must be a power of two >= 2")
+            continue
         n_sub = shape[0] * cols // d
-        cap = n_sub // max(1, rules.min_subvectors_per_centroid)
-        if cap < 2:
-            raise ValueError(f"{name!r} has only {n_sub} sub-vectors of size {d}; skip it in QUANT.SKIP")
         clamped = min(k, clamp_power(n_sub, rules.min_subvectors_per_centroid, rules.k_clamp))
         if clamped < 2:
-            raise ValueError(f"{name!r} has only {n_sub} sub-vectors of size {d}; skip it in QUANT.SKIP")
+            errors.append(f"{name!r} has only {n_sub} sub-vectors of size {d}; skip it in QUANT.SKIP")
+            continue
         if clamped != k:
             logger.info("%s: K clamped from %d to %d (%d sub-vectors)", name, k, clamped, n_sub)
-        refine = [_refine_value(name, setting, key) for key in REFINE_OVERRIDE_KEYS]
+        try:
+            refine = [_refine_value(name, setting, key) for key in REFINE_OVERRIDE_KEYS]
+        except ValueError as e:
+            errors.append(str(e))
+            continue
         plan.append(LayerPlan(name, d, clamped, n_sub, *refine))
+    if errors:
+        raise PlanError(errors)
     return plan
 
 
