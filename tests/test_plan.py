@@ -230,3 +230,15 @@ def test_mixed_blocks_demo_spends_exactly_the_large_blocks_bytes():
     # A yaml list replaces its _BASE_'s: the mixed config repeats the demo's overrides and must stay in step with them.
     base = large_cfg.QUANT.OVERRIDES
     assert mixed_cfg.QUANT.OVERRIDES[:len(base)] == base
+
+
+def test_any_torchvision_classifier_by_name_and_unknown_names():
+    from bgd_det.modeling import get_arch
+
+    cfg = load_config("", ["MODEL.ARCH", "mobilenet_v3_small", "MODEL.NUM_CLASSES", 7, "QUANT.SKIP", "['features.0.0']"])
+    model = build_model(cfg, load=False).eval()
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 7)
+    order = execution_order(model, lambda m: m(torch.zeros(1, 3, 64, 64)))
+    assert order[0] == "features.0.0" and order[-1] == "classifier.3"
+    with pytest.raises(KeyError, match=r"unknown MODEL.ARCH 'mobilenet_v9'.*near matches: \['mobilenet_v2'"):
+        get_arch("mobilenet_v9")
