@@ -26,7 +26,7 @@ from .utils.file_io import PathManager
 logger = logging.getLogger(__name__)
 
 __all__ = ["FORMAT", "VERSION", "compressed_state", "save_compressed", "read_checkpoint_file", "read_compressed",
-           "load_compressed_into", "load_compressed", "atomic_save", "round_codebooks_to_fp16"]
+           "load_compressed_into", "load_compressed", "checkpoint_cfg", "atomic_save", "round_codebooks_to_fp16"]
 
 FORMAT = "bgd_det.compressed"
 VERSION = 1
@@ -128,18 +128,42 @@ def load_compressed_into(model: nn.Module, ckpt: Dict[str, Any], *, source: str 
     return model
 
 
+def checkpoint_cfg(ckpt: Dict[str, Any], cfg=None, *, source: str = "checkpoint"):
+    """The config that rebuilds ``ckpt``'s model: ``cfg`` when given (an override), else the config the checkpoint
+    records (input size, proposals, FrozenBatchNorm eps ...), else the defaults (one log line); MODEL.ARCH and
+    MODEL.NUM_CLASSES always come from the checkpoint. Returned unfrozen."""
+    from .config.defaults import CfgNode, get_cfg
+
+    if cfg is not None:
+        out = cfg.clone()
+    else:
+        out, text = get_cfg(), (ckpt.get("extra") or {}).get("config")
+        if text:
+            try:
+                out.merge_from_other_cfg(CfgNode.load_cfg(text))
+            except Exception as e:  # keys of another version, unreadable yaml
+                logger.warning("%s: its recorded config does not load here (%s); rebuilding with the defaults",
+                               source, one_line(e))
+                out = get_cfg()
+        else:
+            logger.info("%s records no config: rebuilding with the defaults", source)
+    out.defrost()
+    out.MODEL.ARCH = ckpt["arch"]
+    out.MODEL.NUM_CLASSES = ckpt["num_classes"]
+    return out
+
+
 def load_compressed(path: str, *, cfg=None, device: str = "cpu", inference: bool = False,
                     fold_bn: bool = False) -> nn.Module:
     """Build the architecture named in the checkpoint and load the compressed model (eval mode).
 
     Args:
-        path: compressed checkpoint. cfg: optional config (for architectures needing more than
-            ``MODEL.ARCH``/``MODEL.NUM_CLASSES``); its ARCH/NUM_CLASSES are taken from the checkpoint.
+        path: compressed checkpoint. cfg: optional config overriding the one the checkpoint records (see
+            :func:`checkpoint_cfg`); ARCH/NUM_CLASSES are always taken from the checkpoint.
         inference: return the inference model instead of the training-layer one: codebook layers that
             run through the compiled ops and never hold a dense weight (:mod:`bgd_det.ops.inference`).
         fold_bn: with ``inference``, fold BatchNorms that follow codebook convs into them.
     """
-    from .config import get_cfg
     from .modeling import build_model
 
     if inference:
@@ -150,10 +174,7 @@ def load_compressed(path: str, *, cfg=None, device: str = "cpu", inference: bool
         raise ValueError("fold_bn=True needs inference=True (the training layers keep their BatchNorms)")
 
     ckpt = read_compressed(path)
-    cfg = (cfg.clone() if cfg is not None else get_cfg())
-    cfg.defrost()
-    cfg.MODEL.ARCH = ckpt["arch"]
-    cfg.MODEL.NUM_CLASSES = ckpt["num_classes"]
+    cfg = checkpoint_cfg(ckpt, cfg, source=path)
     cfg.MODEL.DEVICE = "cpu"
     model = build_model(cfg, load=False)
     load_compressed_into(model, ckpt, source=path)

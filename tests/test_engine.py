@@ -260,3 +260,20 @@ def test_weights_api_offline_and_peer_checkpoint_errors(tmp_path, monkeypatch):
     torch.save({"model": {}}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="is not a bgd_det compressed checkpoint .*tools/convert_checkpoint.py"):
         load_compressed(str(tmp_path / "other.pth"))
+
+
+def test_load_compressed_rebuilds_with_the_recorded_config(tmp_path):
+    """A detector compressed at 160 px / 300 proposals / FrozenBatchNorm eps 0 reloads so, in both loaders; a cfg
+    passed by the caller overrides the recorded one."""
+    from bgd_det.config import load_config
+
+    cfg = load_config("", ["MODEL.ARCH", "fasterrcnn_resnet50_fpn", "MODEL.NUM_CLASSES", 3, "INPUT.MIN_SIZE_TEST", 160,
+                           "DETECTION.RPN_POST_NMS_TOPK_TEST", 300, "DETECTION.FROZEN_BN_EPS", 0.0])
+    model = build_model(cfg, load=False)
+    path = str(tmp_path / "det.pth")
+    save_compressed(path, model, arch=cfg.MODEL.ARCH, num_classes=3, config=cfg.dump())
+    for loaded in (load_compressed(path), load_compressed(path, inference=True)):
+        assert loaded.transform.min_size == (160,) and loaded.rpn._post_nms_top_n["testing"] == 300
+        assert loaded.backbone.body.bn1.eps == 0.0 and loaded.roi_heads.box_predictor.cls_score.out_features == 3
+    override = load_config("", ["INPUT.MIN_SIZE_TEST", 200])
+    assert load_compressed(path, cfg=override).transform.min_size == (200,)

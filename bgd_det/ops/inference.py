@@ -426,17 +426,13 @@ def load_inference(path: str, *, fold_bn: bool = False, cfg=None) -> nn.Module:
         path: compressed checkpoint (see :mod:`bgd_det.checkpoint`); cfg: optional config, as in
             :func:`bgd_det.checkpoint.load_compressed`; fold_bn: see :func:`to_inference`.
     """
-    from ..checkpoint import load_compressed, read_compressed
-    from ..config import get_cfg
+    from ..checkpoint import checkpoint_cfg, load_compressed, read_compressed
     from ..modeling import build_model
     from ..quantization.plan import LayerPlan
     from ..quantization.swap import swap_in_skeleton
 
     ckpt = read_compressed(path)
-    cfg = cfg.clone() if cfg is not None else get_cfg()
-    cfg.defrost()
-    cfg.MODEL.ARCH = ckpt["arch"]
-    cfg.MODEL.NUM_CLASSES = ckpt["num_classes"]
+    cfg = checkpoint_cfg(ckpt, cfg, source=path)
     cfg.MODEL.DEVICE = "meta"
     with torch.device("meta"):
         model = build_model(cfg, load=False)
