@@ -79,7 +79,8 @@ def tiny_cfg(output_dir, *extra):
 
     opts = ["MODEL.ARCH", "tiny_net", "MODEL.NUM_CLASSES", 10, "MODEL.WEIGHTS", "", "INPUT.RESIZE", 36,
             "INPUT.CROP", 32, "QUANT.N_CENTROIDS", 16, "QUANT.EM_ITERS", 5, "QUANT.CAPTURE_IMAGES", 8,
-            "QUANT.CAPTURE_BATCH_SIZE", 4, "QUANT.SKIP", "[]", "QUANT.BLOCK_SIZE.LINEAR", 4,
+            "QUANT.CAPTURE_BATCH_SIZE", 4, "QUANT.SKIP", "[]", "QUANT.SKIP_FIRST", False,
+            "QUANT.BLOCK_SIZE.LINEAR", 4,
             "DATASETS.CALIB", "imagenet_sample_even", "DATASETS.TEST", "imagenet_sample_odd",
             "FINETUNE.BATCH_SIZE", 4, "TEST.BATCH_SIZE", 5, "OUTPUT_DIR", str(output_dir), *extra]
     return load_config("", [str(o) for o in opts])

@@ -153,7 +153,8 @@ def test_plan_only_lists_every_layer_with_its_bytes_and_skips(tmp_path):
     cfg = load_config("configs/ImageNet/resnet18_large_blocks.yaml", ["MODEL.WEIGHTS", ""])
     text = describe_plan(cfg)
     lines = text.splitlines()
-    assert any(line.startswith("| conv1 ") and "skipped: QUANT.SKIP 'conv1'" in line for line in lines)
+    assert any(line.startswith("| conv1 ") and "skipped: QUANT.SKIP_FIRST" in line and "QUANT.SKIP 'conv1'" in line
+               for line in lines)
     assert any(line.startswith("| layer4.1.conv2 ") and "| Conv2d " in line and "| 18 " in line and "| 256 " in line
                for line in lines)
     assert "1.03 MiB" in text and "43.3x" in text
@@ -235,10 +236,16 @@ def test_mixed_blocks_demo_spends_exactly_the_large_blocks_bytes():
 def test_any_torchvision_classifier_by_name_and_unknown_names():
     from bgd_det.modeling import get_arch
 
-    cfg = load_config("", ["MODEL.ARCH", "mobilenet_v3_small", "MODEL.NUM_CLASSES", 7, "QUANT.SKIP", "['features.0.0']"])
+    cfg = load_config("", ["MODEL.ARCH", "mobilenet_v3_small", "MODEL.NUM_CLASSES", 7])
     model = build_model(cfg, load=False).eval()
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 7)
     order = execution_order(model, lambda m: m(torch.zeros(1, 3, 64, 64)))
     assert order[0] == "features.0.0" and order[-1] == "classifier.3"
+    try:  # the default rules: the first layer by execution order stays fp32, whatever its name
+        plan = build_plan(model, order, QuantRules.from_cfg(cfg.QUANT))
+    except PlanError as e:
+        assert not any("features.0.0" in err for err in e.errors) and "QUANT.SKIP pattern" not in str(e)
+    else:
+        assert plan[0].name == order[1]
     with pytest.raises(KeyError, match=r"unknown MODEL.ARCH 'mobilenet_v9'.*near matches: \['mobilenet_v2'"):
         get_arch("mobilenet_v9")

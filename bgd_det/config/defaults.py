@@ -56,7 +56,10 @@ _C.QUANT.BLOCK_SIZE.CONV_1X1 = 4
 _C.QUANT.BLOCK_SIZE.LINEAR = 4
 _C.QUANT.BLOCK_SIZE.CONV_TRANSPOSE = 4
 # Glob patterns of modules kept in fp32.
-_C.QUANT.SKIP = ["conv1"]
+_C.QUANT.SKIP = []
+# Keep the first quantizable layer in execution order in fp32 (the paper's rule for ResNet's conv1: its 3 input
+# channels give few, short rows, whose codebook would cost more than it saves), whatever it is called.
+_C.QUANT.SKIP_FIRST = True
 # [[glob pattern, KEY, value], ...] with KEY in BLOCK_SIZE, N_CENTROIDS, SKIP, REFINE.DAMPING,
 # REFINE.DAMPING_PER_COLUMN, REFINE.ROUNDS (the last three replace the QUANT.REFINE value for the matching layers);
 # later entries win.

@@ -43,9 +43,10 @@ def describe_plan(cfg) -> str:
     for name in order:
         layer = plan.get(name)
         if layer is None:
-            rule = next(p for p in cfg.QUANT.SKIP if fnmatch.fnmatchcase(name, p)) if any(
-                fnmatch.fnmatchcase(name, p) for p in cfg.QUANT.SKIP) else "a QUANT.OVERRIDES SKIP entry"
-            what = f"QUANT.SKIP {rule!r}" if rule in cfg.QUANT.SKIP else rule
+            rules = [f"QUANT.SKIP {p!r}" for p in cfg.QUANT.SKIP if fnmatch.fnmatchcase(name, p)]
+            if cfg.QUANT.SKIP_FIRST and name == order[0]:
+                rules.insert(0, "QUANT.SKIP_FIRST (the first layer)")
+            what = ", ".join(rules) or "a QUANT.OVERRIDES SKIP entry"
             rows.append([name, types[name], str(shapes[name]), "-", "-", "-",
                          f"{sizes[name].bytes:.0f}", f"skipped: {what}"])
         else:

@@ -62,7 +62,8 @@ class QuantRules:
         n_centroids: default K; min_subvectors_per_centroid, k_clamp: K is clamped to the largest power of two
             <= n_subvectors / this (k_clamp "le": the paper's "min(K, C_out*m/4)", rounded down to a power of two
             so codes take an integral number of bits), or < it ("lt": the paper's released code);
-        skip: glob patterns of modules left in fp32; overrides: ``[pattern, KEY, value]`` triples.
+        skip: glob patterns of modules left in fp32; skip_first: the first module in execution order is left in
+        fp32 too; overrides: ``[pattern, KEY, value]`` triples.
     """
 
     block_size_kxk: int = 9
@@ -72,6 +73,7 @@ class QuantRules:
     n_centroids: int = 256
     min_subvectors_per_centroid: int = 4
     k_clamp: str = "le"
+    skip_first: bool = False
     skip: Sequence[str] = ()
     overrides: Sequence[Sequence[Any]] = ()
 
@@ -85,6 +87,7 @@ class QuantRules:
             n_centroids=qcfg.N_CENTROIDS,
             min_subvectors_per_centroid=qcfg.MIN_SUBVECTORS_PER_CENTROID,
             k_clamp=qcfg.K_CLAMP,
+            skip_first=qcfg.SKIP_FIRST,
             skip=list(qcfg.SKIP),
             overrides=[list(o) if isinstance(o, (list, tuple)) else o for o in qcfg.OVERRIDES],
         )
@@ -177,7 +180,7 @@ def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> Lis
         setting: Dict[str, Any] = {
             "BLOCK_SIZE": rules.default_block_size(module),
             "N_CENTROIDS": rules.n_centroids,
-            "SKIP": any(fnmatch.fnmatchcase(name, p) for p in rules.skip),
+            "SKIP": (rules.skip_first and name == order[0]) or any(fnmatch.fnmatchcase(name, p) for p in rules.skip),
             **dict.fromkeys(REFINE_OVERRIDE_KEYS),  # None: the QUANT.REFINE value
         }
         for pattern, key, value in overrides:  # later overrides win
