@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Tuple
 
 import torch
 
@@ -81,10 +81,3 @@ def _matrix(hits: torch.Tensor) -> torch.Tensor:
     if hits.dim() != 2 or hits.shape[1] == 0:
         raise ValueError(f"hits of shape {tuple(hits.shape)}; allowed: Tensor[seeds, images] or Tensor[images]")
     return hits
-
-
-def summarize(values: Sequence[float]) -> Tuple[float, float]:
-    """Mean and sample sd of plain numbers (e.g. per-seed KL)."""
-    n = len(values)
-    mean = sum(values) / n
-    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
