@@ -26,7 +26,7 @@ from .utils.file_io import PathManager
 logger = logging.getLogger(__name__)
 
 __all__ = ["FORMAT", "VERSION", "compressed_state", "save_compressed", "read_checkpoint_file", "read_compressed",
-           "load_compressed_into", "load_compressed", "checkpoint_cfg", "atomic_save", "round_codebooks_to_fp16"]
+           "load_compressed_into", "load_compressed", "checkpoint_cfg", "check_finite", "atomic_save", "round_codebooks_to_fp16"]
 
 FORMAT = "bgd_det.compressed"
 VERSION = 1
@@ -105,6 +105,17 @@ def read_compressed(path: str) -> Dict[str, Any]:
     return ckpt
 
 
+def check_finite(model: nn.Module, where: str) -> None:
+    """Raise a one-line error naming the first parameter or buffer of ``model`` that holds NaN / Inf, or the first
+    BatchNorm running variance below 0 (a model that would predict garbage)."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            raise FloatingPointError(f"{where}: {name} holds non-finite values (NaN / Inf); lower the learning rate "
+                                     f"or check the inputs; the run stops before saving them")
+        if name.endswith("running_var") and t.numel() and bool((t < 0).any()):
+            raise FloatingPointError(f"{where}: {name} holds negative variances")
+
+
 def load_compressed_into(model: nn.Module, ckpt: Dict[str, Any], *, source: str = "checkpoint") -> nn.Module:
     """Swap codebook layers into the dense ``model`` per ``ckpt["layers"]`` and load its state."""
     modules = dict(model.named_modules())
@@ -120,6 +131,7 @@ def load_compressed_into(model: nn.Module, ckpt: Dict[str, Any], *, source: str 
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         raise ValueError(f"{source} does not match the model: {' '.join(first[:3])[:400]}") from None
+    check_finite(model, source)
     for m in model.modules():
         if isinstance(m, PQ_LAYER_TYPES) and m.codes.numel():
             top = int(m.codes.long().max())

@@ -69,6 +69,7 @@ def test_resume_gives_same_codes_as_uninterrupted_run(tiny_images, tmp_path):
     ("FINETUNE.BN", "running", "FINETUNE.BN='running'; allowed: 'affine', 'frozen', 'stats', 'train'"),
     ("QUANT.EM_RESAMPLE_IMAGES", -1, "QUANT.EM_RESAMPLE_IMAGES=-1 with QUANT.METRIC='shared'; allowed: 0, or an integer > 0"),
     ("QUANT.K_CLAMP", "lte", "QUANT.K_CLAMP='lte'; allowed: 'le', 'lt'"),
+    ("FINETUNE.TEMPERATURE", 0.0, "FINETUNE.TEMPERATURE=0.0; allowed: a number > 0"),
     ("FINETUNE.OPTIMIZER", "lbfgs", "FINETUNE.OPTIMIZER='lbfgs'; allowed: adam, sgd"),
     ("FINETUNE.CENTROID_GRAD", "max", "FINETUNE.CENTROID_GRAD='max'; allowed: sum, mean"),
     ("FINETUNE.LR_SCHEDULE", "poly", "FINETUNE.LR_SCHEDULE='poly'; allowed: constant, step, cosine"),
@@ -277,3 +278,61 @@ def test_load_compressed_rebuilds_with_the_recorded_config(tmp_path):
         assert loaded.backbone.body.bn1.eps == 0.0 and loaded.roi_heads.box_predictor.cls_score.out_features == 3
     override = load_config("", ["INPUT.MIN_SIZE_TEST", 200])
     assert load_compressed(path, cfg=override).transform.min_size == (200,)
+
+
+def test_non_finite_models_are_refused_with_the_tensor_named(tiny_images, tmp_path):
+    cfg = tiny_cfg(tmp_path / "a")
+    torch.manual_seed(0)
+    result = Quantizer(cfg, build_model(cfg), build_task(cfg)).run()
+    path = str(tmp_path / "ok.pth")
+    save_compressed(path, result.student, arch="tiny_net", num_classes=10)
+    load_compressed(path)  # a finite model loads
+    with torch.no_grad():
+        result.student.conv2.codebook[3, 0] = float("nan")
+    save_compressed(path, result.student, arch="tiny_net", num_classes=10)
+    for inference in (False, True):
+        with pytest.raises(FloatingPointError, match=r"conv2.codebook holds non-finite values"):
+            load_compressed(path, inference=inference)
+    with torch.no_grad():
+        result.student.conv2.codebook[3, 0] = 0.0
+        result.student.bn2.running_var[0] = -1.0
+    save_compressed(path, result.student, arch="tiny_net", num_classes=10)
+    with pytest.raises(FloatingPointError, match=r"bn2.running_var holds negative variances"):
+        load_compressed(path)
+
+
+def test_a_layer_that_goes_non_finite_stops_the_run_named(tiny_images, tmp_path, monkeypatch):
+    import bgd_det.engine.quantizer as quantizer_module
+
+    fit = Quantizer.fit
+
+    def nan_conv2(self, student, layer, source, seed):
+        result, err, secs = fit(self, student, layer, source, seed)
+        if layer.name == "conv2":
+            result.codebook[0, 0] = float("nan")
+        return result, err, secs
+
+    monkeypatch.setattr(quantizer_module.Quantizer, "fit", nan_conv2)
+    cfg = tiny_cfg(tmp_path / "a", "QUANT.BN_CORRECTION", "none")
+    with pytest.raises(FloatingPointError, match=r"after layer 'conv2': conv2.codebook holds non-finite"):
+        Quantizer(cfg, build_model(cfg), build_task(cfg), output_dir=cfg.OUTPUT_DIR).run()
+    progress = torch.load(tmp_path / "a" / PROGRESS_FILE, weights_only=True)
+    assert len(progress["records"]) == 1  # conv1's work is kept; the NaN layer was never saved
+
+
+def test_empty_calibration_split_fails_at_once(tmp_path, monkeypatch):
+    """Every image is of an odd class: the even split is empty (it used to loop forever)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "datasets" / "imagenet-sample"
+    root.mkdir(parents=True)
+    (tmp_path / "datasets" / "imagenet_class_index.json").write_text(
+        json.dumps({"0": ["n00000000", "a"], "1": ["n00000001", "b"]}))
+    Image.fromarray(np.zeros((8, 8, 3), dtype="uint8")).save(root / "n00000001_0.JPEG", format="PNG")
+    monkeypatch.setenv("BGD_DATASETS", str(tmp_path / "datasets"))
+    task = build_task(tiny_cfg(tmp_path / "a"))
+    with pytest.raises(ValueError, match=r"DATASETS.CALIB 'imagenet_sample_even' holds no images"):
+        next(task.calib_batches(n_images=4, batch_size=2, augment=False, seed=0))

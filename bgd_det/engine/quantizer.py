@@ -22,7 +22,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_save, compressed_state, load_compressed_into, round_codebooks_to_fp16
+from ..checkpoint import (atomic_save, check_finite, compressed_state, load_compressed_into,
+                          round_codebooks_to_fp16)
 from ..quantization.bn_correction import (bn_scale_shift, channel_stats, correct_batchnorm, correct_bias,
                                          following_batchnorms, output_channel_mean)
 from ..quantization.capture import (capture_gram, capture_gram_pool, capture_second_moments, has_input_metric,
@@ -127,6 +128,8 @@ def check_quantizer_cfg(cfg) -> None:
     _check_choice("FINETUNE.BN", f.BN, FINETUNE_BN_MODES)
     OptimSpec.from_cfg(f, f.LAYER_LR).check()
     OptimSpec.from_cfg(f, f.GLOBAL_LR).check()
+    if not f.TEMPERATURE > 0:
+        raise ValueError(f"FINETUNE.TEMPERATURE={f.TEMPERATURE}; allowed: a number > 0 (the softmax divides by it)")
     for key in ("LAYER_ITERS", "GLOBAL_ITERS", "GLOBAL_EPOCHS", "CHECKPOINT_PERIOD", "EVAL_PERIOD"):
         if getattr(f, key) < 0:
             raise ValueError(f"FINETUNE.{key}={getattr(f, key)}; allowed: a number >= 0")
@@ -451,6 +454,7 @@ class Quantizer:
                     for hook in self.hooks:
                         hook.before_layer(self, index, layer)
                     records.append(self.quantize_layer(student, layer, index, source))
+                    check_finite(student, f"after layer {layer.name!r}")
                     self._save_progress(student, plan, records)
                     for hook in self.hooks:
                         hook.after_layer(self, index, records[-1])
@@ -463,6 +467,7 @@ class Quantizer:
         t0 = time.perf_counter()
         self.finetune(student, seed=cfg.SEED * 100003 + len(plan), resume=resume)
         timings["global_finetune"] = time.perf_counter() - t0
+        check_finite(student, "after global finetuning")
         round_codebooks_to_fp16(student)
         student.eval()
         for p in student.parameters():

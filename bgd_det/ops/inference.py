@@ -426,7 +426,7 @@ def load_inference(path: str, *, fold_bn: bool = False, cfg=None) -> nn.Module:
         path: compressed checkpoint (see :mod:`bgd_det.checkpoint`); cfg: optional config, as in
             :func:`bgd_det.checkpoint.load_compressed`; fold_bn: see :func:`to_inference`.
     """
-    from ..checkpoint import checkpoint_cfg, load_compressed, read_compressed
+    from ..checkpoint import check_finite, checkpoint_cfg, load_compressed, read_compressed
     from ..modeling import build_model
     from ..quantization.plan import LayerPlan
     from ..quantization.swap import swap_in_skeleton
@@ -460,6 +460,7 @@ def load_inference(path: str, *, fold_bn: bool = False, cfg=None) -> nn.Module:
             "%s: %s not in the checkpoint; building the dense model first", path, on_meta[:3]
         )
         model = load_compressed(path, cfg=cfg)
+    check_finite(model, path)
     return to_inference(model, fold_bn=fold_bn)
 
 

@@ -64,6 +64,8 @@ class ClassificationTask(Task):
         ds = base.with_transform(train_transform(self.cfg.INPUT.CROP) if augment
                                  else eval_transform(self.cfg.INPUT.RESIZE, self.cfg.INPUT.CROP))
         rank, world = comm.get_rank(), comm.get_world_size()
+        if len(ds) == 0 and n_images > 0:
+            raise ValueError(f"DATASETS.CALIB {self.cfg.DATASETS.CALIB!r} holds no images")
         gen = torch.Generator().manual_seed(seed)
         # An epoch-free stream: concatenated seeded permutations, truncated to n_images, sharded by rank.
         order = []

@@ -414,6 +414,8 @@ class DetectionTask(Task):
         ds = self.dataset(name)
         labels = ds.label_map(self.cfg.MODEL.NUM_CLASSES) if self.needs_targets else None
         rank, world = comm.get_rank(), comm.get_world_size()
+        if len(ds) == 0 and n_images > 0:
+            raise ValueError(f"DATASETS.CALIB {name!r} holds no images")
         gen = torch.Generator().manual_seed(seed)
         order: List[int] = []
         while len(order) < n_images:
