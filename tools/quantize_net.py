@@ -15,10 +15,14 @@ from bgd_det.engine import launch  # noqa: E402
 from bgd_det.engine.defaults import default_argument_parser, default_setup  # noqa: E402
 from bgd_det.config import load_config  # noqa: E402
 from bgd_det.engine.pipeline import describe_plan, quantize_and_report  # noqa: E402
+from bgd_det.utils.output_dir import OutputDirBusy  # noqa: E402
 
 
 def main(args) -> None:
-    cfg = default_setup(args)
+    try:
+        cfg = default_setup(args, claim=True)
+    except OutputDirBusy as e:
+        sys.exit(f"error: {e}")
     quantize_and_report(cfg, resume=args.resume)
 
 
