@@ -96,6 +96,28 @@ def test_resume_refuses_a_different_plan(tiny_images, tmp_path):
         Quantizer(other, teacher, build_task(other), output_dir=other.OUTPUT_DIR).run(resume=True)
 
 
+def test_resume_refuses_other_settings_with_the_keys_named(tiny_images, tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    teacher = build_model(cfg)
+    Quantizer(cfg, teacher, build_task(cfg), output_dir=cfg.OUTPUT_DIR).run()
+    for key, value, shown in (("SEED", 3, "SEED 0 -> 3"), ("QUANT.EM_ITERS", 9, "QUANT.EM_ITERS 5 -> 9"),
+                              ("QUANT.METRIC", "identity", "QUANT.METRIC 'shared' -> 'identity'")):
+        other = tiny_cfg(tmp_path, key, value)
+        with pytest.raises(ValueError, match=re.escape(shown)):
+            Quantizer(other, teacher, build_task(other), output_dir=other.OUTPUT_DIR).run(resume=True)
+    same = tiny_cfg(tmp_path, "QUANT.ENGINE", "recompute", "FINETUNE.EVAL_PERIOD", 3)  # exempt: same result
+    Quantizer(same, teacher, build_task(same), output_dir=same.OUTPUT_DIR).run(resume=True)
+    weights = tmp_path / "teacher.pth"
+    torch.save(teacher.state_dict(), weights)
+    moved = tiny_cfg(tmp_path / "w", "MODEL.WEIGHTS", str(weights))
+    Quantizer(moved, teacher, build_task(moved), output_dir=moved.OUTPUT_DIR).run()
+    with torch.no_grad():
+        teacher.fc.bias.add_(1.0)
+    torch.save(teacher.state_dict(), weights)  # another teacher in the same file
+    with pytest.raises(ValueError, match=r"MODEL.WEIGHTS sha256:\w+ -> sha256:\w+"):
+        Quantizer(moved, teacher, build_task(moved), output_dir=moved.OUTPUT_DIR).run(resume=True)
+
+
 def test_pipeline_checkpoint_roundtrip_and_report(tiny_images, tmp_path):
     cfg = tiny_cfg(tmp_path, "FINETUNE.GLOBAL_ITERS", 2)
     out = quantize_and_report(cfg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -216,6 +217,7 @@ class Quantizer:
                                  codebook_dtype=torch.float32)
         state["plan"] = [asdict(p) for p in plan]
         state["records"] = [asdict(r) for r in records]
+        state["fingerprint"] = self.fingerprint()
         atomic_save(state, path)
 
     def _load_progress(self, student: nn.Module, plan: List[LayerPlan]) -> List[LayerRecord]:
@@ -228,10 +230,51 @@ class Quantizer:
         if saved_plan != plan:
             raise ValueError(f"{path} was written with a different plan (config changed?); "
                              f"remove it or use another OUTPUT_DIR to start over")
+        saved = state.get("fingerprint")
+        if saved is None:
+            logger.warning("%s records no fingerprint (an older version): its settings cannot be checked", path)
+        else:
+            now = self.fingerprint()
+            changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            if changed:
+                first = ", ".join(f"{k} {saved.get(k, '-')} -> {now.get(k, '-')}" for k in changed[:4])
+                raise ValueError(f"{path} was written by a run with other settings ({first}"
+                                 f"{', ...' if len(changed) > 4 else ''}); --resume continues only the same run: "
+                                 f"restore them, or start over with --overwrite / another OUTPUT_DIR")
         load_compressed_into(student, state, source=path)
         records = [LayerRecord(**r) for r in state["records"]]
         logger.info("resumed after %d/%d layers from %s", len(records), len(plan), path)
         return records
+
+    #: settings that do not change the result (how activations are cached, when state is saved or validated).
+    FINGERPRINT_EXEMPT = ("QUANT.ENGINE", "QUANT.STREAM.", "FINETUNE.CHECKPOINT_PERIOD", "FINETUNE.EVAL_PERIOD")
+
+    def fingerprint(self) -> Dict[str, str]:
+        """What determines this run's result, for ``--resume`` to compare: the teacher (its file's SHA-256, or the
+        weights name), the architecture, the calibration split, the seed, the input size, and every QUANT / FINETUNE
+        value except :attr:`FINGERPRINT_EXEMPT`."""
+        cfg = self.cfg
+        weights = cfg.MODEL.WEIGHTS
+        if weights and os.path.isfile(weights):
+            digest = hashlib.sha256()
+            with open(weights, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(chunk)
+            weights = f"sha256:{digest.hexdigest()[:16]}"
+        out = {"MODEL.ARCH": cfg.MODEL.ARCH, "MODEL.WEIGHTS": weights, "MODEL.NUM_CLASSES": str(cfg.MODEL.NUM_CLASSES),
+               "DATASETS.CALIB": cfg.DATASETS.CALIB, "SEED": str(cfg.SEED)}
+
+        def walk(prefix: str, node) -> None:
+            for key, value in node.items():
+                name = f"{prefix}.{key}"
+                if hasattr(value, "items"):
+                    walk(name, value)
+                elif not any(name.startswith(e) for e in self.FINGERPRINT_EXEMPT):
+                    out[name] = repr(value)
+
+        for section in ("INPUT", "QUANT", "FINETUNE"):
+            walk(section, cfg[section])
+        return out
 
     # -- per layer --------------------------------------------------------------------------------------
     def quantize_layer(self, student: nn.Module, layer: LayerPlan, index: int,
