@@ -119,6 +119,9 @@ def test_global_finetuning_resumes_to_the_codebooks_of_an_uninterrupted_run(tiny
     state = torch.load(tmp_path / "b" / FINETUNE_STATE_FILE, weights_only=True)
     assert state["step"] == 4
     monkeypatch.setattr(ClassificationTask, "distill_loss", loss)
+    _, other = _quantizer(tmp_path, "b", *extra[:-2], "FINETUNE.LR_MILESTONES", "[0.25]")
+    with pytest.raises(ValueError, match=r"FINETUNE.LR_MILESTONES \[0.5\] -> \[0.25\]"):
+        other.run(resume=True)  # the layer stage may be finetuned otherwise, a half-done finetuning may not
     cfg, q = _quantizer(tmp_path, "b", *extra)
     resumed = q.run(resume=True).student.state_dict()
     assert full.keys() == resumed.keys()

@@ -5,7 +5,7 @@ import contextlib
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -191,12 +191,14 @@ class FinetuneCheckpoint:
 
     Attributes:
         path: file written atomically every ``period`` steps and removed when the run ends ("" = never); every
-        process reads it, only the one with ``write`` writes and removes it.
+        process reads it, only the one with ``write`` writes and removes it. fingerprint: the run's settings
+        (``Quantizer.fingerprint``), recorded in the file; a file of other settings is refused with the keys named.
     """
 
     path: str = ""
     period: int = 0
     write: bool = True
+    fingerprint: Dict[str, str] = field(default_factory=dict)
 
     def due(self, step: int, iters: int) -> bool:
         return bool(self.path) and self.write and self.period > 0 and step % self.period == 0 and step < iters
@@ -204,13 +206,21 @@ class FinetuneCheckpoint:
     def save(self, step: int, model: nn.Module, opt, sched, losses: List[float], rng_start) -> None:
         atomic_save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "losses": losses, "rng_start": rng_start,
-                     "rng": torch.get_rng_state()}, self.path)
+                     "rng": torch.get_rng_state(), "fingerprint": self.fingerprint}, self.path)
         logger.info("finetuning state after step %d saved to %s", step, self.path)
 
     def load(self) -> Optional[dict]:
         if not self.path or not os.path.isfile(self.path):
             return None
-        return torch.load(self.path, map_location="cpu", weights_only=True)
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        saved = state.get("fingerprint", {})
+        changed = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
+        if changed:
+            first = ", ".join(f"{k} {saved.get(k, '-')} -> {self.fingerprint.get(k, '-')}" for k in changed[:4])
+            raise ValueError(f"{self.path} was written by a run with other settings ({first}"
+                             f"{', ...' if len(changed) > 4 else ''}); --resume continues only the same run: "
+                             f"restore them, or remove the file to finetune from the finished layers")
+        return state
 
     def remove(self) -> None:
         if self.path and self.write and os.path.isfile(self.path):

@@ -248,11 +248,21 @@ class Quantizer:
 
     #: settings that do not change the result (how activations are cached, when state is saved or validated).
     FINGERPRINT_EXEMPT = ("QUANT.ENGINE", "QUANT.STREAM.", "FINETUNE.CHECKPOINT_PERIOD", "FINETUNE.EVAL_PERIOD")
+    #: FINETUNE keys that only global finetuning reads (a finished layer stage may be finetuned otherwise).
+    GLOBAL_ONLY = ("FINETUNE.GLOBAL_", "FINETUNE.LR_", "FINETUNE.BN")
+    #: FINETUNE keys that the layer stage reads only when it distills (FINETUNE.LAYER_ITERS > 0).
+    LAYER_DISTILL = ("FINETUNE.BATCH_SIZE", "FINETUNE.TEMPERATURE", "FINETUNE.OPTIMIZER", "FINETUNE.MOMENTUM",
+                     "FINETUNE.WEIGHT_DECAY", "FINETUNE.CENTROID_GRAD", "FINETUNE.FEATURE_", "FINETUNE.AUGMENT",
+                     "FINETUNE.MIXUP_ALPHA")
 
-    def fingerprint(self) -> Dict[str, str]:
+    def fingerprint(self, *, layers_only: bool = True) -> Dict[str, str]:
         """What determines this run's result, for ``--resume`` to compare: the teacher (its file's SHA-256, or the
         weights name), the architecture, the calibration split, the seed, the input size, and every QUANT / FINETUNE
-        value except :attr:`FINGERPRINT_EXEMPT`."""
+        value except :attr:`FINGERPRINT_EXEMPT`; with ``layers_only`` (the layer stage's progress file) without the
+        keys only global finetuning reads, and without those of layer-wise distillation when it is off."""
+        exempt = self.FINGERPRINT_EXEMPT
+        if layers_only:
+            exempt += self.GLOBAL_ONLY + (self.LAYER_DISTILL if self.cfg.FINETUNE.LAYER_ITERS == 0 else ())
         cfg = self.cfg
         weights = cfg.MODEL.WEIGHTS
         if weights and os.path.isfile(weights):
@@ -269,7 +279,7 @@ class Quantizer:
                 name = f"{prefix}.{key}"
                 if hasattr(value, "items"):
                     walk(name, value)
-                elif not any(name.startswith(e) for e in self.FINGERPRINT_EXEMPT):
+                elif not any(name.startswith(e) for e in exempt):
                     out[name] = repr(value)
 
         for section in ("INPUT", "QUANT", "FINETUNE"):
@@ -464,7 +474,8 @@ class Quantizer:
         if f.BN in ("affine", "train"):
             params += bn_affine_params(student)
         path = os.path.join(self.output_dir, FINETUNE_STATE_FILE) if self.output_dir else ""
-        checkpoint = FinetuneCheckpoint(path, f.CHECKPOINT_PERIOD, write=comm.is_main_process())
+        checkpoint = FinetuneCheckpoint(path, f.CHECKPOINT_PERIOD, write=comm.is_main_process(),
+                                        fingerprint=self.fingerprint(layers_only=False))
         if not resume:
             checkpoint.remove()  # a state left by an earlier, interrupted run is not continued without --resume
         validate = (f.EVAL_PERIOD, self.task.evaluate) if f.EVAL_PERIOD > 0 else None
