@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bgd_det.peers import PEER_FORMATS, convert_checkpoint  # noqa: E402
 from bgd_det.quantization.size import model_size  # noqa: E402
 from bgd_det.utils.logger import setup_logger  # noqa: E402
+from bgd_det.utils.cli import run_tool  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -59,4 +60,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

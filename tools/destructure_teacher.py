@@ -24,6 +24,7 @@ from bgd_det.modeling import build_model  # noqa: E402
 from bgd_det.modeling.destructure import compare_logits, destructure_resnet, structure_report  # noqa: E402
 from bgd_det.tasks import build_task  # noqa: E402
 from bgd_det.utils.logger import setup_logger  # noqa: E402
+from bgd_det.utils.cli import run_tool  # noqa: E402
 
 logger = logging.getLogger("bgd_det.destructure_teacher")
 
@@ -62,4 +63,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bgd_det.engine import launch  # noqa: E402
 from bgd_det.engine.defaults import default_argument_parser, default_setup  # noqa: E402
+from bgd_det.utils.cli import run_tool  # noqa: E402
 from bgd_det.tasks.detection import evaluate_side_by_side  # noqa: E402
 from bgd_det.utils import comm  # noqa: E402
 
@@ -31,5 +32,5 @@ def main(args) -> dict:
 
 if __name__ == "__main__":
     args = default_argument_parser(__doc__).parse_args()
-    launch(main, args.num_processes, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    run_tool(launch, main, args.num_processes, num_machines=args.num_machines, machine_rank=args.machine_rank,
+             dist_url=args.dist_url, args=(args,))

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bgd_det.engine import launch  # noqa: E402
 from bgd_det.engine.defaults import default_argument_parser, default_setup  # noqa: E402
+from bgd_det.utils.cli import run_tool  # noqa: E402
 from bgd_det.modeling import build_model  # noqa: E402
 from bgd_det.ops.inference import check_eval_options, for_evaluation  # noqa: E402
 from bgd_det.peers import load_checkpoint_model  # noqa: E402
@@ -77,14 +78,5 @@ if __name__ == "__main__":
         help="also report kl_to_reference and top1_agreement against this model (same formats as --checkpoint)",
     )
     args = parser.parse_args()
-    try:
-        launch(
-            main,
-            args.num_processes,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        sys.exit(f"error: {e}")
+    run_tool(launch, main, args.num_processes, num_machines=args.num_machines, machine_rank=args.machine_rank,
+             dist_url=args.dist_url, args=(args,))

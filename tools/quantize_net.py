@@ -15,14 +15,11 @@ from bgd_det.engine import launch  # noqa: E402
 from bgd_det.engine.defaults import default_argument_parser, default_setup  # noqa: E402
 from bgd_det.config import load_config  # noqa: E402
 from bgd_det.engine.pipeline import describe_plan, quantize_and_report  # noqa: E402
-from bgd_det.utils.output_dir import OutputDirBusy  # noqa: E402
+from bgd_det.utils.cli import run_tool  # noqa: E402
 
 
 def main(args) -> None:
-    try:
-        cfg = default_setup(args, claim=True)
-    except OutputDirBusy as e:
-        sys.exit(f"error: {e}")
+    cfg = default_setup(args, claim=True)
     quantize_and_report(cfg, resume=args.resume)
 
 
@@ -32,10 +29,7 @@ if __name__ == "__main__":
                         help="print the plan (every layer's d, K, bytes or skip reason) and every rule error; exit")
     args = parser.parse_args()
     if args.plan_only:
-        try:
-            print(describe_plan(load_config(args.config, args.opts)))
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            sys.exit(f"error: {e}")
+        print(run_tool(describe_plan, run_tool(load_config, args.config, args.opts)))
         sys.exit(0)
-    launch(main, args.num_processes, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    run_tool(launch, main, args.num_processes, num_machines=args.num_machines, machine_rank=args.machine_rank,
+             dist_url=args.dist_url, args=(args,))

@@ -21,6 +21,7 @@ def default_argument_parser(description: str = "") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", "--config-file", dest="config", default="", metavar="FILE", help="yaml config")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/progress.pth")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an expected error (bad config, file)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an OUTPUT_DIR that holds an earlier run (its files are moved aside)")
     p.add_argument("--num-processes", "--num-gpus", dest="num_processes", type=int, default=1,
