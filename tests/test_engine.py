@@ -24,11 +24,12 @@ def _codes(model):
             if isinstance(m, PQ_LAYER_TYPES)}
 
 
-def test_resume_gives_same_codes_as_uninterrupted_run(tiny_images, tmp_path):
-    extra = ["FINETUNE.LAYER_ITERS", 2, "FINETUNE.GLOBAL_ITERS", 2]
+@pytest.mark.parametrize("mixup", [0.0, 1.0])
+def test_resume_gives_same_codes_as_uninterrupted_run(tiny_images, tmp_path, mixup):
+    extra = ["FINETUNE.LAYER_ITERS", 2, "FINETUNE.GLOBAL_ITERS", 2, "FINETUNE.MIXUP_ALPHA", mixup]
     torch.manual_seed(0)
     teacher = build_model(tiny_cfg(tmp_path / "a", *extra))
-    full = Quantizer(tiny_cfg(tmp_path / "a", *extra), teacher, build_task(tiny_cfg(tmp_path / "a"))).run()
+    full = Quantizer(tiny_cfg(tmp_path / "a", *extra), teacher, build_task(tiny_cfg(tmp_path / "a", *extra))).run()
 
     cfg = tiny_cfg(tmp_path / "b", *extra)
 

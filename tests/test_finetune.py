@@ -95,10 +95,12 @@ def test_paper_mode_runs_and_its_finetuning_updates_running_statistics_and_count
     assert torch.equal(bn_t.weight, bn_s.weight)  # ... and the affine parameters did not
 
 
-def test_global_finetuning_resumes_to_the_codebooks_of_an_uninterrupted_run(tiny_images, tmp_path, monkeypatch):
-    extra = ["FINETUNE.GLOBAL_ITERS", 6, "FINETUNE.CHECKPOINT_PERIOD", 2, "FINETUNE.OPTIMIZER", "sgd",
-             "FINETUNE.GLOBAL_LR", 0.05, "FINETUNE.BN", "train", "FINETUNE.LR_SCHEDULE", "step",
-             "FINETUNE.LR_MILESTONES", "[0.5]"]
+@pytest.mark.parametrize("mixup", [0.0, 1.0])
+def test_global_finetuning_resumes_to_the_codebooks_of_an_uninterrupted_run(tiny_images, tmp_path, monkeypatch,
+                                                                             mixup):
+    extra = ["FINETUNE.MIXUP_ALPHA", mixup, "FINETUNE.GLOBAL_ITERS", 6, "FINETUNE.CHECKPOINT_PERIOD", 2,
+             "FINETUNE.OPTIMIZER", "sgd", "FINETUNE.GLOBAL_LR", 0.05, "FINETUNE.BN", "train",
+             "FINETUNE.LR_SCHEDULE", "step", "FINETUNE.LR_MILESTONES", "[0.5]"]
     _, q = _quantizer(tmp_path, "a", *extra)
     full = q.run().student.state_dict()
     assert not os.path.exists(tmp_path / "a" / FINETUNE_STATE_FILE)  # removed at the end

@@ -286,6 +286,7 @@ def distill(student: nn.Module, teacher: nn.Module, task: Task, params: Iterable
             t_feats = stack.enter_context(feature_taps(teacher, feature_layers))
         for step in tqdm(range(start, iters), total=iters, initial=start, desc=desc, leave=False):
             batch = next(batches)
+            task.reseed(seed * 1000003 + step)  # the task's own draws (mixup) depend on the step only
             with bn_train_mode(student, bn_stats):
                 loss = task.distill_loss(runner, teacher, batch)
                 if use_features:

@@ -58,6 +58,11 @@ class Task:
         by default those the architecture's registry builder declares (its ``stages`` attribute)."""
         return stages_of(self.cfg.MODEL.ARCH, model)
 
+    def reseed(self, seed: int) -> None:
+        """Re-seed the task's own random draws in :meth:`distill_loss` (e.g. mixup); the engine calls it before
+        every distillation step with a seed of (run seed, stage, step), so an interrupted and resumed run draws
+        what an uninterrupted one does. By default the task draws nothing."""
+
     def distill_loss(self, student: nn.Module, teacher: nn.Module, batch: Any) -> torch.Tensor:
         """Label-free loss that pulls ``student`` towards ``teacher`` on ``batch`` (scalar Tensor)."""
         raise NotImplementedError

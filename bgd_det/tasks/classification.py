@@ -48,6 +48,9 @@ class ClassificationTask(Task):
             raise ValueError(f"FINETUNE.MIXUP_ALPHA={alpha}; allowed: a number >= 0 (0 = no mixup)")
         self._mix_rng = np.random.default_rng([cfg.SEED, comm.get_rank()])
 
+    def reseed(self, seed: int) -> None:
+        self._mix_rng = np.random.default_rng([seed, comm.get_rank()])
+
     def calib_dataset(self):
         if self._calib is None:
             self._calib = DatasetCatalog.get(self.cfg.DATASETS.CALIB)
