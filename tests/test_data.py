@@ -66,3 +66,12 @@ def test_num_workers_automatic_and_errors(monkeypatch):
     assert num_workers(-1) == 3
     with pytest.raises(ValueError, match=r"DATALOADER.NUM_WORKERS=-2; allowed: -1 \(automatic\)"):
         num_workers(-2)
+
+
+def test_an_unreadable_image_is_named(tiny_images):
+    bad = tiny_images / "n00000002_img2.JPEG"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated
+    ds = DatasetCatalog.get("imagenet_sample_even")
+    index = [p for p, _ in ds.items].index(str(bad))
+    with pytest.raises(ValueError, match=r"unreadable image .*n00000002_img2.JPEG .*remove or replace the file"):
+        ds[index]

@@ -134,8 +134,8 @@ def test_frozen_bn_counts_like_batchnorm(plan, cfg):
 
 
 def test_unknown_module_in_override(plan, teacher, quantizer):
-    order = [p.name for p in plan] + ["backbone.body.conv1", "rpn.head.cls_logits", "rpn.head.bbox_pred",
-                                      "roi_heads.mask_predictor.mask_fcn_logits"]
+    order = ["backbone.body.conv1"] + [p.name for p in plan] + ["rpn.head.cls_logits", "rpn.head.bbox_pred",
+                                                                 "roi_heads.mask_predictor.mask_fcn_logits"]
     assert build_plan(teacher, order, QuantRules.from_cfg(small_cfg().QUANT)) == plan
     rules = QuantRules.from_cfg(small_cfg("QUANT.OVERRIDES", "[['roi_heads.box_head.fc8', 'BLOCK_SIZE', 16]]").QUANT)
     with pytest.raises(ValueError, match=r"'roi_heads.box_head.fc8' matches no quantizable module; near matches: "

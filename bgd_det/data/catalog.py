@@ -47,3 +47,18 @@ def num_workers(setting: int) -> int:
         raise ValueError(f"DATALOADER.NUM_WORKERS={setting}; allowed: -1 (automatic) or an integer >= 0")
     cores = os.cpu_count() or 1
     return 0 if cores <= 2 else min(8, cores // 2)
+
+
+def open_rgb(path: str):
+    """The image at ``path`` as an RGB ``PIL.Image`` (loaded); an unreadable or truncated file is a one-line
+    ``ValueError`` naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"unreadable image {path} ({type(e).__name__}: {e}); remove or replace the file") from None
+

@@ -28,14 +28,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision.models._meta import _COCO_CATEGORIES
 from torchvision.transforms.functional import pil_to_tensor
 
-from .catalog import DatasetCatalog, datasets_root
+from .catalog import DatasetCatalog, datasets_root, open_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +104,7 @@ class CocoInstances(Dataset):
         path = self.image_path(image_id)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image {path} of dataset {self.name!r} (id {image_id}) not found")
-        with Image.open(path) as img:
-            image = pil_to_tensor(img.convert("RGB")).float().div_(255.0)
+        image = pil_to_tensor(open_rgb(path)).float().div_(255.0)
         return {"image": image, "image_id": image_id, "height": int(info["height"]), "width": int(info["width"]),
                 "annotations": self.coco.imgToAnns.get(image_id, [])}
 

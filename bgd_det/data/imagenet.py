@@ -17,11 +17,10 @@ import re
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from .catalog import DatasetCatalog, datasets_root
+from .catalog import DatasetCatalog, datasets_root, open_rgb
 
 __all__ = ["ImageList", "scan_image_folder", "eval_transform", "train_transform", "register_image_folder"]
 
@@ -56,8 +55,7 @@ class ImageList(Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.items[i]
-        with Image.open(path) as img:
-            return self.transform(img.convert("RGB")), label
+        return self.transform(open_rgb(path)), label
 
     def with_transform(self, transform: Callable) -> "ImageList":
         return ImageList(self.items, transform)
