@@ -15,23 +15,21 @@ equal cores, so the ratio shows what sharding the data buys minus what communica
 import argparse
 import logging
 import os
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # noqa: E402
-from bgd_det.config import load_config  # noqa: E402
-from bgd_det.engine import quantizer as quantizer_mod  # noqa: E402
-from bgd_det.engine.distributed import build_collectives  # noqa: E402
-from bgd_det.engine.launch import launch  # noqa: E402
-from bgd_det.modeling import build_model  # noqa: E402
-from bgd_det.quantization.layers import PQ_LAYER_TYPES  # noqa: E402
-from bgd_det.tasks import build_task  # noqa: E402
-from bgd_det.utils import comm  # noqa: E402
-from bgd_det.utils.logger import setup_logger  # noqa: E402
+from bgd_det.config import load_config
+from bgd_det.engine import quantizer as quantizer_mod
+from bgd_det.engine.distributed import build_collectives
+from bgd_det.engine.launch import launch
+from bgd_det.modeling import build_model
+from bgd_det.quantization.layers import PQ_LAYER_TYPES
+from bgd_det.tasks import build_task
+from bgd_det.utils import comm
+from bgd_det.utils.logger import setup_logger
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"

@@ -31,16 +31,15 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bgd_det.config import load_config  # noqa: E402
-from bgd_det.modeling import build_model  # noqa: E402
-from bgd_det.quantization.capture import (  # noqa: E402
+from bgd_det.config import load_config
+from bgd_det.modeling import build_model
+from bgd_det.quantization.capture import (
     capture_gram, has_input_metric, metric_uses_inputs)
-from bgd_det.quantization.plan import QuantRules, build_plan, execution_order  # noqa: E402
-from bgd_det.quantization.pq import (  # noqa: E402
+from bgd_det.quantization.plan import QuantRules, build_plan, execution_order
+from bgd_det.quantization.pq import (
     PQResult, _metric_factor, _split_empty, assign, code_dtype, em_quantize, split_subvectors)
-from bgd_det.tasks import build_task  # noqa: E402
-from bgd_det.utils.logger import setup_logger  # noqa: E402
+from bgd_det.tasks import build_task
+from bgd_det.utils.logger import setup_logger
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 logger = logging.getLogger("bgd_det.bench_em")

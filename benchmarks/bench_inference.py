@@ -37,26 +37,24 @@ import tempfile
 import time
 from typing import Callable, Dict, List
 
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bgd_det import ops  # noqa: E402
-from bgd_det.checkpoint import round_codebooks_to_fp16, save_compressed  # noqa: E402
-from bgd_det.ops.inference import (  # noqa: E402
+from bgd_det import ops
+from bgd_det.checkpoint import round_codebooks_to_fp16, save_compressed
+from bgd_det.ops.inference import (
     PQLinearInfer,
     inference_bytes,
     max_scratch_bytes,
     to_inference,
 )
-from bgd_det.quantization.plan import QuantRules, build_plan, execution_order  # noqa: E402
-from bgd_det.quantization.pq import code_dtype  # noqa: E402
-from bgd_det.quantization.size import model_size  # noqa: E402
-from bgd_det.quantization.swap import pq_layers, swap_in_skeleton  # noqa: E402
+from bgd_det.quantization.plan import QuantRules, build_plan, execution_order
+from bgd_det.quantization.pq import code_dtype
+from bgd_det.quantization.size import model_size
+from bgd_det.quantization.swap import pq_layers, swap_in_skeleton
 
 MIB = 2.0**20
 RESNET_RULES = dict(

@@ -25,12 +25,11 @@ from typing import Dict, List
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bgd_det.config import load_config  # noqa: E402
-from bgd_det.engine.quantizer import Quantizer  # noqa: E402
-from bgd_det.modeling import build_model  # noqa: E402
-from bgd_det.tasks import build_task  # noqa: E402
-from bgd_det.utils.logger import setup_logger  # noqa: E402
+from bgd_det.config import load_config
+from bgd_det.engine.quantizer import Quantizer
+from bgd_det.modeling import build_model
+from bgd_det.tasks import build_task
+from bgd_det.utils.logger import setup_logger
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 JOBS = {

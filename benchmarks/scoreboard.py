@@ -27,22 +27,20 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from tabulate import tabulate  # noqa: E402
+import torch
+from tabulate import tabulate
 
-from bgd_det.config import get_cfg  # noqa: E402
-from bgd_det.evaluation.protocol import paired_bootstrap, seed_summary  # noqa: E402
-from bgd_det.modeling import build_model, load_weights  # noqa: E402
-from bgd_det.peers import dense_state_dict, import_peer, load_checkpoint_model  # noqa: E402
-from bgd_det.quantization.size import model_size  # noqa: E402
-from bgd_det.tasks.classification import ClassificationTask  # noqa: E402
-from bgd_det.utils.logger import setup_logger  # noqa: E402
+from bgd_det.config import get_cfg
+from bgd_det.evaluation.protocol import paired_bootstrap, seed_summary
+from bgd_det.modeling import build_model, load_weights
+from bgd_det.peers import dense_state_dict, import_peer, load_checkpoint_model
+from bgd_det.quantization.size import model_size
+from bgd_det.tasks.classification import ClassificationTask
+from bgd_det.utils.logger import setup_logger
 
 logger = logging.getLogger("bgd_det.scoreboard")
 

@@ -18,14 +18,11 @@ both formats). A wrong or corrupt file ends with a one-line ``error: ...`` and e
 """
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bgd_det.peers import PEER_FORMATS, convert_checkpoint  # noqa: E402
-from bgd_det.quantization.size import model_size  # noqa: E402
-from bgd_det.utils.logger import setup_logger  # noqa: E402
-from bgd_det.utils.cli import run_tool  # noqa: E402
+from bgd_det.peers import PEER_FORMATS, convert_checkpoint
+from bgd_det.quantization.size import model_size
+from bgd_det.utils.cli import run_tool
+from bgd_det.utils.logger import setup_logger
 
 
 def main(argv=None) -> None:

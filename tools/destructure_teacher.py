@@ -17,14 +17,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bgd_det.config import load_config  # noqa: E402
-from bgd_det.modeling import build_model  # noqa: E402
-from bgd_det.modeling.destructure import compare_logits, destructure_resnet, structure_report  # noqa: E402
-from bgd_det.tasks import build_task  # noqa: E402
-from bgd_det.utils.logger import setup_logger  # noqa: E402
-from bgd_det.utils.cli import run_tool  # noqa: E402
+from bgd_det.config import load_config
+from bgd_det.modeling import build_model
+from bgd_det.modeling.destructure import compare_logits, destructure_resnet, structure_report
+from bgd_det.tasks import build_task
+from bgd_det.utils.cli import run_tool
+from bgd_det.utils.logger import setup_logger
 
 logger = logging.getLogger("bgd_det.destructure_teacher")
 

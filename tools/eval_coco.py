@@ -10,16 +10,12 @@ the detections of each model (coco_instances_results.json).
 """
 import logging
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bgd_det.engine import launch  # noqa: E402
-from bgd_det.engine.defaults import default_argument_parser, default_setup  # noqa: E402
-from bgd_det.utils.cli import run_tool  # noqa: E402
-from bgd_det.tasks.detection import evaluate_side_by_side  # noqa: E402
-from bgd_det.utils import comm  # noqa: E402
+from bgd_det.engine import launch
+from bgd_det.engine.defaults import default_argument_parser, default_setup
+from bgd_det.tasks.detection import evaluate_side_by_side
+from bgd_det.utils import comm
+from bgd_det.utils.cli import run_tool
 
 
 def main(args) -> dict:

@@ -21,19 +21,15 @@ from the WordNet id in each file name (see ``bgd_det/data/imagenet.py``). The de
 ``bgd_det.quantization.size.model_size``) and compression ratio.
 """
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bgd_det.engine import launch  # noqa: E402
-from bgd_det.engine.defaults import default_argument_parser, default_setup  # noqa: E402
-from bgd_det.utils.cli import run_tool  # noqa: E402
-from bgd_det.modeling import build_model  # noqa: E402
-from bgd_det.ops.inference import check_eval_options, for_evaluation  # noqa: E402
-from bgd_det.peers import load_checkpoint_model  # noqa: E402
-from bgd_det.quantization.size import model_size  # noqa: E402
-from bgd_det.tasks.classification import ClassificationTask  # noqa: E402
+from bgd_det.engine import launch
+from bgd_det.engine.defaults import default_argument_parser, default_setup
+from bgd_det.modeling import build_model
+from bgd_det.ops.inference import check_eval_options, for_evaluation
+from bgd_det.peers import load_checkpoint_model
+from bgd_det.quantization.size import model_size
+from bgd_det.tasks.classification import ClassificationTask
+from bgd_det.utils.cli import run_tool
 
 
 def main(args) -> dict:

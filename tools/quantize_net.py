@@ -7,15 +7,12 @@
 Writes OUTPUT_DIR/model_final.pth (compressed checkpoint), report.md/json, layer_sizes.png and log.txt.
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bgd_det.engine import launch  # noqa: E402
-from bgd_det.engine.defaults import default_argument_parser, default_setup  # noqa: E402
-from bgd_det.config import load_config  # noqa: E402
-from bgd_det.engine.pipeline import describe_plan, quantize_and_report  # noqa: E402
-from bgd_det.utils.cli import run_tool  # noqa: E402
+from bgd_det.config import load_config
+from bgd_det.engine import launch
+from bgd_det.engine.defaults import default_argument_parser, default_setup
+from bgd_det.engine.pipeline import describe_plan, quantize_and_report
+from bgd_det.utils.cli import run_tool
 
 
 def main(args) -> None:
