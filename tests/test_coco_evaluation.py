@@ -181,3 +181,46 @@ def test_bad_input_errors(tiny_coco, tmp_path):
     assert label_map([3, 7], 91, names={3: "car", 7: "train"}) == {3: 3, 7: 7}
     with pytest.raises(KeyError, match="unknown dataset 'coco_2018_val'; registered datasets: .*coco_2017_val"):
         DatasetCatalog.get("coco_2018_val")
+
+
+def test_degenerate_annotations_are_dropped_on_load_with_a_count(tiny_coco, caplog):
+    """An empty segmentation or a 2-point polygon crashed pycocotools only at evaluation, after inference."""
+    path, _ = tiny_coco
+    data = json.loads(path.read_text())
+    good = data["annotations"]
+    bad = [dict(good[0], id=10, segmentation=[]),  # empty polygon list
+           dict(good[0], id=11, segmentation=[[10, 10, 20, 20]]),  # 2 points
+           dict(good[0], id=12, bbox=[10, 10, 0, 5]),  # zero-width box
+           dict(good[0], id=13, category_id=99),  # unknown category
+           dict(good[1], id=14, segmentation=[[70, 5, 80, 5]] + _square(70, 5, 90, 35))]  # one bad polygon of two
+    data["annotations"] = good + bad
+    path.write_text(json.dumps(data))
+    with caplog.at_level("WARNING"):
+        coco = load_coco_api(str(path))
+    assert sorted(coco.anns) == [1, 2, 14]
+    assert coco.anns[14]["segmentation"] == _square(70, 5, 90, 35)
+    assert "dropped 4 of 7 annotations" in caplog.text and "2 no polygon of 3 or more points" in caplog.text
+    assert "1 unknown category_id" in caplog.text and "1 empty or malformed bbox" in caplog.text
+    # The cleaned ground truth evaluates (pycocotools raised on the 2-point polygon before).
+    to_cat = {1: 3, 2: 7}
+    out = {"boxes": torch.tensor([[10.0, 10.0, 60.0, 60.0]]), "scores": torch.tensor([0.9]),
+           "labels": torch.tensor([1]), "masks": _mask(coco, 1)[None]}
+    metrics = _evaluate(coco, out, to_cat)
+    assert metrics["mask_AP"] > 0
+
+
+def test_detections_are_written_before_cocoeval_can_fail(tiny_coco, tmp_path, monkeypatch):
+    path, _ = tiny_coco
+    coco = load_coco_api(str(path))
+    import bgd_det.evaluation.coco_evaluation as ce
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("COCOeval failed")
+
+    monkeypatch.setattr(ce, "evaluate_coco_results", broken)
+    out = {"boxes": torch.tensor([[10.0, 10.0, 60.0, 60.0]]), "scores": torch.tensor([0.9]),
+           "labels": torch.tensor([1])}
+    with pytest.raises(RuntimeError, match="COCOeval failed"):
+        _evaluate(coco, out, {1: 3, 2: 7}, output_dir=str(tmp_path / "eval"))
+    written = json.loads((tmp_path / "eval" / RESULTS_FILE).read_text())
+    assert len(written) == 1 and written[0]["image_id"] == 5 and written[0]["category_id"] == 3

@@ -38,7 +38,7 @@ from .catalog import DatasetCatalog, datasets_root, open_rgb
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CocoInstances", "load_coco_api", "register_coco_instances", "label_map", "annotations_to_target"]
+__all__ = ["CocoInstances", "load_coco_api", "valid_annotations", "register_coco_instances", "label_map", "annotations_to_target"]
 
 
 def load_coco_api(json_file: str) -> COCO:
@@ -55,11 +55,54 @@ def load_coco_api(json_file: str) -> COCO:
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data]
     if missing:
         raise ValueError(f"COCO annotation file {json_file} has no {missing} (not a COCO instances file)")
+    data["annotations"] = valid_annotations(data, json_file)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco.createIndex()
     return coco
+
+
+def _segmentation_fault(segm: Any) -> Optional[str]:
+    """Why ``segm`` cannot be decoded into a mask, or None. Polygons of fewer than 3 points are dropped from the
+    list in place (detectron2 drops them too); an annotation left with none is degenerate."""
+    if isinstance(segm, list):
+        segm[:] = [p for p in segm if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+        return None if segm else "no polygon of 3 or more points"
+    if isinstance(segm, dict) and "counts" in segm and "size" in segm:
+        return None
+    return f"segmentation of type {type(segm).__name__} is neither polygons nor RLE"
+
+
+def valid_annotations(data: Mapping[str, Any], json_file: str) -> List[Dict]:
+    """The annotations of a COCO instances dict that every consumer (targets, masks, COCOeval) can use.
+
+    Dropped, with one warning that counts them by reason (as detectron2's loader does): annotations of an unknown
+    image or category, a box of zero or negative size, or a segmentation with no usable polygon. Checked when the
+    file is loaded, before any model runs.
+    """
+    images = {img["id"] for img in data["images"]}
+    cats = {c["id"] for c in data["categories"]}
+    kept: List[Dict] = []
+    dropped: Dict[str, int] = {}
+    for ann in data["annotations"]:
+        box = ann.get("bbox")
+        if ann.get("image_id") not in images:
+            why = "unknown image_id"
+        elif ann.get("category_id") not in cats:
+            why = "unknown category_id"
+        elif not (isinstance(box, list) and len(box) == 4 and box[2] > 0 and box[3] > 0):
+            why = "empty or malformed bbox"
+        else:
+            why = _segmentation_fault(ann["segmentation"]) if "segmentation" in ann else None
+        if why is None:
+            kept.append(ann)
+        else:
+            dropped[why] = dropped.get(why, 0) + 1
+    if dropped:
+        logger.warning("%s: dropped %d of %d annotations (%s)", json_file, sum(dropped.values()),
+                       len(data["annotations"]), ", ".join(f"{n} {why}" for why, n in sorted(dropped.items())))
+    return kept
 
 
 class CocoInstances(Dataset):

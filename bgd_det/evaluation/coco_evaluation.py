@@ -153,6 +153,11 @@ class COCOEvaluator(DatasetEvaluator):
             raise ValueError("COCOEvaluator received no images")
         if not results:
             logger.warning("no detections from the model on %d images: AP is 0", len(image_ids))
+        if self.output_dir:  # before COCOeval, which can still fail: the detections are never lost
+            os.makedirs(self.output_dir, exist_ok=True)
+            with open(os.path.join(self.output_dir, RESULTS_FILE), "w") as f:
+                json.dump(results, f)
+            logger.info("wrote %d detections to %s", len(results), os.path.join(self.output_dir, RESULTS_FILE))
         metrics: Dict[str, float] = {}
         for iou_type in self.iou_types:
             if iou_type == "segm" and not has_masks:
@@ -161,10 +166,6 @@ class COCOEvaluator(DatasetEvaluator):
             metrics.update({f"{_PREFIX[iou_type]}_{k}": v for k, v in stats.items()})
         metrics["n_images"] = len(image_ids)
         if self.output_dir:
-            os.makedirs(self.output_dir, exist_ok=True)
-            with open(os.path.join(self.output_dir, RESULTS_FILE), "w") as f:
-                json.dump(results, f)
             with open(os.path.join(self.output_dir, "coco_metrics.json"), "w") as f:
                 json.dump(metrics, f, indent=1)
-            logger.info("wrote %d detections to %s", len(results), os.path.join(self.output_dir, RESULTS_FILE))
         return metrics
