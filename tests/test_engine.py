@@ -77,6 +77,10 @@ def test_resume_gives_same_codes_as_uninterrupted_run(tiny_images, tmp_path, mix
     ("FINETUNE.LR_MILESTONES", "[0.6, 0.3]", "FINETUNE.LR_MILESTONES=[0.6, 0.3]; allowed: increasing fractions"),
     ("FINETUNE.GLOBAL_EPOCHS", -1.0, "FINETUNE.GLOBAL_EPOCHS=-1.0; allowed: a number >= 0"),
     ("FINETUNE.FEATURE_LAYERS", "['layer9']", "FINETUNE.FEATURE_LAYERS: no module 'layer9' in TinyNet"),
+    # plan rules and dataset names: they used to fail only after the teacher's evaluation
+    ("QUANT.OVERRIDES", '[["conv9", "BLOCK_SIZE", 4]]', "'conv9'"),
+    ("QUANT.BLOCK_SIZE.LINEAR", 7, "block size 7"),
+    ("DATASETS.TEST", "imagenet_sample_odd_typo", "unknown dataset DATASETS.TEST 'imagenet_sample_odd_typo'"),
 ])
 def test_bad_settings_fail_before_the_teacher_is_evaluated(tiny_images, tmp_path, monkeypatch, key, value, message):
     """Checked when the Quantizer is built: FINETUNE.BN used to fail only after every layer was quantized."""

@@ -69,7 +69,7 @@ def quantize_and_report(cfg, *, resume: bool = False, **quantizer_kwargs) -> Dic
     quantizer_kwargs = {"collectives": build_collectives(cfg), **quantizer_kwargs}
     task = build_task(cfg)
     teacher = build_model(cfg)
-    # Built first: it checks the QUANT / FINETUNE values before the teacher's (possibly long) evaluation.
+    # Built first: it checks the QUANT / FINETUNE values and the plan before the teacher's (possibly long) evaluation.
     quantizer = Quantizer(cfg, teacher, task, output_dir=cfg.OUTPUT_DIR, **quantizer_kwargs)
     metrics: Dict[str, Dict] = {}
     timings: Dict[str, float] = {}

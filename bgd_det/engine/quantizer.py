@@ -179,6 +179,7 @@ class Quantizer:
         self.hooks = list(hooks)
         check_quantizer_cfg(cfg)  # a bad value fails here, before any layer is quantized
         feature_modules(self.teacher, cfg.FINETUNE.FEATURE_LAYERS)  # likewise a name that is not in the model
+        self.make_plan(self.teacher)  # every plan error at once, before the teacher's (possibly long) evaluation
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         # {layer: BatchNorm fed by its output}, from one traced forward of the teacher

@@ -12,6 +12,7 @@ import torch
 from fvcore.common.registry import Registry
 from torch import nn
 
+from ..data import DatasetCatalog
 from ..modeling.stages import Stage, stages_of
 
 __all__ = ["Task", "TASK_REGISTRY", "build_task"]
@@ -84,4 +85,7 @@ def build_task(cfg) -> Task:
     name = getattr(get_arch(cfg.MODEL.ARCH), "task", "classification")
     if name not in TASK_REGISTRY:
         raise KeyError(f"unknown task {name!r}; registered tasks: {sorted(k for k, _ in TASK_REGISTRY)}")
+    unknown = [f"DATASETS.{k} {cfg.DATASETS[k]!r}" for k in ("CALIB", "TEST") if cfg.DATASETS[k] not in DatasetCatalog]
+    if unknown:  # before any model is built or evaluated
+        raise KeyError(f"unknown dataset {', '.join(unknown)}; registered datasets: {DatasetCatalog.list()}")
     return TASK_REGISTRY.get(name)(cfg)
