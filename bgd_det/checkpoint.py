@@ -140,6 +140,19 @@ def load_compressed_into(model: nn.Module, ckpt: Dict[str, Any], *, source: str 
     return model
 
 
+def check_checkpoint_arch(arch: str, cfg, *, source: str = "checkpoint") -> None:
+    """Refuse a config that names another architecture than the checkpoint holds (the default MODEL.ARCH is taken
+    as unset: the checkpoint's architecture is then used, with one log line)."""
+    from .config.defaults import get_cfg
+
+    if cfg is None or cfg.MODEL.ARCH == arch:
+        return
+    if cfg.MODEL.ARCH != get_cfg().MODEL.ARCH:
+        raise ValueError(f"{source} holds a {arch} but MODEL.ARCH is {cfg.MODEL.ARCH}; drop MODEL.ARCH (the "
+                         f"checkpoint names its architecture) or pass the {cfg.MODEL.ARCH} checkpoint")
+    logger.info("%s holds a %s: built as that (MODEL.ARCH %s ignored)", source, arch, cfg.MODEL.ARCH)
+
+
 def checkpoint_cfg(ckpt: Dict[str, Any], cfg=None, *, source: str = "checkpoint"):
     """The config that rebuilds ``ckpt``'s model: ``cfg`` when given (an override), else the config the checkpoint
     records (input size, proposals, FrozenBatchNorm eps ...), else the defaults (one log line); MODEL.ARCH and
@@ -147,6 +160,7 @@ def checkpoint_cfg(ckpt: Dict[str, Any], cfg=None, *, source: str = "checkpoint"
     from .config.defaults import CfgNode, get_cfg
 
     if cfg is not None:
+        check_checkpoint_arch(ckpt["arch"], cfg, source=source)
         out = cfg.clone()
     else:
         out, text = get_cfg(), (ckpt.get("extra") or {}).get("config")

@@ -40,8 +40,8 @@ from typing import Any, Dict, Iterable, Tuple
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import (FORMAT, atomic_save, compressed_state, load_compressed, load_compressed_into,
-                         one_line, read_checkpoint_file)
+from .checkpoint import (FORMAT, atomic_save, check_checkpoint_arch, compressed_state, load_compressed,
+                         load_compressed_into, one_line, read_checkpoint_file)
 from .quantization.pq import code_dtype
 from .quantization.size import model_size
 from .quantization.swap import pq_layers
@@ -377,6 +377,8 @@ def convert_checkpoint(src: str, fmt: str, out: str, *, dense: bool = False) -> 
     Returns:
         The imported model (codebook layers).
     """
+    if os.path.exists(out) and os.path.samefile(src, out):
+        raise ValueError(f"OUT {out} is the input file; pass another path (the input is never overwritten)")
     model, ckpt = import_peer(src, fmt)
     if dense:
         atomic_save(dense_state_dict(model), out)
@@ -402,7 +404,8 @@ def load_checkpoint_model(path: str, *, cfg=None, device: str = "cpu") -> Tuple[
     if fmt == "bgd_det":
         model = load_compressed(path, cfg=cfg)
     elif fmt in PEER_FORMATS:
-        model = import_peer(path, fmt)[0]
+        model, ckpt = import_peer(path, fmt)
+        check_checkpoint_arch(ckpt["arch"], cfg, source=path)
     else:
         from .config import get_cfg
         from .modeling import build_model, load_weights

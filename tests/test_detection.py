@@ -297,9 +297,23 @@ def test_quantize_net_and_eval_coco_on_coco_tiny(assets_dir, tmp_path, monkeypat
     spec = importlib.util.spec_from_file_location("eval_coco", root / "tools" / "eval_coco.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    seen = {}  # the teacher each evaluation ran: its parameters
+    evaluate = DetectionTask.evaluate
+
+    def recording(self, model, **kwargs):
+        seen.setdefault(kwargs.get("desc", ""), []).append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        return evaluate(self, model, **kwargs)
+
+    monkeypatch.setattr(DetectionTask, "evaluate", recording)
     args = tool.default_argument_parser().parse_args(
         ["--config", demo, *opts, "MODEL.WEIGHTS", str(tmp_path / "model_final.pth")])
     result = tool.main(args)
+    # another SEED on the command line: the random teacher is still the one the checkpoint was compressed from
+    tool.main(tool.default_argument_parser().parse_args(
+        ["--config", demo, *opts, "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"), "SEED", "7",
+         "OUTPUT_DIR", str(tmp_path / "seed7")]))
+    teachers = seen["uncompressed on coco_tiny_val"]
+    assert len(teachers) == 2 and torch.equal(teachers[0], teachers[1])
     rows = result["rows"]
     assert set(rows) == {"uncompressed", "compressed"}
     assert rows["uncompressed"]["n_images"] == 2 and "mask_AP" in rows["compressed"]

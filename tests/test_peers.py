@@ -12,6 +12,7 @@ import torchvision
 
 import bgd_det
 from bgd_det.checkpoint import read_compressed
+from bgd_det.config import get_cfg
 from bgd_det.peers import (
     bgd_codes,
     convert_checkpoint,
@@ -20,6 +21,7 @@ from bgd_det.peers import (
     import_peer,
     import_pqf,
     infer_resnet_arch,
+    load_checkpoint_model,
 )
 from bgd_det.quantization.layers import PQConv2d, PQLinear
 from bgd_det.quantization.pq import pq_decode
@@ -189,6 +191,24 @@ def test_corrupt_files_give_one_line_errors(synthetic_bgd, tmp_path):
     message = str(exit_.value.code)
     assert message.startswith("error:") and "truncated" in message and "\n" not in message
     assert not (tmp_path / "out.pth").exists()
+
+
+def test_convert_refuses_to_overwrite_its_input_and_checkpoints_of_another_arch(synthetic_bgd, tmp_path):
+    path, _, _ = synthetic_bgd
+    before = path.read_bytes()
+    with pytest.raises(SystemExit) as exit_:
+        _convert_tool().main(["--from", "bgd", str(path), str(path)])
+    assert "is the input file" in str(exit_.value.code) and path.read_bytes() == before
+    # A config naming another architecture than the file holds (eval_imagenet --config R50 --checkpoint R18
+    # evaluated the R18 without a word); the default MODEL.ARCH is taken as unset.
+    out = tmp_path / "r18.pth"
+    convert_checkpoint(str(path), "bgd", str(out))
+    r50 = get_cfg()
+    r50.MODEL.ARCH = "resnet50"
+    for f in (path, out):
+        with pytest.raises(ValueError, match=f"{f} holds a resnet18 but MODEL.ARCH is resnet50"):
+            load_checkpoint_model(str(f), cfg=r50)
+    assert load_checkpoint_model(str(out), cfg=get_cfg())[1] == "bgd_det"
 
 
 def _convert_tool():

@@ -552,17 +552,19 @@ TASK_REGISTRY._do_register("detection", DetectionTask)
 
 
 # -- uncompressed vs compressed on COCO (tools/eval_coco.py) ---------------------------------------------------
-def _teacher_weights_of(ckpt: Dict[str, Any], fallback: str) -> str:
-    """MODEL.WEIGHTS of the config a compressed checkpoint was made with (``fallback`` when not recorded)."""
+def _teacher_of(ckpt: Dict[str, Any], fallback: str, seed: int) -> Tuple[str, int]:
+    """(MODEL.WEIGHTS, SEED) of the config a compressed checkpoint was made with (the fallbacks when not recorded):
+    a random teacher ("" weights) is re-created from that SEED."""
     from ..config.defaults import CfgNode
 
     text = ckpt.get("extra", {}).get("config")
     if not isinstance(text, str):
-        return fallback
+        return fallback, seed
     try:
-        return str(CfgNode.load_cfg(text).MODEL.WEIGHTS)
+        recorded = CfgNode.load_cfg(text)
+        return str(recorded.MODEL.WEIGHTS), int(recorded.SEED)
     except Exception:  # an unreadable record is not fatal: evaluate with the fallback
-        return fallback
+        return fallback, seed
 
 
 def evaluate_side_by_side(cfg, *, output_dir: str = "") -> Dict[str, Any]:
@@ -582,13 +584,12 @@ def evaluate_side_by_side(cfg, *, output_dir: str = "") -> Dict[str, Any]:
 
     from tabulate import tabulate
 
-    from ..checkpoint import FORMAT, load_compressed, read_compressed
+    from ..checkpoint import FORMAT, check_checkpoint_arch, load_compressed, read_compressed
     from ..modeling import build_model
     from ..ops.inference import check_eval_options, for_evaluation
     from ..quantization.size import model_size
 
     check_eval_options(cfg.TEST)  # before the teacher's evaluation, not after it
-    task = DetectionTask(cfg)
     weights = cfg.MODEL.WEIGHTS
     ckpt = None
     if weights and os.path.isfile(weights):
@@ -598,20 +599,28 @@ def evaluate_side_by_side(cfg, *, output_dir: str = "") -> Dict[str, Any]:
             head = None
         if isinstance(head, dict) and head.get("format") == FORMAT:
             ckpt = read_compressed(weights)
+    teacher_weights, teacher_seed = _teacher_of(ckpt, "", cfg.SEED) if ckpt is not None else (weights, cfg.SEED)
+    if ckpt is not None:
+        check_checkpoint_arch(ckpt["arch"], cfg, source=weights)
+        if ckpt["num_classes"] != cfg.MODEL.NUM_CLASSES:  # the checkpoint's labels are the ones to evaluate
+            logger.info("%s has %d classes: MODEL.NUM_CLASSES %d ignored", weights, ckpt["num_classes"],
+                        cfg.MODEL.NUM_CLASSES)
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.ARCH, cfg.MODEL.NUM_CLASSES = ckpt["arch"], ckpt["num_classes"]
+    task = DetectionTask(cfg)
     models: List[Tuple[str, Callable[[], nn.Module]]] = []
-    teacher_weights = _teacher_weights_of(ckpt, "") if ckpt is not None else weights
     if ckpt is None or cfg.TEST.EVAL_TEACHER:
         def teacher() -> nn.Module:
             tcfg = cfg.clone()
             tcfg.defrost()
             tcfg.MODEL.WEIGHTS = teacher_weights
+            if not teacher_weights:  # a random teacher: the initialisation the checkpoint was compressed from
+                torch.manual_seed(teacher_seed)
             return build_model(tcfg)
 
         models.append(("uncompressed", teacher))
     if ckpt is not None:
-        if ckpt["num_classes"] != cfg.MODEL.NUM_CLASSES:
-            raise ValueError(f"category mismatch: {weights} has {ckpt['num_classes']} classes but "
-                             f"MODEL.NUM_CLASSES is {cfg.MODEL.NUM_CLASSES}")
         models.append(("compressed", lambda: load_compressed(weights, cfg=cfg, device=cfg.MODEL.DEVICE)))
 
     rows: Dict[str, Dict[str, float]] = {}
