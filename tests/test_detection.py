@@ -301,7 +301,8 @@ def test_quantize_net_and_eval_coco_on_coco_tiny(assets_dir, tmp_path, monkeypat
     evaluate = DetectionTask.evaluate
 
     def recording(self, model, **kwargs):
-        seen.setdefault(kwargs.get("desc", ""), []).append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        seen.setdefault(kwargs.get("desc", ""), []).append(flat)
         return evaluate(self, model, **kwargs)
 
     monkeypatch.setattr(DetectionTask, "evaluate", recording)

@@ -38,7 +38,8 @@ from .catalog import DatasetCatalog, datasets_root, open_rgb
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CocoInstances", "load_coco_api", "valid_annotations", "register_coco_instances", "label_map", "annotations_to_target"]
+__all__ = ["CocoInstances", "load_coco_api", "valid_annotations", "register_coco_instances", "label_map",
+           "annotations_to_target"]
 
 
 def load_coco_api(json_file: str) -> COCO:
