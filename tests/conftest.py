@@ -74,13 +74,17 @@ def tiny_images(tmp_path, monkeypatch) -> Path:
     return root
 
 
+#: command-line options of a seconds-long run of tiny_net on ``tiny_images``
+TINY_OPTS = ["MODEL.ARCH", "tiny_net", "MODEL.NUM_CLASSES", 10, "MODEL.WEIGHTS", "", "INPUT.RESIZE", 36,
+             "INPUT.CROP", 32, "QUANT.N_CENTROIDS", 16, "QUANT.EM_ITERS", 5, "QUANT.CAPTURE_IMAGES", 8,
+             "QUANT.CAPTURE_BATCH_SIZE", 4, "QUANT.SKIP", "[]", "QUANT.SKIP_FIRST", False,
+             "QUANT.BLOCK_SIZE.LINEAR", 4,
+             "DATASETS.CALIB", "imagenet_sample_even", "DATASETS.TEST", "imagenet_sample_odd",
+             "FINETUNE.BATCH_SIZE", 4, "TEST.BATCH_SIZE", 5]
+
+
 def tiny_cfg(output_dir, *extra):
     from bgd_det.config import load_config
 
-    opts = ["MODEL.ARCH", "tiny_net", "MODEL.NUM_CLASSES", 10, "MODEL.WEIGHTS", "", "INPUT.RESIZE", 36,
-            "INPUT.CROP", 32, "QUANT.N_CENTROIDS", 16, "QUANT.EM_ITERS", 5, "QUANT.CAPTURE_IMAGES", 8,
-            "QUANT.CAPTURE_BATCH_SIZE", 4, "QUANT.SKIP", "[]", "QUANT.SKIP_FIRST", False,
-            "QUANT.BLOCK_SIZE.LINEAR", 4,
-            "DATASETS.CALIB", "imagenet_sample_even", "DATASETS.TEST", "imagenet_sample_odd",
-            "FINETUNE.BATCH_SIZE", 4, "TEST.BATCH_SIZE", 5, "OUTPUT_DIR", str(output_dir), *extra]
+    opts = [*TINY_OPTS, "OUTPUT_DIR", str(output_dir), *extra]
     return load_config("", [str(o) for o in opts])

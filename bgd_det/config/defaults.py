@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import yaml
 from fvcore.common.config import CfgNode as _CfgNode
 
 __all__ = ["CfgNode", "get_cfg", "load_config"]
@@ -13,9 +14,17 @@ class CfgNode(_CfgNode):
 
     def merge_from_file(self, cfg_filename: str, allow_unsafe: bool = False) -> None:
         try:
+            with open(cfg_filename) as f:
+                top = yaml.safe_load(f)
+            if not isinstance(top, dict):
+                raise ValueError(f"config file {cfg_filename} is empty or not a mapping of KEY: value")
             super().merge_from_file(cfg_filename, allow_unsafe=allow_unsafe)
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"config file not found: {cfg_filename}") from e
+            missing = e.filename or cfg_filename
+            where = "" if missing == cfg_filename else f" (the _BASE_ of {cfg_filename})"
+            raise FileNotFoundError(f"config file not found: {missing}{where}") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {cfg_filename} is not valid YAML: {' '.join(str(e).split())}") from None
         except KeyError as e:
             raise KeyError(f"{cfg_filename}: {e.args[0]} (see bgd_det/config/defaults.py for allowed keys)") from None
 

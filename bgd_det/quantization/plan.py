@@ -191,7 +191,7 @@ def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> Lis
         d, k = int(setting["BLOCK_SIZE"]), int(setting["N_CENTROIDS"])
         shape = _weight_shape(module)
         cols = math.prod(shape[1:])
-        if cols % d != 0:
+        if d < 1 or cols % d != 0:
             errors.append(f"block size {d} for {name!r} does not divide its row length {cols} (weight "
                           f"{tuple(shape)}); allowed: a divisor of {cols} ({', '.join(map(str, _divisors(cols)))}"
                           f"{', ...' if cols > 32 else ''}), set with QUANT.OVERRIDES [[{name!r}, 'BLOCK_SIZE', d]]"
