@@ -330,3 +330,9 @@ def test_quantize_net_and_eval_coco_on_coco_tiny(assets_dir, tmp_path, monkeypat
     assert set(deployed) == {"compressed"}
     for key in ("box_AP", "mask_AP"):
         assert deployed["compressed"][key] == pytest.approx(rows["compressed"][key], abs=0.5), key
+
+
+def test_a_classification_dataset_given_to_a_detector_is_one_clear_error(tiny_images):
+    task = DetectionTask(small_cfg("DATASETS.TEST", "imagenet_sample_odd"))
+    with pytest.raises(ValueError, match="'imagenet_sample_odd' is a ImageList, not a COCO instances dataset"):
+        task.test_loader()

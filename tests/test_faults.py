@@ -6,6 +6,7 @@ The kill loop spawns the tool (each process imports torch: a few seconds); the o
 process, each into its own OUTPUT_DIR (a live run's lock would refuse a second one).
 """
 import importlib.util
+import json
 import os
 import random
 import signal
@@ -179,3 +180,20 @@ def test_bad_images_are_named_and_the_model_is_kept(tiny_images, tmp_path, capsy
     code, line = _run_in_process(tmp_path / "second", capsys, "TEST.EVAL_TEACHER", False)
     assert code == 2 and f"unreadable image {bad}" in line, line
     assert (tmp_path / "second" / "out" / "model_final.pth").is_file()
+
+
+def test_bad_images_skipped_by_choice_with_a_counted_warning(tiny_images, tmp_path, capsys):
+    calib, test = tiny_images / "n00000000_truncated.JPEG", tiny_images / "n00000001_notes.JPEG"
+    _truncated_image(calib)
+    test.write_text("not an image")
+    code, line = _run_in_process(tmp_path, capsys, "DATASETS.BAD_IMAGES", "skipped")
+    assert code == 2 and "DATASETS.BAD_IMAGES='skipped'; allowed: error, skip" in line, line
+    tool = _tool()
+    args = tool.default_argument_parser().parse_args(
+        [str(o) for o in (*TINY_OPTS, "OUTPUT_DIR", tmp_path / "skip", "DATASETS.BAD_IMAGES", "skip")])
+    tool.main(args)
+    log = (tmp_path / "skip" / "log.txt").read_text()
+    assert f"unreadable image {calib}" in log and f"unreadable image {test}" in log
+    assert "skipped (1 so far in this loader)" in log
+    report = json.loads((tmp_path / "skip" / "report.json").read_text())
+    assert report["metrics"]["compressed"]["n_images"] == 10  # the 10 readable odd-class images of 11

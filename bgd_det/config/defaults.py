@@ -186,6 +186,9 @@ _C.DATASETS = CfgNode()
 _C.DATASETS.CALIB = "imagenet_sample_even"
 _C.DATASETS.TEST = "imagenet_sample_odd"
 _C.DATASETS.TEST_MAX_IMAGES = 0  # 0 = all
+# An image that cannot be decoded: "error" (stop, naming it) or "skip" (drop it from its batch, with a warning naming
+# it and counting them; an evaluation then reports fewer n_images).
+_C.DATASETS.BAD_IMAGES = "error"
 
 _C.DATALOADER = CfgNode()
 # Worker processes per DataLoader; -1: automatic (half the CPU cores up to 8; none on <= 2 cores).

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Dict, List
 
-__all__ = ["DatasetCatalog", "datasets_root"]
+__all__ = ["DatasetCatalog", "datasets_root", "open_rgb", "UnreadableImage", "num_workers"]
 
 
 def datasets_root() -> str:
@@ -49,6 +49,10 @@ def num_workers(setting: int) -> int:
     return 0 if cores <= 2 else min(8, cores // 2)
 
 
+class UnreadableImage(ValueError):
+    """An image file that cannot be decoded (truncated, not an image); the message names it."""
+
+
 def open_rgb(path: str):
     """The image at ``path`` as an RGB ``PIL.Image`` (loaded); an unreadable or truncated file is a one-line
     ``ValueError`` naming it."""
@@ -60,5 +64,6 @@ def open_rgb(path: str):
     except FileNotFoundError:
         raise
     except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"unreadable image {path} ({type(e).__name__}: {e}); remove or replace the file") from None
+        raise UnreadableImage(f"unreadable image {path} ({type(e).__name__}: {e}); remove or replace the file, or "
+                              f"set DATASETS.BAD_IMAGES skip") from None
 

@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
-from ..data import DatasetCatalog, num_workers
+from ..data import DatasetCatalog
+from ..data.loader import build_loader
 from ..data.imagenet import eval_transform, train_transform
 from ..evaluation import ClassificationEvaluator, inference_on_dataset
 from ..utils import comm
@@ -75,8 +76,7 @@ class ClassificationTask(Task):
         while len(order) < n_images:
             order += torch.randperm(len(ds), generator=gen).tolist()
         order = order[:n_images][rank::world]
-        loader = DataLoader(Subset(ds, order), batch_size=max(1, batch_size // world), shuffle=False,
-                            num_workers=num_workers(self.cfg.DATALOADER.NUM_WORKERS))
+        loader = build_loader(Subset(ds, order), batch_size=max(1, batch_size // world), cfg=self.cfg)
         for images, labels in loader:
             yield images.to(self.device), labels.to(self.device)
 
@@ -96,15 +96,14 @@ class ClassificationTask(Task):
             target = teacher(images)
         return kl_distill_loss(student(images), target, self.cfg.FINETUNE.TEMPERATURE)
 
-    def test_loader(self) -> DataLoader:
+    def test_loader(self) -> Iterable:
         ds = DatasetCatalog.get(self.cfg.DATASETS.TEST)
         ds = ds.with_transform(eval_transform(self.cfg.INPUT.RESIZE, self.cfg.INPUT.CROP))
         indices = list(range(len(ds)))
         if self.cfg.DATASETS.TEST_MAX_IMAGES > 0:
             indices = indices[: self.cfg.DATASETS.TEST_MAX_IMAGES]
         indices = indices[comm.get_rank()::comm.get_world_size()]
-        return DataLoader(Subset(ds, indices), batch_size=self.cfg.TEST.BATCH_SIZE,
-                          num_workers=num_workers(self.cfg.DATALOADER.NUM_WORKERS))
+        return build_loader(Subset(ds, indices), batch_size=self.cfg.TEST.BATCH_SIZE, cfg=self.cfg)
 
     def evaluate(self, model: nn.Module, *, reference: Optional[nn.Module] = None,
                  per_image: bool = False) -> Dict[str, float]:

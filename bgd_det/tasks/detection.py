@@ -28,18 +28,19 @@ import functools
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import fastrcnn_loss, maskrcnn_loss
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
-from ..data import DatasetCatalog, num_workers
+from ..data import DatasetCatalog
+from ..data.loader import build_loader
 from ..data.coco import CocoInstances, annotations_to_target
 from ..evaluation.coco_evaluation import COCOEvaluator
 from ..evaluation.evaluator import inference_on_dataset
@@ -392,7 +393,8 @@ class DetectionTask(Task):
         if name not in self._datasets:
             ds = DatasetCatalog.get(name)
             if not isinstance(ds, CocoInstances):
-                raise TypeError(f"dataset {name!r} is a {type(ds).__name__}, not a COCO instances dataset")
+                raise ValueError(f"dataset {name!r} is a {type(ds).__name__}, not a COCO instances dataset: a "
+                                 f"detector needs COCO-style DATASETS.CALIB / TEST (e.g. coco_2017_val)")
             self._datasets[name] = ds
         return self._datasets[name]
 
@@ -423,8 +425,8 @@ class DetectionTask(Task):
         order = order[:n_images]
         flips = (torch.rand(len(order), generator=gen) < self.cfg.DETECTION.FLIP_PROB).tolist()
         flips = [f and augment for f in flips][rank::world]
-        loader = DataLoader(Subset(ds, order[rank::world]), batch_size=max(1, batch_size // world), shuffle=False,
-                            num_workers=num_workers(self.cfg.DATALOADER.NUM_WORKERS), collate_fn=_collate)
+        loader = build_loader(Subset(ds, order[rank::world]), batch_size=max(1, batch_size // world), cfg=self.cfg,
+                              collate_fn=_collate)
         k = 0
         for items in loader:
             images, targets = [], []
@@ -505,14 +507,14 @@ class DetectionTask(Task):
         return terms
 
     # -- evaluation ----------------------------------------------------------------------------------------
-    def test_loader(self) -> DataLoader:
+    def test_loader(self) -> Iterable:
         ds = self.dataset(self.cfg.DATASETS.TEST)
         indices = list(range(len(ds)))
         if self.cfg.DATASETS.TEST_MAX_IMAGES > 0:
             indices = indices[: self.cfg.DATASETS.TEST_MAX_IMAGES]
         indices = indices[comm.get_rank()::comm.get_world_size()]
-        return DataLoader(Subset(ds, indices), batch_size=self.cfg.TEST.BATCH_SIZE,
-                          num_workers=num_workers(self.cfg.DATALOADER.NUM_WORKERS), collate_fn=_collate)
+        return build_loader(Subset(ds, indices), batch_size=self.cfg.TEST.BATCH_SIZE, cfg=self.cfg,
+                            collate_fn=_collate)
 
     def evaluate(self, model: nn.Module, *, output_dir: str = "", desc: str = "") -> Dict[str, float]:
         """COCO box/mask AP (percent) of ``model`` on ``DATASETS.TEST``; ``output_dir`` receives the results json.
@@ -537,7 +539,7 @@ class DetectionTask(Task):
 class _BatchWithIds:
     """Loader adapter: batches ``{"items": [...], "image_ids": [...]}`` for :class:`COCOEvaluator`."""
 
-    def __init__(self, loader: DataLoader) -> None:
+    def __init__(self, loader: Iterable) -> None:
         self.loader = loader
 
     def __len__(self) -> int:
