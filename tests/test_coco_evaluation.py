@@ -1,5 +1,6 @@
 """COCO data catalog and the COCO evaluator, checked against pycocotools on hand-made predictions."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -224,3 +225,32 @@ def test_detections_are_written_before_cocoeval_can_fail(tiny_coco, tmp_path, mo
         _evaluate(coco, out, {1: 3, 2: 7}, output_dir=str(tmp_path / "eval"))
     written = json.loads((tmp_path / "eval" / RESULTS_FILE).read_text())
     assert len(written) == 1 and written[0]["image_id"] == 5 and written[0]["category_id"] == 3
+
+
+def test_datasets_registered_from_the_config(tiny_coco, tmp_path, monkeypatch, caplog):
+    from bgd_det.config import load_config
+
+    path, root = tiny_coco
+    data = json.loads(path.read_text())
+    data["annotations"][0]["keypoints"] = [20, 20, 2]
+    path.write_text(json.dumps(data))
+    folder = tmp_path / "mine"
+    (folder / "n01440764").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "n01440764" / "a.JPEG", format="PNG")
+    monkeypatch.setenv("BGD_DATASETS", str(tmp_path))
+    entries = str([["cfg_coco", "coco", path.name, root.name], ["cfg_folder", "imagefolder", "mine"]])
+    cfg = load_config("", ["DATASETS.REGISTER", entries, "DATASETS.TEST", "cfg_coco"])
+    load_config("", ["DATASETS.REGISTER", entries])  # the same entries again: a no-op
+    with caplog.at_level("WARNING"):
+        ds = DatasetCatalog.get(cfg.DATASETS.TEST)
+    assert len(ds) == 1 and ds.cat_ids == [3, 7] and "keypoints are ignored" in caplog.text
+    assert len(DatasetCatalog.get("cfg_folder")) == 1
+    bad = [([["x", "lmdb", "a"]], "allowed: [name, 'coco', annotation file, image folder]; [name, 'imagefolder'"),
+           ([["x", "coco", "nowhere.json", root.name]], f"'x': annotation file {tmp_path / 'nowhere.json'} not found"),
+           ([["cfg_coco", "imagefolder", "mine"]], "dataset 'cfg_coco' is already registered"),
+           ([["coco_2017_val", "imagefolder", "mine"]], "dataset 'coco_2017_val' is already registered")]
+    for entries, message in bad:
+        with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
+            load_config("", ["DATASETS.REGISTER", str(entries)])
+    with pytest.raises(ValueError, match=r"MODEL.IMPORT 'my_missing_pkg.nets' cannot be imported"):
+        load_config("", ["MODEL.IMPORT", "['my_missing_pkg.nets']"])

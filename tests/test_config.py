@@ -35,3 +35,18 @@ def test_overrides_must_be_pairs_and_options_come_first():
                                          "options first"):
         load_config("", ["QUANT.EM_ITERS", "3", "--resume"])
     assert load_config("", ["QUANT.REFINE.DAMPING", "-1.0"]).QUANT.REFINE.DAMPING == -1.0  # a negative value is fine
+
+
+def test_model_import_registers_an_architecture_without_a_wrapper(tmp_path, monkeypatch):
+    from bgd_det.modeling import build_model
+
+    (tmp_path / "my_nets_for_test.py").write_text(
+        "import torch\n"
+        "from bgd_det.modeling import ARCH_REGISTRY\n\n\n"
+        "@ARCH_REGISTRY.register()\n"
+        "def my_mlp_for_test(cfg):\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, cfg.MODEL.NUM_CLASSES))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = load_config("", ["MODEL.IMPORT", "['my_nets_for_test']", "MODEL.ARCH", "my_mlp_for_test",
+                           "MODEL.NUM_CLASSES", 3])
+    assert build_model(cfg)[1].out_features == 3

@@ -1,10 +1,13 @@
 """All config keys and their defaults (fvcore ``CfgNode``; ``_BASE_`` inheritance; strict keys)."""
 from __future__ import annotations
 
+import importlib
 from typing import Sequence
 
 import yaml
 from fvcore.common.config import CfgNode as _CfgNode
+
+from ..data.register import register_from_config
 
 __all__ = ["CfgNode", "get_cfg", "load_config"]
 
@@ -48,6 +51,9 @@ _C.MODEL.ARCH = "resnet18"
 # Teacher weights: a torchvision weights enum ("ResNet18_Weights.IMAGENET1K_V1", or "DEFAULT"), a local
 # state-dict path, or "" for random initialisation.
 _C.MODEL.WEIGHTS = ""
+# Python modules imported when the config loads (e.g. ["my_pkg.nets"]), so that the architectures and datasets they
+# register are usable by name without a wrapper script.
+_C.MODEL.IMPORT = []
 _C.MODEL.NUM_CLASSES = 1000
 # "cpu", "cuda", "cuda:1" ...
 _C.MODEL.DEVICE = "cpu"
@@ -189,6 +195,9 @@ _C.DATASETS.TEST_MAX_IMAGES = 0  # 0 = all
 # An image that cannot be decoded: "error" (stop, naming it) or "skip" (drop it from its batch, with a warning naming
 # it and counting them; an evaluation then reports fewer n_images).
 _C.DATASETS.BAD_IMAGES = "error"
+# Datasets registered when the config loads: [name, "coco", annotation file, image folder] or [name, "imagefolder",
+# folder] entries (ImageNet layouts, see bgd_det/data/imagenet.py); relative paths under $BGD_DATASETS.
+_C.DATASETS.REGISTER = []
 
 _C.DATALOADER = CfgNode()
 # Worker processes per DataLoader; -1: automatic (half the CPU cores up to 8; none on <= 2 cores).
@@ -251,5 +260,12 @@ def load_config(path: str = "", opts: Sequence[str] = ()) -> CfgNode:
         cfg.merge_from_file(path)
     if opts:
         cfg.merge_from_list(list(opts))
+    for module in cfg.MODEL.IMPORT:  # before the datasets: a module may register some
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ValueError(f"MODEL.IMPORT {module!r} cannot be imported ({type(e).__name__}: {e}); is it on "
+                             f"PYTHONPATH?") from None
+    register_from_config(cfg.DATASETS.REGISTER)
     cfg.freeze()
     return cfg

@@ -103,6 +103,8 @@ def valid_annotations(data: Mapping[str, Any], json_file: str) -> List[Dict]:
     if dropped:
         logger.warning("%s: dropped %d of %d annotations (%s)", json_file, sum(dropped.values()),
                        len(data["annotations"]), ", ".join(f"{n} {why}" for why, n in sorted(dropped.items())))
+    if any("keypoints" in ann for ann in kept):
+        logger.warning("%s: its keypoints are ignored (boxes and masks are used)", json_file)
     return kept
 
 
