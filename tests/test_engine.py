@@ -80,6 +80,7 @@ def test_resume_gives_same_codes_as_uninterrupted_run(tiny_images, tmp_path, mix
     # plan rules and dataset names: they used to fail only after the teacher's evaluation
     ("QUANT.OVERRIDES", '[["conv9", "BLOCK_SIZE", 4]]', "'conv9'"),
     ("QUANT.BLOCK_SIZE.LINEAR", 7, "block size 7"),
+    ("QUANT.MAX_UNQUANTIZED", 1.5, "QUANT.MAX_UNQUANTIZED=1.5; allowed: a fraction in [0, 1]"),
     ("DATASETS.TEST", "imagenet_sample_odd_typo", "unknown dataset DATASETS.TEST 'imagenet_sample_odd_typo'"),
 ])
 def test_bad_settings_fail_before_the_teacher_is_evaluated(tiny_images, tmp_path, monkeypatch, key, value, message):

@@ -249,3 +249,45 @@ def test_any_torchvision_classifier_by_name_and_unknown_names():
         assert plan[0].name == order[1]
     with pytest.raises(KeyError, match=r"unknown MODEL.ARCH 'mobilenet_v9'.*near matches: \['mobilenet_v2'"):
         get_arch("mobilenet_v9")
+
+
+class _MixedNet(nn.Module):
+    """A conv, a Conv1d, attention and a Linear used through ``.weight``: weights no forward hook of the plan sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.c1d = nn.Conv2d(3, 8, 3), nn.Conv1d(8, 8, 3)
+        self.attn, self.proj, self.fc = nn.MultiheadAttention(8, 2), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        t = self.c1d(self.conv(x).mean(-1)).permute(2, 0, 1)  # L, N, 8
+        t = self.attn(t, t, t)[0] @ self.proj.weight.t()
+        return self.fc(t.mean(0))
+
+
+def test_weights_left_in_fp32_are_listed_with_reasons_and_can_be_refused():
+    from bgd_det.engine.report import format_report
+    from bgd_det.quantization.plan import check_unquantized, unquantized_weights
+    from bgd_det.quantization.size import model_size
+
+    model = _MixedNet().eval()
+    order = execution_order(model, lambda m: m(torch.zeros(1, 3, 12, 12)))
+    assert order == ["conv", "fc"]
+    plan = build_plan(model, order, QuantRules(skip=("conv",), n_centroids=4, min_subvectors_per_centroid=1))
+    assert [layer.name for layer in plan] == ["fc"]
+    found = {u.name: (u.numel, u.reason) for u in unquantized_weights(model, order, plan)}
+    assert found == {"conv.weight": (216, "skipped by rule"),
+                     "c1d.weight": (192, "unsupported type Conv1d"),
+                     "attn.in_proj_weight": (192, "unsupported type MultiheadAttention"),
+                     "attn.out_proj.weight": (64, "not called as a module (used through .weight)"),
+                     "proj.weight": (64, "not called as a module (used through .weight)")}
+    unq = unquantized_weights(model, order, plan)
+    total = sum(p.numel() for p in model.parameters())
+    check_unquantized(unq, total, 1.0)
+    with pytest.raises(ValueError, match=r"% of the model's parameters are weights left in fp32, above "
+                                         r"QUANT.MAX_UNQUANTIZED 0.5: conv.weight \(216, skipped by rule\)"):
+        check_unquantized(unq, total, 0.5)
+    with pytest.raises(ValueError, match=r"QUANT.MAX_UNQUANTIZED=2.0; allowed: a fraction in \[0, 1\]"):
+        check_unquantized(unq, total, 2.0)
+    text = format_report(model_size(model), unquantized=unq)
+    assert "## Weights left in fp32" in text and "| attn.in_proj_weight" in text and "unsupported type Conv1d" in text

@@ -18,7 +18,7 @@ from ..tasks import build_task
 from ..utils import comm
 from .distributed import build_collectives
 from .quantizer import Quantizer
-from .report import write_report
+from .report import format_unquantized, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +55,9 @@ def describe_plan(cfg) -> str:
     table = tabulate(rows, ["layer", "type", "weight", "d", "K", "sub-vectors", "bytes", "status"],
                      tablefmt="github", disable_numparse=True)
     total = model_size(model)
+    fp32 = format_unquantized(quantizer.unquantized)
     return (f"{table}\n\n{len(plan)} of {len(order)} layers quantized; model {total.compressed_mib:.2f} MiB "
-            f"({total.ratio:.1f}x of {total.dense_mib:.2f} MiB)")
+            f"({total.ratio:.1f}x of {total.dense_mib:.2f} MiB)" + (f"\n\n{fp32}" if fp32 else ""))
 
 
 def quantize_and_report(cfg, *, resume: bool = False, **quantizer_kwargs) -> Dict:
@@ -89,6 +90,6 @@ def quantize_and_report(cfg, *, resume: bool = False, **quantizer_kwargs) -> Dic
     metrics["compressed"] = task.evaluate(result.student, **compare)
     timings["eval_compressed"] = time.perf_counter() - t0
     if comm.is_main_process():
-        text = write_report(cfg.OUTPUT_DIR, size, result.records, metrics, timings)
+        text = write_report(cfg.OUTPUT_DIR, size, result.records, metrics, timings, quantizer.unquantized)
         logger.info("compression report (%s):\n%s", os.path.join(cfg.OUTPUT_DIR, "report.md"), text)
     return {"size": size, "metrics": metrics, "timings": timings, "result": result}

@@ -29,7 +29,8 @@ from ..quantization.bn_correction import (bn_scale_shift, channel_stats, correct
                                          following_batchnorms, output_channel_mean)
 from ..quantization.capture import (capture_gram, capture_gram_pool, capture_second_moments, has_input_metric,
                                     metric_uses_inputs)
-from ..quantization.plan import K_CLAMP_RULES, LayerPlan, QuantRules, build_plan, execution_order
+from ..quantization.plan import (K_CLAMP_RULES, LayerPlan, QuantRules, build_plan, check_unquantized, execution_order,
+                                 unquantized_weights)
 from ..quantization.pq import PQResult, em_quantize, em_quantize_resampled
 from ..quantization.refine import check_damping_metric, check_refine_target, output_objective, refine_pq
 from ..quantization.residual import residual_branch_end
@@ -179,7 +180,17 @@ class Quantizer:
         self.hooks = list(hooks)
         check_quantizer_cfg(cfg)  # a bad value fails here, before any layer is quantized
         feature_modules(self.teacher, cfg.FINETUNE.FEATURE_LAYERS)  # likewise a name that is not in the model
-        self.make_plan(self.teacher)  # every plan error at once, before the teacher's (possibly long) evaluation
+        # Every plan error at once, and the weights the plan leaves in fp32, before the teacher's evaluation.
+        order = execution_order(self.teacher, self.task.example_forward)
+        plan = build_plan(self.teacher, order, QuantRules.from_cfg(cfg.QUANT))
+        self.unquantized = unquantized_weights(self.teacher, order, plan)
+        check_unquantized(self.unquantized, sum(p.numel() for p in self.teacher.parameters()),
+                          cfg.QUANT.MAX_UNQUANTIZED)
+        for reason in sorted({u.reason for u in self.unquantized}):
+            names = [u.name for u in self.unquantized if u.reason == reason]
+            log = logger.info if reason == "skipped by rule" else logger.warning
+            log("%d weight(s) stay fp32, %s: %s%s", len(names), reason, ", ".join(names[:8]),
+                ", ..." if len(names) > 8 else "")
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         # {layer: BatchNorm fed by its output}, from one traced forward of the teacher

@@ -8,11 +8,12 @@ from typing import Dict, List, Optional, Sequence
 
 from tabulate import tabulate
 
+from ..quantization.plan import Unquantized
 from ..quantization.size import SizeReport
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["format_report", "write_report"]
+__all__ = ["format_report", "format_unquantized", "write_report"]
 
 
 def _layer_rows(size: SizeReport, records: Sequence) -> List[list]:
@@ -27,9 +28,22 @@ def _layer_rows(size: SizeReport, records: Sequence) -> List[list]:
     return rows
 
 
+def format_unquantized(unquantized: Sequence[Unquantized], limit: int = 20) -> str:
+    """Markdown section listing the weights left in fp32 with their reasons ("" when there are none)."""
+    if not unquantized:
+        return ""
+    rows = [[u.name, u.numel, u.reason] for u in unquantized[:limit]]
+    more = len(unquantized) - limit
+    if more > 0:
+        rows.append([f"... {more} more", sum(u.numel for u in unquantized[limit:]), ""])
+    return "## Weights left in fp32\n\n" + tabulate(rows, headers=["weight", "elements", "why"],
+                                                    tablefmt="github") + "\n"
+
+
 def format_report(size: SizeReport, records: Sequence = (), metrics: Optional[Dict[str, Dict]] = None,
-                  timings: Optional[Dict[str, float]] = None) -> str:
-    """Markdown report: per-layer table, then uncompressed vs compressed size/ratio/metrics.
+                  timings: Optional[Dict[str, float]] = None, unquantized: Sequence[Unquantized] = ()) -> str:
+    """Markdown report: per-layer table, then uncompressed vs compressed size/ratio/metrics, then the weights left
+    in fp32 with their reasons.
 
     Per layer: "rel. err" is ``||W_hat - W||^2 / ||W||^2``; "out. err" the refined layer's output error relative
     to the teacher's output energy (QUANT.REFINE), "-" where the layer was not refined.
@@ -48,6 +62,8 @@ def format_report(size: SizeReport, records: Sequence = (), metrics: Optional[Di
     if timings:
         text += "\n" + ", ".join(f"{k}: {v:.0f} MiB" if k.endswith("_mib") else f"{k}: {v:.1f}s"
                                   for k, v in timings.items()) + "\n"
+    if unquantized:
+        text += "\n" + format_unquantized(unquantized)
     return text
 
 
@@ -56,16 +72,17 @@ def _fmt(m: Optional[Dict], key: str) -> str:
 
 
 def write_report(output_dir: str, size: SizeReport, records: Sequence = (),
-                 metrics: Optional[Dict[str, Dict]] = None, timings: Optional[Dict[str, float]] = None) -> str:
+                 metrics: Optional[Dict[str, Dict]] = None, timings: Optional[Dict[str, float]] = None,
+                 unquantized: Sequence[Unquantized] = ()) -> str:
     """Write ``report.md``, ``report.json`` and ``layer_sizes.png`` to ``output_dir``; returns the markdown."""
-    text = format_report(size, records, metrics, timings)
+    text = format_report(size, records, metrics, timings, unquantized)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "report.md"), "w") as f:
         f.write(text)
     data = {"compressed_mib": size.compressed_mib, "dense_mib": size.dense_mib, "ratio": size.ratio,
             "metrics": metrics or {}, "timings": timings or {},
             "layers": [vars(layer) for layer in size.layers],
-            "records": [vars(r) for r in records]}
+            "records": [vars(r) for r in records], "unquantized": [vars(u) for u in unquantized]}
     with open(os.path.join(output_dir, "report.json"), "w") as f:
         json.dump(data, f, indent=1)
     _plot(size, os.path.join(output_dir, "layer_sizes.png"))

@@ -19,7 +19,8 @@ from .layers import PQ_LAYER_TYPES, QUANTIZABLE_TYPES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LayerPlan", "QuantRules", "execution_order", "build_plan", "clamp_power", "OVERRIDE_KEYS", "K_CLAMP_RULES", "PlanError"]
+__all__ = ["LayerPlan", "QuantRules", "execution_order", "build_plan", "clamp_power", "OVERRIDE_KEYS", "K_CLAMP_RULES",
+           "PlanError", "Unquantized", "unquantized_weights", "check_unquantized"]
 
 #: override keys that replace a QUANT.REFINE value for the matching layers (LayerPlan.damping, .damping_per_column,
 #: .rounds), in LayerPlan's field order.
@@ -216,6 +217,48 @@ def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> Lis
     if errors:
         raise PlanError(errors)
     return plan
+
+
+@dataclass(frozen=True)
+class Unquantized:
+    """A weight (a parameter of >= 2 dims) that stays fp32, and why: "skipped by rule", "not called as a module
+    (used through .weight)", or "unsupported type <T>". Biases and normalisation parameters (1-D) are fp32 by
+    design and not listed."""
+
+    name: str
+    numel: int
+    reason: str
+
+
+def unquantized_weights(model: nn.Module, order: Sequence[str], plan: Sequence[LayerPlan]) -> List[Unquantized]:
+    """Every weight of the dense ``model`` that ``plan`` leaves in fp32, largest first (``order``: the modules the
+    example forward called, :func:`execution_order`)."""
+    planned, called = {layer.name for layer in plan}, set(order)
+    out = []
+    for mname, module in model.named_modules():
+        if mname in planned or isinstance(module, PQ_LAYER_TYPES):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if p.dim() < 2:
+                continue
+            if isinstance(module, tuple(QUANTIZABLE_TYPES)) and pname == "weight":
+                reason = "skipped by rule" if mname in called else "not called as a module (used through .weight)"
+            else:
+                reason = f"unsupported type {type(module).__name__}"
+            out.append(Unquantized(f"{mname}.{pname}" if mname else pname, p.numel(), reason))
+    return sorted(out, key=lambda u: -u.numel)
+
+
+def check_unquantized(unquantized: Sequence[Unquantized], total_params: int, max_fraction: float) -> None:
+    """Raise when the fp32 weights are more than ``max_fraction`` of the model's parameters (QUANT.MAX_UNQUANTIZED;
+    1.0 = never)."""
+    if not 0.0 <= max_fraction <= 1.0:
+        raise ValueError(f"QUANT.MAX_UNQUANTIZED={max_fraction}; allowed: a fraction in [0, 1] (1 = no limit)")
+    share = sum(u.numel for u in unquantized) / max(1, total_params)
+    if share > max_fraction:
+        top = ", ".join(f"{u.name} ({u.numel}, {u.reason})" for u in unquantized[:5])
+        raise ValueError(f"{100 * share:.1f}% of the model's parameters are weights left in fp32, above "
+                         f"QUANT.MAX_UNQUANTIZED {max_fraction}: {top}{', ...' if len(unquantized) > 5 else ''}")
 
 
 K_CLAMP_RULES = ("le", "lt")
