@@ -669,3 +669,25 @@ def test_inference_layers_match_training_layers():
     tconv.set_quantization(*random_pq(8, 16, 4, 8))
     x = torch.randn(1, 8, 5, 5)
     torch.testing.assert_close(inf.to_inference(tconv)(x), tconv(x).detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_an_arch_that_cannot_be_built_on_meta_loads_for_inference_through_the_cpu(tmp_path):
+    """RegNet's builder computes its widths with tensors ("Cannot copy out of meta tensor"): built on the CPU."""
+    torch.manual_seed(0)
+    model = torchvision.models.regnet_y_400mf(num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    plan = build_plan(model, execution_order(model, lambda m: m(x)),
+                      QuantRules(skip=["*.se.*", "stem.*"], min_subvectors_per_centroid=1))
+    swap_in_skeleton(model, plan)
+    for layer in pq_layers(model).values():
+        codes, cb = random_pq(layer.codes.shape[0], layer.codes.shape[1] * layer.block_size, layer.block_size,
+                              layer.n_centroids, seed=layer.codes.numel())
+        layer.set_quantization(codes, cb * 0.05)
+    round_codebooks_to_fp16(model)
+    path = str(tmp_path / "regnet.pth")
+    save_compressed(path, model, arch="regnet_y_400mf", num_classes=10)
+    loaded = bgd_det.load_compressed(path, inference=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-4)
+    assert any(isinstance(m, inf.INFER_LAYER_TYPES) for m in loaded.modules())
+    assert not any(isinstance(m, PQ_LAYER_TYPES) for m in loaded.modules())

@@ -426,16 +426,23 @@ def load_inference(path: str, *, fold_bn: bool = False, cfg=None) -> nn.Module:
         path: compressed checkpoint (see :mod:`bgd_det.checkpoint`); cfg: optional config, as in
             :func:`bgd_det.checkpoint.load_compressed`; fold_bn: see :func:`to_inference`.
     """
-    from ..checkpoint import check_finite, checkpoint_cfg, load_compressed, read_compressed
+    from ..checkpoint import check_finite, checkpoint_cfg, load_compressed, one_line, read_compressed
     from ..modeling import build_model
     from ..quantization.plan import LayerPlan
     from ..quantization.swap import swap_in_skeleton
 
     ckpt = read_compressed(path)
     cfg = checkpoint_cfg(ckpt, cfg, source=path)
-    cfg.MODEL.DEVICE = "meta"
+    device, cfg.MODEL.DEVICE = cfg.MODEL.DEVICE, "meta"
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg, load=False)
+    except (NotImplementedError, RuntimeError) as e:  # a builder that computes with tensors (RegNet's widths)
+        logger.info("%s: %s cannot be built on the meta device (%s); building it on the CPU, its dense weights "
+                    "dropped as the codebook layers replace them", path, cfg.MODEL.ARCH, one_line(e))
+        cfg.MODEL.DEVICE = device
+        return to_inference(load_compressed(path, cfg=cfg), fold_bn=fold_bn)
     with torch.device("meta"):
-        model = build_model(cfg, load=False)
         modules = dict(model.named_modules())
         unknown = [n for n in ckpt["layers"] if n not in modules]
         if unknown:
