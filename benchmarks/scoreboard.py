@@ -119,7 +119,8 @@ def main(argv=None) -> list:
     p.add_argument("--teacher", action="append", default=[], metavar="NAME=ARCH:PATH",
                    help="a dense state dict to add as a row (repeatable)")
     p.add_argument("--compare", default="BGD R18 large,PQF R18 large",
-                   help="comma-separated substrings: rows every --ours row is compared with (paired bootstrap)")
+                   help="comma-separated substrings: rows every --ours row is compared with (paired bootstrap; "
+                        "a bgd_det row as the reference counts with its first seed)")
     p.add_argument("--splits", default="odd", help="comma-separated: odd, even, all")
     p.add_argument(
         "--all", action="store_true", help="also evaluate on all 1000 imagenet_sample images"
@@ -176,12 +177,14 @@ def main(argv=None) -> list:
 
 
 def comparisons(rows: list, split: str, compare: str) -> list:
-    """``[(ours row, reference row, PairedDifference)]`` for every bgd_det row against every --compare row."""
-    refs = [r for r in rows if r["method"] != "bgd_det"
-            and any(c.strip().lower() in r["model"].lower() for c in compare.split(",") if c.strip())]
+    """``[(ours row, reference row, PairedDifference)]`` for every bgd_det row against every --compare row (a peer,
+    or another bgd_det row: an ablation against the recipe it removes something from)."""
+    refs = [r for r in rows if any(c.strip().lower() in r["model"].lower() for c in compare.split(",") if c.strip())]
     out = []
     for ours in (r for r in rows if r["method"] == "bgd_det"):
         for ref in refs:
+            if ref is ours:
+                continue
             diff = paired_bootstrap(torch.tensor(ours[split]["hits"]), torch.tensor(ref[split]["hits"][0]))
             out.append((ours, ref, diff))
     return out
