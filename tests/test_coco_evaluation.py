@@ -254,3 +254,24 @@ def test_datasets_registered_from_the_config(tiny_coco, tmp_path, monkeypatch, c
             load_config("", ["DATASETS.REGISTER", str(entries)])
     with pytest.raises(ValueError, match=r"MODEL.IMPORT 'my_missing_pkg.nets' cannot be imported"):
         load_config("", ["MODEL.IMPORT", "['my_missing_pkg.nets']"])
+
+
+def test_agreement_with_the_reference_models_own_detections(tiny_coco):
+    from bgd_det.evaluation.coco_evaluation import agreement_with_reference
+
+    path, _ = tiny_coco
+    coco = load_coco_api(str(path))
+    to_cat = {1: 3, 2: 7}
+    teacher = instances_to_coco_json(
+        {"boxes": torch.tensor([[10.0, 10.0, 60.0, 60.0], [70.0, 5.0, 90.0, 35.0], [0.0, 0.0, 5.0, 5.0]]),
+         "scores": torch.tensor([0.9, 0.8, 0.2]), "labels": torch.tensor([1, 2, 1]),
+         "masks": torch.cat([_mask(coco, 1), _mask(coco, 2), torch.zeros(1, 80, 100)])[:, None]}, 5, to_cat)
+    same = agreement_with_reference(coco, teacher, teacher, image_ids=[5])
+    # the 0.2-score box is not a reference instance; as a prediction it is a false positive of the lowest score
+    assert same["reference_instances"] == 2
+    assert same["box_AP_vs_reference"] == pytest.approx(100.0) and same["mask_AP_vs_reference"] == pytest.approx(100.0)
+    moved = [dict(r, bbox=[r["bbox"][0] + 20, *r["bbox"][1:]]) if r["category_id"] == 7 else r for r in teacher]
+    half = agreement_with_reference(coco, teacher, moved, image_ids=[5], iou_types=("bbox",))
+    assert half["box_AP_vs_reference"] == pytest.approx(50.0) and "mask_AP_vs_reference" not in half
+    none = agreement_with_reference(coco, teacher, teacher, image_ids=[5], score_threshold=0.95)
+    assert none["reference_instances"] == 0 and none["box_AP_vs_reference"] != none["box_AP_vs_reference"]  # NaN

@@ -319,6 +319,9 @@ def test_quantize_net_and_eval_coco_on_coco_tiny(assets_dir, tmp_path, monkeypat
     assert set(rows) == {"uncompressed", "compressed"}
     assert rows["uncompressed"]["n_images"] == 2 and "mask_AP" in rows["compressed"]
     assert rows["compressed"]["size_mib"] < rows["uncompressed"]["size_mib"]
+    # the label-free figure against the teacher's own detections, and the flag for a teacher that finds nothing
+    assert "teacher_instances" in rows["compressed"] and "box_AP_vs_teacher" in rows["compressed"]
+    assert rows["uncompressed"]["box_AP"] < 1.0 and "warning: the teacher's box AP is" in result["table"]
     assert (tmp_path / "eval_coco" / "compressed" / "coco_instances_results.json").is_file()
     report = json.loads((tmp_path / "report.json").read_text())
     # the teacher is re-created from SEED by eval_coco: same AP as measured while compressing

@@ -214,6 +214,9 @@ _C.INPUT.CROP = 224
 _C.TEST = CfgNode()
 _C.TEST.BATCH_SIZE = 50
 _C.TEST.EVAL_TEACHER = True
+# Detection: the label-free fidelity figure (tools/eval_coco.py) takes the teacher's detections scoring at least this
+# as the ground truth of the compressed model's box / mask AP ("box_AP_vs_teacher").
+_C.TEST.AGREEMENT_SCORE = 0.5
 # tools/eval_imagenet.py and tools/eval_coco.py: evaluate a compressed model as it is deployed on CPU, through the
 # compiled bgd:: ops (bgd_det.ops.inference.to_inference), and with BatchNorm folded into the codebook convs.
 _C.TEST.COMPILED_OP = False

@@ -27,7 +27,8 @@ from .evaluator import DatasetEvaluator
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COCOEvaluator", "instances_to_coco_json", "evaluate_coco_results", "RESULTS_FILE", "METRIC_NAMES"]
+__all__ = ["COCOEvaluator", "instances_to_coco_json", "evaluate_coco_results", "agreement_with_reference", "RESULTS_FILE",
+           "METRIC_NAMES"]
 
 RESULTS_FILE = "coco_instances_results.json"
 #: COCOeval ``stats[0:6]``; reported in percent, prefixed with ``box_`` / ``mask_``.
@@ -107,6 +108,42 @@ def evaluate_coco_results(coco_gt: COCO, results: Sequence[Dict], *, iou_type: s
     logger.info("COCOeval %s:\n%s", iou_type, out.getvalue().rstrip())
     # stats are -1 when no ground truth falls in a bucket; report those as NaN.
     return {name: (float(s) * 100.0 if s >= 0 else float("nan")) for name, s in zip(METRIC_NAMES, ev.stats)}
+
+
+def agreement_with_reference(coco_gt: COCO, reference: Sequence[Dict], results: Sequence[Dict], *,
+                             image_ids: Sequence[int], score_threshold: float = 0.5,
+                             iou_types: Sequence[str] = ("bbox", "segm")) -> Dict[str, float]:
+    """Label-free fidelity: COCO AP of ``results`` against the ``reference`` model's own detections (those scoring at
+    least ``score_threshold``) taken as the ground truth, on ``image_ids``.
+
+    Returns:
+        ``{"box_AP_vs_reference": ..., "mask_AP_vs_reference": ..., "reference_instances": n}`` (percent; NaN when
+        the reference keeps no detection; mask AP only when both carry masks).
+    """
+    kept = [r for r in reference if r["score"] >= score_threshold]
+    ids = sorted(int(i) for i in image_ids)
+    out: Dict[str, float] = {"reference_instances": len(kept)}
+    pseudo = {"images": [coco_gt.imgs[i] for i in ids], "categories": copy.deepcopy(coco_gt.dataset["categories"]),
+              "annotations": []}
+    for k, r in enumerate(kept):
+        ann = {"id": k + 1, "image_id": r["image_id"], "category_id": r["category_id"], "bbox": list(r["bbox"]),
+               "area": float(r["bbox"][2] * r["bbox"][3]), "iscrowd": 0}
+        if "segmentation" in r:
+            ann["segmentation"] = r["segmentation"]
+            ann["area"] = float(mask_util.area(r["segmentation"]))
+        pseudo["annotations"].append(ann)
+    gt = COCO()
+    gt.dataset = pseudo
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    masks = bool(kept) and all("segmentation" in r for r in kept) and any("segmentation" in r for r in results)
+    for iou_type in iou_types:
+        if iou_type == "segm" and not masks:
+            continue
+        key = f"{_PREFIX[iou_type]}_AP_vs_reference"
+        out[key] = (evaluate_coco_results(gt, results, iou_type=iou_type, image_ids=ids)["AP"] if kept
+                    else float("nan"))
+    return out
 
 
 class COCOEvaluator(DatasetEvaluator):
