@@ -120,7 +120,7 @@ def main(argv=None) -> list:
                    help="a dense state dict to add as a row (repeatable)")
     p.add_argument("--compare", default="BGD R18 large,PQF R18 large",
                    help="comma-separated substrings: rows every --ours row is compared with (paired bootstrap; "
-                        "a bgd_det row as the reference counts with its first seed)")
+                        "both sides seed-averaged)")
     p.add_argument("--splits", default="odd", help="comma-separated: odd, even, all")
     p.add_argument(
         "--all", action="store_true", help="also evaluate on all 1000 imagenet_sample images"
@@ -185,7 +185,7 @@ def comparisons(rows: list, split: str, compare: str) -> list:
         for ref in refs:
             if ref is ours:
                 continue
-            diff = paired_bootstrap(torch.tensor(ours[split]["hits"]), torch.tensor(ref[split]["hits"][0]))
+            diff = paired_bootstrap(torch.tensor(ours[split]["hits"]), torch.tensor(ref[split]["hits"]))
             out.append((ours, ref, diff))
     return out
 

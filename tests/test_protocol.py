@@ -33,6 +33,17 @@ def test_paired_bootstrap_matches_a_loop_reference_and_is_paired():
     assert same.mean == same.low == same.high == 0.0
 
 
+def test_paired_bootstrap_averages_a_reference_over_its_seeds():
+    g = torch.Generator().manual_seed(1)
+    ours = torch.rand(3, 100, generator=g) < 0.6
+    ref = torch.rand(2, 100, generator=g) < 0.6
+    res = paired_bootstrap(ours, ref, n_boot=500)
+    assert res.mean == pytest.approx(100 * float(ours.double().mean(0).mean() - ref.double().mean(0).mean()))
+    # the same as handing it the per-image hit rate over its seeds
+    rate = paired_bootstrap(ours, ref.double().mean(0), n_boot=500)
+    assert (res.low, res.high) == pytest.approx((rate.low, rate.high))
+
+
 def test_paired_bootstrap_refuses_different_images():
     with pytest.raises(ValueError, match="ours has 3 images and the reference 4"):
         paired_bootstrap(torch.ones(2, 3), torch.ones(4))

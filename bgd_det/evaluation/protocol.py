@@ -56,10 +56,10 @@ class PairedDifference:
 
 def paired_bootstrap(ours: torch.Tensor, reference: torch.Tensor, *, n_boot: int = 10000, level: float = 0.95,
                      seed: int = 0) -> PairedDifference:
-    """Difference of the seed-averaged top-1 of ``ours`` (Tensor[S, N] or Tensor[N]) and ``reference``
-    (Tensor[N]) on the same N images, in points, with a paired bootstrap ``level`` interval over the images."""
+    """Difference of the seed-averaged top-1 of ``ours`` (Tensor[S, N] or Tensor[N]) and of ``reference`` (likewise,
+    its own seeds) on the same N images, in points, with a paired bootstrap ``level`` interval over the images."""
     ours = _matrix(ours).double().mean(0)  # Tensor[N]: each image's hit rate over the seeds
-    reference = reference.double().reshape(-1)
+    reference = _matrix(reference).double().mean(0)
     if reference.numel() != ours.numel():
         raise ValueError(f"ours has {ours.numel()} images and the reference {reference.numel()}; the paired "
                          f"comparison needs the same images in the same order")
