@@ -11,7 +11,6 @@ from tabulate import tabulate
 
 from ..checkpoint import save_compressed
 from ..modeling import build_model
-from ..quantization.plan import execution_order
 from ..quantization.size import model_size
 from ..quantization.swap import swap_in_skeleton
 from ..tasks import build_task
@@ -33,9 +32,9 @@ def describe_plan(cfg) -> str:
     model's size. Builds the model without loading weights; raises :class:`PlanError` with every rule error."""
     task = build_task(cfg)
     model = build_model(cfg, load=False).eval()
-    quantizer = Quantizer(cfg, model, task)  # checks every QUANT / FINETUNE value first
-    order = execution_order(model, task.example_forward)
-    plan = {layer.name: layer for layer in quantizer.make_plan(model)}
+    quantizer = Quantizer(cfg, model, task)  # checks every QUANT / FINETUNE value and builds the plan
+    order = quantizer.order
+    plan = {layer.name: layer for layer in quantizer.plan}
     shapes = {name: tuple(model.get_submodule(name).weight.shape) for name in order}
     types = {name: type(model.get_submodule(name)).__name__ for name in order}  # before the skeleton swap
     sizes = model_size(swap_in_skeleton(model, plan.values())).by_name()

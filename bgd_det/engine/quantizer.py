@@ -180,10 +180,11 @@ class Quantizer:
         self.hooks = list(hooks)
         check_quantizer_cfg(cfg)  # a bad value fails here, before any layer is quantized
         feature_modules(self.teacher, cfg.FINETUNE.FEATURE_LAYERS)  # likewise a name that is not in the model
-        # Every plan error at once, and the weights the plan leaves in fp32, before the teacher's evaluation.
-        order = execution_order(self.teacher, self.task.example_forward)
-        plan = build_plan(self.teacher, order, QuantRules.from_cfg(cfg.QUANT))
-        self.unquantized = unquantized_weights(self.teacher, order, plan)
+        # Every plan error at once, and the weights the plan leaves in fp32, before the teacher's evaluation; the
+        # student of run() is a copy of this teacher, so this is its plan too.
+        self.order = execution_order(self.teacher, self.task.example_forward)
+        self.plan = build_plan(self.teacher, self.order, QuantRules.from_cfg(cfg.QUANT))
+        self.unquantized = unquantized_weights(self.teacher, self.order, self.plan)
         check_unquantized(self.unquantized, sum(p.numel() for p in self.teacher.parameters()),
                           cfg.QUANT.MAX_UNQUANTIZED)
         for reason in sorted({u.reason for u in self.unquantized}):
@@ -208,8 +209,8 @@ class Quantizer:
 
     # -- planning ---------------------------------------------------------------------------------------
     def make_plan(self, model: nn.Module) -> List[LayerPlan]:
-        order = execution_order(model, self.task.example_forward)
-        return build_plan(model, order, QuantRules.from_cfg(self.cfg.QUANT))
+        """The plan of ``model`` (the teacher's is ``self.plan``) under this run's QUANT rules."""
+        return build_plan(model, execution_order(model, self.task.example_forward), QuantRules.from_cfg(self.cfg.QUANT))
 
     def capture_source(self, student: nn.Module, layers: Sequence[str]) -> CaptureSource:
         """The source of calibration activations for quantizing ``layers`` (in order) into ``student``."""
@@ -507,7 +508,7 @@ class Quantizer:
         """
         cfg = self.cfg
         student = copy.deepcopy(self.teacher)
-        plan = self.make_plan(student)
+        plan = list(self.plan)
         logger.info("plan: %d layers to quantize (execution order)", len(plan))
         records = self._load_progress(student, plan) if resume else []
         timings = {"layers": 0.0}
