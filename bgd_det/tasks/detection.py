@@ -507,14 +507,17 @@ class DetectionTask(Task):
         return terms
 
     # -- evaluation ----------------------------------------------------------------------------------------
-    def test_loader(self) -> Iterable:
-        ds = self.dataset(self.cfg.DATASETS.TEST)
-        indices = list(range(len(ds)))
+    def _test_indices(self) -> List[int]:
+        """Positions in ``DATASETS.TEST`` that evaluation runs on (every rank's together)."""
+        indices = list(range(len(self.dataset(self.cfg.DATASETS.TEST))))
         if self.cfg.DATASETS.TEST_MAX_IMAGES > 0:
             indices = indices[: self.cfg.DATASETS.TEST_MAX_IMAGES]
-        indices = indices[comm.get_rank()::comm.get_world_size()]
-        return build_loader(Subset(ds, indices), batch_size=self.cfg.TEST.BATCH_SIZE, cfg=self.cfg,
-                            collate_fn=_collate)
+        return indices
+
+    def test_loader(self) -> Iterable:
+        indices = self._test_indices()[comm.get_rank()::comm.get_world_size()]
+        return build_loader(Subset(self.dataset(self.cfg.DATASETS.TEST), indices), batch_size=self.cfg.TEST.BATCH_SIZE,
+                            cfg=self.cfg, collate_fn=_collate)
 
     def evaluate(self, model: nn.Module, *, output_dir: str = "", desc: str = "") -> Dict[str, float]:
         """COCO box/mask AP (percent) of ``model`` on ``DATASETS.TEST``; ``output_dir`` receives the results json.
@@ -580,11 +583,9 @@ def _agreement(task: "DetectionTask", output_dir: str, score: float) -> Dict[str
     for name in ("uncompressed", "compressed"):
         with open(os.path.join(output_dir, name, RESULTS_FILE)) as f:
             results[name] = json.load(f)
-    coco = task.dataset(task.cfg.DATASETS.TEST).coco
-    ids = sorted(coco.imgs)
-    if task.cfg.DATASETS.TEST_MAX_IMAGES > 0:
-        ids = ids[: task.cfg.DATASETS.TEST_MAX_IMAGES]
-    found = agreement_with_reference(coco, results["uncompressed"], results["compressed"], image_ids=ids,
+    ds = task.dataset(task.cfg.DATASETS.TEST)
+    ids = [ds.image_ids[i] for i in task._test_indices()]
+    found = agreement_with_reference(ds.coco, results["uncompressed"], results["compressed"], image_ids=ids,
                                      score_threshold=score)
     return {k.replace("_reference", "_teacher").replace("reference_", "teacher_"): v for k, v in found.items()}
 
