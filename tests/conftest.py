@@ -61,17 +61,22 @@ if "tiny_net" not in ARCH_REGISTRY:
     tiny_net.stages = tiny_net_stages
 
 
-@pytest.fixture
-def tiny_images(tmp_path, monkeypatch) -> Path:
-    """An ``imagenet-sample``-style folder of 20 random 40x40 images over 10 wnids under ``$BGD_DATASETS``."""
-    root = tmp_path / "datasets" / "imagenet-sample"
+def write_tiny_images(datasets: Path) -> Path:
+    """``datasets/imagenet-sample``: 20 random 40x40 images over 10 wnids (the same every time); returns it."""
+    root = datasets / "imagenet-sample"
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(20):
         arr = (rng.random((40, 40, 3)) * 255).astype("uint8")
         Image.fromarray(arr).save(root / f"n{i % 10:08d}_img{i}.JPEG", format="PNG")
-    monkeypatch.setenv("BGD_DATASETS", str(tmp_path / "datasets"))
     return root
+
+
+@pytest.fixture
+def tiny_images(tmp_path, monkeypatch) -> Path:
+    """:func:`write_tiny_images` under ``$BGD_DATASETS``."""
+    monkeypatch.setenv("BGD_DATASETS", str(tmp_path / "datasets"))
+    return write_tiny_images(tmp_path / "datasets")
 
 
 #: command-line options of a seconds-long run of tiny_net on ``tiny_images``

@@ -21,7 +21,7 @@ from bgd_det.engine.pipeline import FINAL_CHECKPOINT, quantize_and_report
 from bgd_det.tasks import build_task
 from bgd_det.utils import comm
 from bgd_det.utils.logger import setup_logger
-from conftest import tiny_cfg
+from conftest import tiny_cfg, write_tiny_images
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -90,15 +90,7 @@ def _quantize_main(out_dir: str) -> dict:
 def runs(tmp_path_factory):
     """The same job in 1 process (in this one) and in 2 spawned gloo processes."""
     tmp = tmp_path_factory.mktemp("dist")
-    root = tmp / "datasets" / "imagenet-sample"
-    root.mkdir(parents=True)
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for i in range(20):  # as conftest.tiny_images (module scope here: the spawned run is the slow part)
-        Image.fromarray((rng.random((40, 40, 3)) * 255).astype("uint8")).save(
-            root / f"n{i % 10:08d}_img{i}.JPEG", format="PNG")
+    write_tiny_images(tmp / "datasets")  # module scope here: the spawned run is the slow part
     old = os.environ.get("BGD_DATASETS")
     os.environ["BGD_DATASETS"] = str(tmp / "datasets")
     try:

@@ -20,7 +20,7 @@ import torch
 
 from bgd_det.checkpoint import read_compressed
 from bgd_det.engine.quantizer import FINETUNE_STATE_FILE, PROGRESS_FILE
-from conftest import TINY_OPTS
+from conftest import TINY_OPTS, write_tiny_images
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "quantize_net.py"
@@ -64,15 +64,7 @@ def _model(out_dir):
 def reference(tmp_path_factory):
     """An uninterrupted run and its wall time (module scope: the spawned runs are the slow part)."""
     tmp = tmp_path_factory.mktemp("faults")
-    root = tmp / "datasets" / "imagenet-sample"
-    root.mkdir(parents=True)
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for i in range(20):
-        Image.fromarray((rng.random((40, 40, 3)) * 255).astype("uint8")).save(
-            root / f"n{i % 10:08d}_img{i}.JPEG", format="PNG")  # as conftest.tiny_images
+    write_tiny_images(tmp / "datasets")
     start = time.monotonic()
     proc = _spawn(tmp / "reference")
     assert proc.wait() == 0, proc.stderr.read()
