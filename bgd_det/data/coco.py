@@ -24,7 +24,7 @@ import io
 import json
 import logging
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from .catalog import DatasetCatalog, datasets_root, open_rgb
 logger = logging.getLogger(__name__)
 
 __all__ = ["CocoInstances", "load_coco_api", "valid_annotations", "register_coco_instances", "label_map",
-           "annotations_to_target"]
+           "annotations_to_target", "hflip"]
 
 
 def load_coco_api(json_file: str) -> COCO:
@@ -213,6 +213,21 @@ def annotations_to_target(annotations: Sequence[Dict], *, height: int, width: in
         target["masks"] = (torch.from_numpy(np.stack(masks)) if masks
                            else torch.zeros(0, height, width, dtype=torch.uint8))
     return target
+
+
+def hflip(image: torch.Tensor, target: Optional[Dict[str, torch.Tensor]]
+          ) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
+    """Mirror Tensor[3, H, W] ``image`` and its detection ``target`` (boxes, masks) left-right."""
+    image = image.flip(-1)
+    if target is not None:
+        target = dict(target)
+        w = image.shape[-1]
+        boxes = target["boxes"].clone()
+        boxes[:, [0, 2]] = w - target["boxes"][:, [2, 0]]
+        target["boxes"] = boxes
+        if "masks" in target:
+            target["masks"] = target["masks"].flip(-1)
+    return image, target
 
 
 def _decode_segmentation(segm, height: int, width: int) -> np.ndarray:

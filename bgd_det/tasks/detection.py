@@ -41,7 +41,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 
 from ..data import DatasetCatalog
 from ..data.loader import build_loader
-from ..data.coco import CocoInstances, annotations_to_target
+from ..data.coco import CocoInstances, annotations_to_target, hflip
 from ..evaluation.coco_evaluation import COCOEvaluator
 from ..evaluation.evaluator import inference_on_dataset
 from ..modeling.stages import Stage
@@ -324,19 +324,6 @@ class _HeadInput:
 
 
 # -- the task --------------------------------------------------------------------------------------------------
-def _flip(image: Tensor, target: Optional[Dict[str, Tensor]]) -> Tuple[Tensor, Optional[Dict[str, Tensor]]]:
-    image = image.flip(-1)
-    if target is not None:
-        target = dict(target)
-        w = image.shape[-1]
-        boxes = target["boxes"].clone()
-        boxes[:, [0, 2]] = w - target["boxes"][:, [2, 0]]
-        target["boxes"] = boxes
-        if "masks" in target:
-            target["masks"] = target["masks"].flip(-1)
-    return image, target
-
-
 def _collate(items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return items
 
@@ -438,7 +425,7 @@ class DetectionTask(Task):
                                                    with_masks=True)
                 image = item["image"]
                 if flips[k]:
-                    image, target = _flip(image, target)
+                    image, target = hflip(image, target)
                 k += 1
                 images.append(image.to(self.device))
                 if target is not None:
