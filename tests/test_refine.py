@@ -345,6 +345,35 @@ def test_objective_with_skip_difference_matches_explicit_error():
         output_objective(weight, mom)
 
 
+def test_residual_ridge_bounds_the_compensation_of_a_shut_channel():
+    """A ResNet-50 bn3 gain of ~2e-6 asked its conv3 for r / a (docs/detection_fidelity.md): with the ridge the
+    target of that channel stays bounded, the others keep ~r / a, and a floor of 0 is the plain 1 / a."""
+    from bgd_det.quantization.refine import residual_ridge
+
+    weight, xs, xt = _problem(m=6, dim=12)
+    resid = torch.randn(1, xs.shape[1], 6, generator=torch.Generator().manual_seed(5))
+    gain = torch.tensor([1.0, 0.8, 1.2, 0.9, 1.1, 2e-6])
+    mom = _moments(xs, xt)
+    n = xs.shape[1]
+    mom.sd, mom.td = xs.double().transpose(1, 2) @ resid.double() / n, xt.double().transpose(1, 2) @ resid.double() / n
+    mom.dd, mom.mean_d = (resid.double() ** 2).mean(1), resid.double().mean(1)
+    mu = residual_ridge(gain, 0.05)
+    assert mu == pytest.approx((0.05 * float(gain.abs().median())) ** 2)
+    assert residual_ridge(gain, 0.0) == 0.0 and residual_ridge(None, 0.05) == 0.0
+    plain = output_objective(weight, mom, damping=0.0, residual_gain=gain)
+    damped = output_objective(weight, mom, damping=0.0, residual_gain=gain, residual_ridge=mu)
+    inv = gain.double() / (gain.double() ** 2 + mu)
+    a, b, r = xs.double(), xt.double(), resid.double()
+    w_hat = torch.randn(1, 6, 12, dtype=torch.float64)
+    err = a @ w_hat.transpose(1, 2) - b @ weight.double().T - r * inv
+    assert damped.value(w_hat) == pytest.approx(float((err * err).sum() / n), rel=1e-9)
+    # the shut channel's share of the constant: ~r^2 / a^2 (huge) without the ridge, bounded with it
+    assert plain.const > 1e9 and damped.const < 1e3
+    assert float(inv[:5].mul(gain[:5].double()).min()) > 0.99  # the others keep ~1 / a
+    with pytest.raises(ValueError, match="RESIDUAL_GAIN_FLOOR=-1.0; allowed: a finite number >= 0"):
+        residual_ridge(gain, -1.0)
+
+
 def test_residual_rules_and_skip_capture():
     from torchvision.models import resnet18
 

@@ -110,6 +110,10 @@ _C.QUANT.REFINE.BN_WEIGHTED = False
 # The last conv of a residual branch (bgd_det/quantization/residual.py) also matches the drift of the student's skip
 # path: its target becomes the teacher's output plus (skip_t - skip_s) / (BatchNorm gain).
 _C.QUANT.REFINE.RESIDUAL = False
+# Channels whose gain is below this fraction of the layer's median |gain| get a damped compensation
+# (a / (a^2 + (floor * median)^2) instead of 1 / a): a ResNet-50 bn3 gain of 2e-6 made one conv3 blow up
+# (docs/detection_fidelity.md). 0 = the plain 1 / a.
+_C.QUANT.REFINE.RESIDUAL_GAIN_FLOOR = 0.05
 # Augmented passes for layers short of rows: when one plain pass over the capture images gives a layer fewer than
 # MIN_ROWS_PER_COLUMN * D input rows (deep layers with few positions per image, the classifier with one), its
 # moments also take AUGMENTED_VIEWS passes of random-resized crops + flips of the same images (0 = never).

@@ -32,7 +32,8 @@ from ..quantization.capture import (capture_gram, capture_gram_pool, capture_sec
 from ..quantization.plan import (K_CLAMP_RULES, LayerPlan, QuantRules, build_plan, check_unquantized, execution_order,
                                  unquantized_weights)
 from ..quantization.pq import PQResult, em_quantize, em_quantize_resampled
-from ..quantization.refine import check_damping_metric, check_refine_target, output_objective, refine_pq
+from ..quantization.refine import (check_damping_metric, check_refine_target, output_objective, refine_pq,
+                                   residual_ridge)
 from ..quantization.residual import residual_branch_end
 from ..quantization.swap import make_pq_layer, set_module
 from ..tasks.base import Task
@@ -112,6 +113,7 @@ def check_quantizer_cfg(cfg) -> None:
     _check_rounds(q.REFINE.ROUNDS)
     check_refine_target(q.REFINE.TARGET)
     check_damping_metric(q.REFINE.DAMPING_METRIC)
+    residual_ridge(None, q.REFINE.RESIDUAL_GAIN_FLOOR)
     if q.REFINE.AUGMENTED_VIEWS < 0:
         raise ValueError(f"QUANT.REFINE.AUGMENTED_VIEWS={q.REFINE.AUGMENTED_VIEWS}; allowed: an integer >= 0")
     if q.REFINE.DAMPING < 0 or q.REFINE.DAMPING_PER_COLUMN < 0:
@@ -437,7 +439,8 @@ class Quantizer:
         row_weight = gain ** 2 if cfg.REFINE.BN_WEIGHTED and gain is not None else None
         damping = refine_damping(cfg.REFINE, layer, dim, moments.n_rows)
         objective = output_objective(weight, moments, damping=damping, target=cfg.REFINE.TARGET,
-                                     row_weight=row_weight, residual_gain=gain, metric=cfg.REFINE.DAMPING_METRIC)
+                                     row_weight=row_weight, residual_gain=gain, metric=cfg.REFINE.DAMPING_METRIC,
+                                     residual_ridge=residual_ridge(gain, cfg.REFINE.RESIDUAL_GAIN_FLOOR))
         refined = refine_pq(objective, result.codes, result.codebook, rounds=rounds, cg_iters=cfg.REFINE.CG_ITERS,
                             label=f"{name} ({moments.n_rows} captured rows, damping {damping:.3g})")
         return refined, capture_s

@@ -25,6 +25,7 @@ within a channel, drops the cross-channel ones, which are what few rows estimate
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -36,7 +37,7 @@ from .pq import PQResult
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DAMPING_METRICS", "REFINE_TARGETS", "OutputObjective", "check_damping_metric", "check_refine_target",
+__all__ = ["DAMPING_METRICS", "REFINE_TARGETS", "OutputObjective", "check_damping_metric", "check_refine_target", "residual_ridge",
            "damping_metric", "output_objective", "refine_pq"]
 
 
@@ -86,6 +87,19 @@ def check_refine_target(target: str) -> None:
         raise ValueError(f"QUANT.REFINE.TARGET={target!r}; allowed: {', '.join(map(repr, REFINE_TARGETS))}")
 
 
+def residual_ridge(gain: Optional[Tensor], floor: float) -> float:
+    """``mu`` of :func:`output_objective`: ``(floor * median |gain|)^2`` (0 without a gain).
+
+    Raises:
+        ValueError: on a negative or non-finite ``floor`` (QUANT.REFINE.RESIDUAL_GAIN_FLOOR).
+    """
+    if not (floor >= 0 and math.isfinite(floor)):
+        raise ValueError(f"QUANT.REFINE.RESIDUAL_GAIN_FLOOR={floor!r}; allowed: a finite number >= 0")
+    if gain is None or floor == 0:
+        return 0.0
+    return float(floor * gain.detach().abs().median()) ** 2
+
+
 def damping_metric(ss: Tensor, kind: str, kernel: int) -> Tensor:
     """The damping's metric ``M`` (Tensor[g, D, D]) from the student's second moment ``ss`` (Tensor[g, D, D]);
     ``kernel``: columns per input channel (``kh * kw``; 1 for Linear)."""
@@ -105,7 +119,7 @@ def damping_metric(ss: Tensor, kind: str, kernel: int) -> Tensor:
 
 def output_objective(weight: Tensor, moments: SecondMoments, *, damping: float = 0.01, target: str = "teacher",
                      row_weight: Optional[Tensor] = None, residual_gain: Optional[Tensor] = None,
-                     metric: str = "identity") -> OutputObjective:
+                     metric: str = "identity", residual_ridge: float = 0.0) -> OutputObjective:
     """Build ``f`` for ``weight`` (Tensor[C_out, ...]) from captured moments.
 
     Args:
@@ -117,6 +131,8 @@ def output_objective(weight: Tensor, moments: SecondMoments, *, damping: float =
             becomes ``W x_t + r / a`` with ``a`` this per-channel gain (of the BatchNorm between the layer and
             the addition; see :mod:`.residual`).
         metric: the damping's metric, one of ``DAMPING_METRICS``.
+        residual_ridge: ``mu`` >= 0; the skip-path compensation uses ``a / (a^2 + mu)`` instead of ``1 / a``, so a
+            channel whose gain is ~0 (the BatchNorm shuts it) is not asked for an unbounded ``r / a``.
     """
     check_refine_target(target)
     g, dim = moments.ss.shape[0], moments.ss.shape[1]
@@ -127,7 +143,7 @@ def output_objective(weight: Tensor, moments: SecondMoments, *, damping: float =
     ridge = damping * damping_metric(ss, metric, kernel)  # Tensor[g, D, D]
     w_ridge = w @ ridge  # Tensor[g, m, D], used by b and by the constant
     h = ss + ridge
-    r = torch.ones(g, w.shape[1], 1, dtype=w.dtype) if row_weight is None else \
+    r = torch.ones(g, w.shape[1], 1, dtype=w.dtype, device=w.device) if row_weight is None else \
         row_weight.detach().to(w).reshape(g, -1, 1)
     if bool((r <= 0).any()) or not bool(torch.isfinite(r).all()):
         raise ValueError("row_weight must be positive and finite for every output channel")
@@ -142,7 +158,8 @@ def output_objective(weight: Tensor, moments: SecondMoments, *, damping: float =
     if moments.sd is not None:
         if residual_gain is None:
             raise ValueError("the moments hold a skip-path difference: residual_gain is required")
-        inv = 1.0 / residual_gain.detach().to(w).reshape(g, 1, -1)  # Tensor[g, 1, m]
+        a = residual_gain.detach().to(w).reshape(g, 1, -1)
+        inv = a / (a * a + residual_ridge)  # Tensor[g, 1, m]; 1 / a when residual_ridge is 0
         b = b + (moments.sd.to(w) * inv).transpose(1, 2)
         td_w = moments.td_w.to(w) if projected else (w @ moments.td.to(w)).diagonal(dim1=1, dim2=2)  # Tensor[g, m]
         scale += float(2 * (td_w * inv.squeeze(1) * r.squeeze(2)).sum()
