@@ -39,7 +39,7 @@ from .catalog import DatasetCatalog, datasets_root, open_rgb
 logger = logging.getLogger(__name__)
 
 __all__ = ["CocoInstances", "load_coco_api", "valid_annotations", "register_coco_instances", "label_map",
-           "annotations_to_target", "hflip"]
+           "annotations_to_target", "hflip", "decode_segmentation"]
 
 
 def load_coco_api(json_file: str) -> COCO:
@@ -206,7 +206,7 @@ def annotations_to_target(annotations: Sequence[Dict], *, height: int, width: in
         boxes.append([x, y, min(x + w, width), min(y + h, height)])
         classes.append(labels[ann["category_id"]])
         if with_masks:
-            masks.append(_decode_segmentation(ann["segmentation"], height, width))
+            masks.append(decode_segmentation(ann["segmentation"], height, width))
     target = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
               "labels": torch.tensor(classes, dtype=torch.int64)}
     if with_masks:
@@ -230,7 +230,8 @@ def hflip(image: torch.Tensor, target: Optional[Dict[str, torch.Tensor]]
     return image, target
 
 
-def _decode_segmentation(segm, height: int, width: int) -> np.ndarray:
+def decode_segmentation(segm, height: int, width: int) -> np.ndarray:
+    """bool-like uint8[H, W] mask of one COCO segmentation (polygons, uncompressed or compressed RLE)."""
     if isinstance(segm, list):  # polygons
         rle = mask_util.merge(mask_util.frPyObjects(segm, height, width))
     elif isinstance(segm["counts"], list):  # uncompressed RLE

@@ -26,7 +26,7 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 from .catalog import open_rgb
-from .coco import _decode_segmentation, load_coco_api
+from .coco import decode_segmentation, load_coco_api
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def source_instances(json_files: Sequence[str], image_roots: Sequence[str], *, h
         for ann in sorted(coco.imgToAnns.get(image_id, []), key=lambda a: a["id"]):
             if ann.get("iscrowd", 0) or ann["area"] < min_area:
                 continue
-            mask = _decode_segmentation(ann["segmentation"], info["height"], info["width"]).astype(bool)
+            mask = decode_segmentation(ann["segmentation"], info["height"], info["width"]).astype(bool)
             ys, xs = np.nonzero(mask)
             if len(ys) == 0:
                 continue
