@@ -1,4 +1,6 @@
-"""Shared fixtures: the offline assets folder, a tiny registered architecture and a tiny image dataset."""
+"""Shared fixtures: the offline assets folder, a tiny registered architecture, a tiny image dataset and the tools
+as modules."""
+import importlib.util
 import os
 from pathlib import Path
 
@@ -12,6 +14,15 @@ from bgd_det.modeling import ARCH_REGISTRY
 from bgd_det.modeling.stages import Stage
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def load_tool(name: str):
+    """``tools/<name>.py`` as a module (its ``main`` is the command line's)."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture
@@ -93,3 +104,17 @@ def tiny_cfg(output_dir, *extra):
 
     opts = [*TINY_OPTS, "OUTPUT_DIR", str(output_dir), *extra]
     return load_config("", [str(o) for o in opts])
+
+
+def write_tiny_composite(datasets: Path) -> None:
+    """``datasets/composite/{train,test}`` as configs/COCO/composite_mask_rcnn_R_50_FPN.yaml registers them: two
+    synthetic images each, of a square pasted on a plain background (categories 1, 3, 47, 84)."""
+    from bgd_det.data.composite import Instance, make_composite
+
+    background = datasets / "composite_background.png"
+    Image.fromarray(np.full((48, 64, 3), 90, np.uint8)).save(background)
+    square = Instance(1, np.full((12, 12, 3), 200, np.uint8), np.ones((12, 12), bool), "square#1")
+    categories = {1: "person", 3: "car", 47: "cup", 84: "book"}
+    for split in ("train", "test"):
+        make_composite([square], [str(background)], str(datasets / "composite" / split), categories=categories,
+                       n_images=2, seed=0, size=64)

@@ -280,9 +280,10 @@ def test_category_mismatch_between_checkpoint_and_dataset(compressed, cfg, tmp_p
 
 def test_quantize_net_and_eval_coco_on_coco_tiny(assets_dir, tmp_path, monkeypatch):
     """tools/quantize_net.py then tools/eval_coco.py on coco-tiny (a few layers, short settings)."""
-    import importlib.util
     import subprocess
     import sys
+
+    from conftest import load_tool
 
     monkeypatch.setenv("BGD_DATASETS", str(assets_dir))
     root = Path(__file__).resolve().parents[1]
@@ -294,9 +295,7 @@ def test_quantize_net_and_eval_coco_on_coco_tiny(assets_dir, tmp_path, monkeypat
             "QUANT.OVERRIDES", few, "OUTPUT_DIR", str(tmp_path)]
     subprocess.run([sys.executable, str(root / "tools" / "quantize_net.py"), "--config", demo, *opts], check=True,
                    cwd=root)
-    spec = importlib.util.spec_from_file_location("eval_coco", root / "tools" / "eval_coco.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("eval_coco")
     seen = {}  # the teacher each evaluation ran: its parameters
     evaluate = DetectionTask.evaluate
 

@@ -5,7 +5,6 @@ is one `error:` line naming what is wrong.
 The kill loop spawns the tool (each process imports torch: a few seconds); the other faults run the tool in this
 process, each into its own OUTPUT_DIR (a live run's lock would refuse a second one).
 """
-import importlib.util
 import json
 import os
 import random
@@ -20,7 +19,7 @@ import torch
 
 from bgd_det.checkpoint import read_compressed
 from bgd_det.engine.quantizer import FINETUNE_STATE_FILE, PROGRESS_FILE
-from conftest import TINY_OPTS, write_tiny_images
+from conftest import TINY_OPTS, load_tool, write_tiny_images
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "quantize_net.py"
@@ -99,16 +98,9 @@ def test_kill_9_then_resume_gives_the_uninterrupted_model(reference, point):
         assert "resumed after 4/4 layers" in log and "global finetune: resuming after step" in log
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("quantize_net_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _run_in_process(tmp_path, capsys, *opts, config=""):
     """The tool's main in this process; returns (exit status, last stderr line)."""
-    tool = _tool()
+    tool = load_tool("quantize_net")
     argv = (["--config", config] if config else []) + [str(o) for o in (*TINY_OPTS, "OUTPUT_DIR",
                                                                         tmp_path / "out", *opts)]
     args = tool.default_argument_parser().parse_args(argv)
@@ -180,7 +172,7 @@ def test_bad_images_skipped_by_choice_with_a_counted_warning(tiny_images, tmp_pa
     test.write_text("not an image")
     code, line = _run_in_process(tmp_path, capsys, "DATASETS.BAD_IMAGES", "skipped")
     assert code == 2 and "DATASETS.BAD_IMAGES='skipped'; allowed: error, skip" in line, line
-    tool = _tool()
+    tool = load_tool("quantize_net")
     args = tool.default_argument_parser().parse_args(
         [str(o) for o in (*TINY_OPTS, "OUTPUT_DIR", tmp_path / "skip", "DATASETS.BAD_IMAGES", "skip")])
     tool.main(args)

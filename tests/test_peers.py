@@ -213,14 +213,9 @@ def test_convert_refuses_to_overwrite_its_input_and_checkpoints_of_another_arch(
 
 def _convert_tool():
     """``tools/convert_checkpoint.py`` as a module (its ``main(argv)`` is the command line)."""
-    import importlib.util
+    from conftest import load_tool
 
-    spec = importlib.util.spec_from_file_location(
-        "convert_checkpoint", REPO / "tools/convert_checkpoint.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("convert_checkpoint")
 
 
 def test_infer_resnet_arch():

@@ -17,17 +17,21 @@ class CfgNode(_CfgNode):
 
     def merge_from_file(self, cfg_filename: str, allow_unsafe: bool = False) -> None:
         try:
-            with open(cfg_filename) as f:
-                top = yaml.safe_load(f)
-            if not isinstance(top, dict):
-                raise ValueError(f"config file {cfg_filename} is empty or not a mapping of KEY: value")
-            super().merge_from_file(cfg_filename, allow_unsafe=allow_unsafe)
+            loaded = self.load_yaml_with_base(cfg_filename, allow_unsafe=allow_unsafe)  # reads each file once
+        except (TypeError, AttributeError):  # fvcore indexes a file that holds no mapping
+            loaded = None
         except FileNotFoundError as e:
             missing = e.filename or cfg_filename
             where = "" if missing == cfg_filename else f" (the _BASE_ of {cfg_filename})"
             raise FileNotFoundError(f"config file not found: {missing}{where}") from None
         except yaml.YAMLError as e:
             raise ValueError(f"config file {cfg_filename} is not valid YAML: {' '.join(str(e).split())}") from None
+        except KeyError as e:
+            raise KeyError(f"{cfg_filename}: {e.args[0]} (see bgd_det/config/defaults.py for allowed keys)") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {cfg_filename} is empty or not a mapping of KEY: value (or its _BASE_ is)")
+        try:
+            self.merge_from_other_cfg(type(self)(loaded))
         except KeyError as e:
             raise KeyError(f"{cfg_filename}: {e.args[0]} (see bgd_det/config/defaults.py for allowed keys)") from None
 
