@@ -14,7 +14,7 @@ import os
 
 from bgd_det.engine import launch
 from bgd_det.engine.defaults import default_argument_parser, default_setup
-from bgd_det.tasks.detection import evaluate_side_by_side
+from bgd_det.evaluation.side_by_side import evaluate_side_by_side
 from bgd_det.utils import comm
 from bgd_det.utils.cli import run_tool
 
