@@ -26,6 +26,8 @@ __all__ = ["TrainSettings", "load_backbone", "train_detector", "int8_state_dict"
 
 @dataclass
 class TrainSettings:
+    """Training budget and optimiser (``tools/train_detector.py`` exposes each field as ``--<field>``)."""
+
     iters: int = 3000
     batch_size: int = 8
     lr: float = 0.02
