@@ -112,7 +112,8 @@ def test_plan_order_rules_and_paper_size(plan, teacher):
     # per-module rules
     assert (by["roi_heads.box_head.fc6"].block_size, by["roi_heads.box_head.fc6"].n_centroids) == (16, 256)
     assert (by["backbone.body.layer1.0.conv1"].block_size, by["backbone.body.layer1.0.conv1"].n_centroids) == (4, 128)
-    assert (by["roi_heads.mask_predictor.conv5_mask"].block_size, by["roi_heads.mask_predictor.conv5_mask"].n_centroids) == (4, 256)
+    conv5 = by["roi_heads.mask_predictor.conv5_mask"]
+    assert (conv5.block_size, conv5.n_centroids) == (4, 256)
     assert by["backbone.body.layer2.0.conv2"].block_size == 9 and by["backbone.fpn.inner_blocks.0.0"].block_size == 4
     assert by["roi_heads.box_predictor.cls_score"].block_size == 4 and by["rpn.head.conv.0.0"].block_size == 9
     assert all(p.n_centroids == 256 for p in plan if p.name != "backbone.body.layer1.0.conv1")

@@ -6,8 +6,8 @@
 
 MODEL.WEIGHTS is a compressed checkpoint (the teacher is rebuilt from the weights recorded in it; skip it with
 TEST.EVAL_TEACHER False) or dense weights (evaluated alone). With both models, also the compressed model's AP
-against the teacher's own detections (box_AP_vs_teacher / mask_AP_vs_teacher, no labels needed). Writes OUTPUT_DIR/eval_coco/eval_coco.json and
-the detections of each model (coco_instances_results.json).
+against the teacher's own detections (box_AP_vs_teacher / mask_AP_vs_teacher, no labels needed). Writes
+OUTPUT_DIR/eval_coco/eval_coco.json and the detections of each model (coco_instances_results.json).
 """
 import logging
 import os

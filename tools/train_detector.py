@@ -5,7 +5,7 @@ then score it on DATASETS.TEST; seeded (bgd_det/engine/detector_training.py; doc
     BGD_DATASETS=.. python tools/train_detector.py --config configs/COCO/composite_mask_rcnn_R_50_FPN.yaml \\
         --backbone ../shared/assets/peers/pqf/resnet50_large.pth --out output/composite_teacher --iters 3000
 
---backbone: a BGD / PQF compressed ResNet-50 (decoded here), or a torchvision ResNet-50 state dict. Writes
+--backbone: a BGD / PQF / bgd_det compressed ResNet-50 (decoded here), or a torchvision ResNet-50 state dict. Writes
 OUT/model_final.pth (the MODEL.WEIGHTS of the compression config), OUT/train_log.json (settings, losses, wall
 time, AP) and with --int8 OUT/model_final_int8.pth (a quarter of the size, for moving between machines;
 ``--unpack-int8 IN OUT`` turns it back into a state dict).
@@ -20,11 +20,11 @@ import time
 import torch
 
 from bgd_det.checkpoint import atomic_save, read_checkpoint_file
-from bgd_det.config import load_config
+from bgd_det.config import get_cfg, load_config
 from bgd_det.engine.detector_training import (TrainSettings, from_int8, int8_state_dict, load_backbone,
                                               train_detector)
-from bgd_det.modeling import build_model, read_state_dict
-from bgd_det.peers import PEER_FORMATS, dense_state_dict, detect_format, file_sha256, import_peer
+from bgd_det.modeling import build_model
+from bgd_det.peers import dense_state_dict, file_sha256, load_checkpoint_model
 from bgd_det.tasks import build_task
 from bgd_det.utils.cli import run_tool
 from bgd_det.utils.logger import setup_logger
@@ -33,11 +33,11 @@ logger = logging.getLogger("bgd_det.train_detector")
 
 
 def _backbone_state(path: str):
-    obj = read_checkpoint_file(path, what="--backbone file")
-    if isinstance(obj, dict) and detect_format(obj, source=path) in PEER_FORMATS:
-        model, _ = import_peer(path)
-        return dense_state_dict(model)
-    return read_state_dict(path)
+    """Dense ResNet-50 state dict of any classification checkpoint the project reads (decoded when compressed)."""
+    cfg = get_cfg()
+    cfg.MODEL.ARCH = "resnet50"
+    model, _ = load_checkpoint_model(path, cfg=cfg)
+    return dense_state_dict(model)
 
 
 def main(argv=None) -> None:

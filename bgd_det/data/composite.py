@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
@@ -75,11 +76,8 @@ def source_instances(json_files: Sequence[str], image_roots: Sequence[str], *, h
 
 def shared_categories(train: Sequence[Instance], test: Sequence[Instance], *, min_count: int = 4) -> List[int]:
     """Category ids with at least ``min_count`` instances in both halves (sorted)."""
-    count = [{}, {}]
-    for i, half in enumerate((train, test)):
-        for inst in half:
-            count[i][inst.category_id] = count[i].get(inst.category_id, 0) + 1
-    return sorted(c for c in count[0] if count[0][c] >= min_count and count[1].get(c, 0) >= min_count)
+    count = [Counter(inst.category_id for inst in half) for half in (train, test)]
+    return sorted(c for c in count[0] if min(count[0][c], count[1][c]) >= min_count)
 
 
 def _resize(inst: Instance, long_side: int, flip: bool) -> Tuple[np.ndarray, np.ndarray]:

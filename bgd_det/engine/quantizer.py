@@ -32,8 +32,8 @@ from ..quantization.capture import (capture_gram, capture_gram_pool, capture_sec
 from ..quantization.plan import (K_CLAMP_RULES, LayerPlan, QuantRules, build_plan, check_unquantized, execution_order,
                                  unquantized_weights)
 from ..quantization.pq import PQResult, em_quantize, em_quantize_resampled
-from ..quantization.refine import (check_damping_metric, check_refine_target, output_objective, refine_pq,
-                                   residual_ridge)
+from ..quantization.refine import (check_damping_metric, check_gain_floor, check_refine_target, output_objective,
+                                   refine_pq, residual_ridge)
 from ..quantization.residual import residual_branch_end
 from ..quantization.swap import make_pq_layer, set_module
 from ..tasks.base import Task
@@ -113,7 +113,7 @@ def check_quantizer_cfg(cfg) -> None:
     _check_rounds(q.REFINE.ROUNDS)
     check_refine_target(q.REFINE.TARGET)
     check_damping_metric(q.REFINE.DAMPING_METRIC)
-    residual_ridge(None, q.REFINE.RESIDUAL_GAIN_FLOOR)
+    check_gain_floor(q.REFINE.RESIDUAL_GAIN_FLOOR)
     if q.REFINE.AUGMENTED_VIEWS < 0:
         raise ValueError(f"QUANT.REFINE.AUGMENTED_VIEWS={q.REFINE.AUGMENTED_VIEWS}; allowed: an integer >= 0")
     if q.REFINE.DAMPING < 0 or q.REFINE.DAMPING_PER_COLUMN < 0:

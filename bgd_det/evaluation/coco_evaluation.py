@@ -27,8 +27,8 @@ from .evaluator import DatasetEvaluator
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COCOEvaluator", "instances_to_coco_json", "evaluate_coco_results", "agreement_with_reference", "RESULTS_FILE",
-           "METRIC_NAMES"]
+__all__ = ["COCOEvaluator", "instances_to_coco_json", "evaluate_coco_results", "agreement_with_reference",
+           "RESULTS_FILE", "METRIC_NAMES"]
 
 RESULTS_FILE = "coco_instances_results.json"
 #: COCOeval ``stats[0:6]``; reported in percent, prefixed with ``box_`` / ``mask_``.

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["evaluate_side_by_side"]
 
+
 def _teacher_of(ckpt: Dict[str, Any], fallback: str, seed: int) -> Tuple[str, int]:
     """(MODEL.WEIGHTS, SEED) of the config a compressed checkpoint was made with (the fallbacks when not recorded):
     a random teacher ("" weights) is re-created from that SEED."""
@@ -46,7 +47,7 @@ def _agreement(task: DetectionTask, output_dir: str, score: float) -> Dict[str, 
         with open(os.path.join(output_dir, name, RESULTS_FILE)) as f:
             results[name] = json.load(f)
     ds = task.dataset(task.cfg.DATASETS.TEST)
-    ids = [ds.image_ids[i] for i in task._test_indices()]
+    ids = [ds.image_ids[i] for i in task.test_indices()]
     found = agreement_with_reference(ds.coco, results["uncompressed"], results["compressed"], image_ids=ids,
                                      score_threshold=score)
     return {k.replace("_reference", "_teacher").replace("reference_", "teacher_"): v for k, v in found.items()}

@@ -37,8 +37,8 @@ from .pq import PQResult
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DAMPING_METRICS", "REFINE_TARGETS", "OutputObjective", "check_damping_metric", "check_refine_target", "residual_ridge",
-           "damping_metric", "output_objective", "refine_pq"]
+__all__ = ["DAMPING_METRICS", "REFINE_TARGETS", "OutputObjective", "check_damping_metric", "check_refine_target",
+           "check_gain_floor", "residual_ridge", "damping_metric", "output_objective", "refine_pq"]
 
 
 @dataclass
@@ -87,14 +87,16 @@ def check_refine_target(target: str) -> None:
         raise ValueError(f"QUANT.REFINE.TARGET={target!r}; allowed: {', '.join(map(repr, REFINE_TARGETS))}")
 
 
-def residual_ridge(gain: Optional[Tensor], floor: float) -> float:
-    """``mu`` of :func:`output_objective`: ``(floor * median |gain|)^2`` (0 without a gain).
-
-    Raises:
-        ValueError: on a negative or non-finite ``floor`` (QUANT.REFINE.RESIDUAL_GAIN_FLOOR).
-    """
+def check_gain_floor(floor: float) -> None:
+    """Raise on a QUANT.REFINE.RESIDUAL_GAIN_FLOOR that is negative or not finite."""
     if not (floor >= 0 and math.isfinite(floor)):
         raise ValueError(f"QUANT.REFINE.RESIDUAL_GAIN_FLOOR={floor!r}; allowed: a finite number >= 0")
+
+
+def residual_ridge(gain: Optional[Tensor], floor: float) -> float:
+    """``mu`` of :func:`output_objective`: ``(floor * median |gain|)^2`` (0 without a gain; ``floor`` checked by
+    :func:`check_gain_floor`)."""
+    check_gain_floor(floor)
     if gain is None or floor == 0:
         return 0.0
     return float(floor * gain.detach().abs().median()) ** 2

@@ -52,8 +52,8 @@ from .classification import kl_distill_loss
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DetectionTask", "RPNStage", "rpn_stage", "rcnn_stages", "FORWARD_KEYS", "rpn_proposals", "box_outputs", "mask_outputs",
-           "distill_terms", "supervised_terms", "model_num_classes", "LOSSES"]
+__all__ = ["DetectionTask", "RPNStage", "rpn_stage", "rcnn_stages", "FORWARD_KEYS", "rpn_proposals", "box_outputs",
+           "mask_outputs", "distill_terms", "supervised_terms", "model_num_classes", "LOSSES"]
 
 LOSSES = ("distill", "supervised", "both")
 
@@ -494,7 +494,7 @@ class DetectionTask(Task):
         return terms
 
     # -- evaluation ----------------------------------------------------------------------------------------
-    def _test_indices(self) -> List[int]:
+    def test_indices(self) -> List[int]:
         """Positions in ``DATASETS.TEST`` that evaluation runs on (every rank's together)."""
         indices = list(range(len(self.dataset(self.cfg.DATASETS.TEST))))
         if self.cfg.DATASETS.TEST_MAX_IMAGES > 0:
@@ -502,7 +502,7 @@ class DetectionTask(Task):
         return indices
 
     def test_loader(self) -> Iterable:
-        indices = self._test_indices()[comm.get_rank()::comm.get_world_size()]
+        indices = self.test_indices()[comm.get_rank()::comm.get_world_size()]
         return build_loader(Subset(self.dataset(self.cfg.DATASETS.TEST), indices), batch_size=self.cfg.TEST.BATCH_SIZE,
                             cfg=self.cfg, collate_fn=_collate)
 
