@@ -15,6 +15,9 @@ Sections:
   memory    peak RSS (VmHWM) of fresh processes that load a model and run inference, minus an
             empty one.
   maskrcnn  torchvision Mask R-CNN R50-FPN, 800x800, batch 1.
+  onnx      the ResNet-50 above exported by bgd_det.export (tools/export.py): dense eager / compiled op +
+            folded BN / ONNX Runtime on the ONNX file (CPU provider, same thread count), batch 1 and 8;
+            file sizes. Needs onnx, onnxscript, onnxruntime (pip install -e '.[export]').
 
 Usage::
 
@@ -256,6 +259,51 @@ def bench_resnet50(args) -> List[Dict]:
         rows,
         ["model", "batch", "variant", "median_ms", "min_ms", "ratio", "rounds"],
     )
+    return rows
+
+
+class OrtModel:
+    """An ONNX Runtime session called like a module (Tensor in, Tensor out)."""
+
+    def __init__(self, path: str, threads: int) -> None:
+        import onnxruntime
+
+        opts = onnxruntime.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        self.session = onnxruntime.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        self.name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.name: x.numpy()})[0])
+
+
+def bench_onnx(args) -> List[Dict]:
+    from bgd_det.export import export_model
+
+    torch.manual_seed(0)
+    dense = torchvision.models.resnet50().eval()
+    pq = compress(dense, lambda m: m(torch.randn(1, 3, 224, 224)), QuantRules(**RESNET_RULES))
+    folded = to_inference(copy.deepcopy(pq), fold_bn=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, path = os.path.join(tmp, "r50.pth"), os.path.join(tmp, "r50.onnx")
+        save_compressed(ckpt, pq, arch="resnet50", num_classes=1000)
+        export_model(folded, torch.randn(1, 3, 224, 224), path, "onnx")
+        print(f"\nResNet-50 small blocks: checkpoint {os.path.getsize(ckpt) / MIB:.2f} MiB, ONNX file "
+              f"{os.path.getsize(path) / MIB:.2f} MiB, dense fp32 {model_size(pq).dense_mib:.1f} MiB")
+        models = {"dense eager": dense_twin(pq, dense), "compiled op + folded BN": folded,
+                  "ONNX Runtime": OrtModel(path, torch.get_num_threads())}
+        rows = []
+        for batch, rounds in ((1, args.rounds), (8, max(4, args.rounds // 3))):
+            x = torch.randn(batch, 3, 224, 224)
+            with torch.inference_mode():
+                ref = models["dense eager"](x)
+                for name, m in models.items():
+                    torch.testing.assert_close(m(x), ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
+            fns = {k: (lambda m=m: m(x)) for k, m in models.items()}
+            for r in summarize(interleaved(fns, rounds=rounds), "dense eager"):
+                rows.append(dict(model="ResNet-50", batch=batch, rounds=rounds, **r))
+    print_table("ResNet-50 (224x224) exported to ONNX, latency per forward", rows,
+                ["model", "batch", "variant", "median_ms", "min_ms", "ratio", "rounds"])
     return rows
 
 
@@ -517,6 +565,7 @@ SECTIONS = {
     "resnet50": bench_resnet50,
     "memory": bench_memory,
     "maskrcnn": bench_maskrcnn,
+    "onnx": bench_onnx,
 }
 
 

@@ -1,17 +1,21 @@
 """Shared fixtures: the offline assets folder, a tiny registered architecture, a tiny image dataset and the tools
 as modules."""
 import importlib.util
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 from torch import nn
 
+from bgd_det.checkpoint import round_codebooks_to_fp16
 from bgd_det.modeling import ARCH_REGISTRY
 from bgd_det.modeling.stages import Stage
+from bgd_det.quantization.plan import QuantRules, build_plan, execution_order
+from bgd_det.quantization.pq import code_dtype
+from bgd_det.quantization.swap import pq_layers, swap_in_skeleton
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
@@ -118,3 +122,43 @@ def write_tiny_composite(datasets: Path) -> None:
     for split in ("train", "test"):
         make_composite([square], [str(background)], str(datasets / "composite" / split), categories=categories,
                        n_images=2, seed=0, size=64)
+
+
+def random_pq(rows, cols, d, k, *, seed=0):
+    """codes Tensor[rows, ceil(cols/d)] and codebook Tensor[k, d] (a partial last block when d does
+    not divide cols)."""
+    g = torch.Generator().manual_seed(seed)
+    n_blocks = -(-cols // d)
+    codes = torch.randint(0, k, (rows, n_blocks), generator=g).to(code_dtype(k))
+    return codes, torch.randn(k, d, generator=g)
+
+
+def compressed_resnet18(seed=0):
+    """A ResNet-18 (10 classes) with random codebook layers everywhere but conv1 (fc: K=1024, int16 codes), random
+    BatchNorm statistics and fp16-rounded codebooks, in eval mode, and its input Tensor[2, 3, 64, 64]."""
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    plan = build_plan(
+        model,
+        execution_order(model, lambda m: m(x)),
+        QuantRules(skip=["conv1"], overrides=[["fc", "N_CENTROIDS", 1024]]),
+    )
+    swap_in_skeleton(model, plan)
+    for layer in pq_layers(model).values():
+        codes, cb = random_pq(
+            layer.codes.shape[0],
+            layer.codes.shape[1] * layer.block_size,
+            layer.block_size,
+            layer.n_centroids,
+            seed=layer.codes.numel(),
+        )
+        layer.set_quantization(codes, cb * 0.05)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.1, 0.1)
+    round_codebooks_to_fp16(model)
+    return model.eval(), x

@@ -16,8 +16,9 @@ from bgd_det.checkpoint import round_codebooks_to_fp16, save_compressed
 from bgd_det.ops import inference as inf
 from bgd_det.quantization.layers import PQ_LAYER_TYPES, PQConv2d, PQConvTranspose2d, PQLinear
 from bgd_det.quantization.plan import QuantRules, build_plan, execution_order
-from bgd_det.quantization.pq import code_dtype, pq_decode
+from bgd_det.quantization.pq import pq_decode
 from bgd_det.quantization.swap import pq_layers, swap_in_skeleton
+from conftest import compressed_resnet18, random_pq
 
 BLOCK_SIZES = (4, 8, 9, 16, 18)
 
@@ -39,15 +40,6 @@ def simd(request):
     ops.simd_mode(request.param)
     yield request.param
     ops.simd_mode(1)
-
-
-def random_pq(rows, cols, d, k, *, seed=0):
-    """codes Tensor[rows, ceil(cols/d)] and codebook Tensor[k, d] (a partial last block when d does
-    not divide cols)."""
-    g = torch.Generator().manual_seed(seed)
-    n_blocks = -(-cols // d)
-    codes = torch.randint(0, k, (rows, n_blocks), generator=g).to(code_dtype(k))
-    return codes, torch.randn(k, d, generator=g)
 
 
 def ref_weight(codes, codebook, shape, scale=None):
@@ -499,39 +491,10 @@ def test_build_disabled_by_env(monkeypatch):
 # ------------------------------------------------------------------------------------------ models
 
 
-def _compressed_resnet18(seed=0):
-    torch.manual_seed(seed)
-    model = torchvision.models.resnet18(num_classes=10)
-    x = torch.randn(2, 3, 64, 64)
-    plan = build_plan(
-        model,
-        execution_order(model, lambda m: m(x)),
-        QuantRules(skip=["conv1"], overrides=[["fc", "N_CENTROIDS", 1024]]),
-    )
-    swap_in_skeleton(model, plan)
-    for layer in pq_layers(model).values():
-        codes, cb = random_pq(
-            layer.codes.shape[0],
-            layer.codes.shape[1] * layer.block_size,
-            layer.block_size,
-            layer.n_centroids,
-            seed=layer.codes.numel(),
-        )
-        layer.set_quantization(codes, cb * 0.05)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.1, 0.1)
-    round_codebooks_to_fp16(model)
-    return model.eval(), x
-
-
 @pytest.fixture(scope="module")
 def resnet18_checkpoint(tmp_path_factory):
     """A saved compressed ResNet-18, its input and the training-time model's logits."""
-    model, x = _compressed_resnet18()
+    model, x = compressed_resnet18()
     with torch.no_grad():
         want = model(x)
     path = str(tmp_path_factory.mktemp("ckpt") / "resnet18.pth")
