@@ -278,12 +278,11 @@ def test_weights_left_in_fp32_are_listed_with_reasons_and_can_be_refused():
 
     model = _MixedNet().eval()
     order = execution_order(model, lambda m: m(torch.zeros(1, 3, 12, 12)))
-    assert order == ["conv", "fc"]
+    assert order == ["conv", "c1d", "fc"]
     plan = build_plan(model, order, QuantRules(skip=("conv",), n_centroids=4, min_subvectors_per_centroid=1))
-    assert [layer.name for layer in plan] == ["fc"]
+    assert [(layer.name, layer.block_size) for layer in plan] == [("c1d", 4), ("fc", 4)]
     found = {u.name: (u.numel, u.reason) for u in unquantized_weights(model, order, plan)}
     assert found == {"conv.weight": (216, "skipped by rule"),
-                     "c1d.weight": (192, "unsupported type Conv1d"),
                      "attn.in_proj_weight": (192, "unsupported type MultiheadAttention"),
                      "attn.out_proj.weight": (64, "not called as a module (used through .weight)"),
                      "proj.weight": (64, "not called as a module (used through .weight)")}
@@ -296,4 +295,4 @@ def test_weights_left_in_fp32_are_listed_with_reasons_and_can_be_refused():
     with pytest.raises(ValueError, match=r"QUANT.MAX_UNQUANTIZED=2.0; allowed: a fraction in \[0, 1\]"):
         check_unquantized(unq, total, 2.0)
     text = format_report(model_size(model), unquantized=unq)
-    assert "## Weights left in fp32" in text and "| attn.in_proj_weight" in text and "unsupported type Conv1d" in text
+    assert "## Weights left in fp32" in text and "| attn.in_proj_weight" in text and "not called as a module" in text

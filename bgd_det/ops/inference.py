@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..quantization.bn_correction import BN_TYPES, bn_scale_shift
-from ..quantization.layers import PQ_LAYER_TYPES, PQConv2d, PQConvTranspose2d, PQLinear
+from ..quantization.layers import PQ_LAYER_TYPES, PQConv1d, PQConv2d, PQConvTranspose2d, PQLinear
 from ..quantization.swap import set_module
 from . import decode_rows_at_once, ops_available, pq_conv2d, pq_conv_transpose2d, pq_linear
 
@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "PQConv2dInfer",
+    "PQConv1dInfer",
     "PQLinearInfer",
     "PQConvTranspose2dInfer",
     "INFER_LAYER_TYPES",
@@ -219,6 +220,40 @@ class PQConv2dInfer(_PQInfer):
         )
 
 
+class PQConv1dInfer(nn.Module):
+    """Conv1d from codes + codebook: the 2-D inference conv on a 1 x L image with a 1 x k kernel (the same codes: a
+    row of C_in/groups * k columns decodes alike).
+
+    Attributes:
+        conv (PQConv2dInfer): weight_shape ``(C_out, C_in // groups, 1, k)``.
+        pre_pad (tuple or None): (left, right) padding applied first with ``pad_mode`` ("same" or a non-zero mode).
+    """
+
+    def __init__(self, conv: PQConv2dInfer, pre_pad: Optional[Sequence[int]] = None, pad_mode: str = "constant"):
+        super().__init__()
+        self.conv = conv
+        self.pre_pad = None if pre_pad is None else tuple(int(p) for p in pre_pad)
+        self.pad_mode = pad_mode
+
+    @classmethod
+    def from_pq(cls, layer: PQConv1d) -> "PQConv1dInfer":
+        pre_pad, pad_mode, padding = None, "constant", layer.padding
+        if layer.padding_mode != "zeros" or isinstance(padding, str):
+            pre_pad, padding = layer._reversed_padding_repeated_twice, (0,)
+            pad_mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+        c_out, c_in_g, k = layer.weight_shape
+        conv = PQConv2dInfer(layer.codes, layer.codebook, (c_out, c_in_g, 1, k), bias=layer.bias,
+                             stride=(1, *layer.stride), padding=(0, *padding), dilation=(1, *layer.dilation),
+                             groups=layer.groups)
+        return cls(conv, pre_pad, pad_mode)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Tensor[B, C_in, L] -> Tensor[B, C_out, L_out]."""
+        if self.pre_pad is not None:
+            x = F.pad(x, self.pre_pad, mode=self.pad_mode)
+        return self.conv(x.unsqueeze(2)).squeeze(2)
+
+
 class PQLinearInfer(_PQInfer):
     """Linear from codes + codebook through ``bgd::pq_linear`` (fused decode-dot for <= 8 rows)."""
 
@@ -321,7 +356,7 @@ class PQConvTranspose2dInfer(_PQInfer):
         return f"{self._pq_repr()}, stride={self.stride}, padding={self.padding}"
 
 
-INFER_LAYER_TYPES = (PQConv2dInfer, PQLinearInfer, PQConvTranspose2dInfer)
+INFER_LAYER_TYPES = (PQConv2dInfer, PQConv1dInfer, PQLinearInfer, PQConvTranspose2dInfer)
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -399,6 +434,8 @@ def to_inference(model: nn.Module, *, fold_bn: bool = False) -> nn.Module:
             n_conv += 1
             bn = model.get_submodule(bn_of[name]) if name in bn_of else None
             new: nn.Module = PQConv2dInfer.from_pq(module, bn=bn)
+        elif isinstance(module, PQConv1d):
+            new = PQConv1dInfer.from_pq(module)
         elif isinstance(module, PQLinear):
             new = PQLinearInfer.from_pq(module)
         elif isinstance(module, PQConvTranspose2d):

@@ -66,7 +66,7 @@ def following_batchnorms(model: nn.Module, run: Callable[[nn.Module], Any]) -> D
         for name, m in model.named_modules():
             if isinstance(m, BN_TYPES):
                 handles.append(m.register_forward_pre_hook(bn_hook(name)))
-            elif isinstance(m, (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)):
+            elif isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear, nn.ConvTranspose2d)):
                 handles.append(m.register_forward_hook(out_hook(name)))
         with torch.no_grad():
             run(model)

@@ -41,32 +41,35 @@ def has_input_metric(module: nn.Module) -> bool:
     """Whether the activation-aware metric applies. ConvTranspose2d is quantized with the identity metric:
     its weight rows are input channels, so a shared Gram over output taps is a multiple of the identity for
     non-overlapping kernels (the stride-2, 2x2 mask predictor)."""
-    return isinstance(module, (nn.Conv2d, nn.Linear))
+    return isinstance(module, (nn.Conv2d, nn.Conv1d, nn.Linear))
 
 
 def input_rows(module: nn.Module, x: Tensor) -> Tensor:
     """The rows the layer multiplies its flattened weight rows with.
 
     Args:
-        module: Conv2d / Linear (dense or codebook layer).
-        x: the layer's input (Conv2d: Tensor[B, C_in, H, W]; Linear: Tensor[..., in]).
+        module: Conv2d / Conv1d / Linear (dense or codebook layer).
+        x: the layer's input (Conv2d: Tensor[B, C_in, H, W]; Conv1d: Tensor[B, C_in, L]; Linear: Tensor[..., in]).
 
     Returns:
-        Tensor[N, cols] with ``cols = C_in/groups * kh * kw`` (Linear: ``in``); for grouped convs every group
-        contributes its own rows.
+        Tensor[N, cols] with ``cols = C_in/groups * kh * kw`` (Conv1d: ``C_in/groups * k``; Linear: ``in``); for
+        grouped convs every group contributes its own rows.
     """
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1])
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
         if module.padding_mode != "zeros":
             x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-            padding = 0
+            padding = (0,) * len(kernel)
+        elif isinstance(module.padding, str):  # "same" / "valid"
+            padding = tuple(0 if module.padding == "valid" else (d * (k - 1)) // 2 for d, k in zip(dilation, kernel))
         else:
             padding = module.padding
-        if isinstance(padding, str):  # "same"/"valid"
-            padding = 0 if padding == "valid" else tuple(
-                (module.dilation[i] * (module.kernel_size[i] - 1)) // 2 for i in range(2))
-        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+        if isinstance(module, nn.Conv1d):  # a conv over a 1 x L image with a 1 x k kernel
+            x = x.unsqueeze(2)
+            kernel, stride, dilation, padding = (1, *kernel), (1, *stride), (1, *dilation), (0, *padding)
+        cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
         b, ck, length = cols.shape
         g = module.groups
         return cols.reshape(b, g, ck // g, length).permute(0, 1, 3, 2).reshape(-1, ck // g)
@@ -243,7 +246,7 @@ def capture_gram_pool(model: nn.Module, name: str, batches: Iterable[Any],
 def group_rows(module: nn.Module, x: Tensor) -> Tensor:
     """:func:`input_rows` split by group: Tensor[groups, N, cols] (Linear: one group)."""
     rows = input_rows(module, x)
-    g = module.groups if isinstance(module, nn.Conv2d) else 1
+    g = module.groups if isinstance(module, (nn.Conv2d, nn.Conv1d)) else 1
     if g == 1:
         return rows.unsqueeze(0)
     n_images = x.shape[0]

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .pq import code_dtype, pq_decode
 
-__all__ = ["PQConv2d", "PQLinear", "PQConvTranspose2d", "PQ_LAYER_TYPES", "QUANTIZABLE_TYPES"]
+__all__ = ["PQConv2d", "PQConv1d", "PQLinear", "PQConvTranspose2d", "PQ_LAYER_TYPES", "QUANTIZABLE_TYPES"]
 
 
 class _PQMixin:
@@ -101,6 +101,33 @@ class PQConv2d(_PQMixin, nn.Conv2d):
         return nn.Conv2d.extra_repr(self) + ", " + self._pq_extra_repr()
 
 
+class PQConv1d(_PQMixin, nn.Conv1d):
+    """Conv1d whose weight Tensor[C_out, C_in/groups, k] is product-quantized along ``C_in/groups * k``."""
+
+    def __init__(self, *args, block_size: int, n_centroids: int, **kwargs) -> None:
+        nn.Conv1d.__init__(self, *args, **kwargs)
+        shape = self.weight.shape
+        del self.weight
+        self._init_pq(shape, block_size, n_centroids)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv1d, *, block_size: int, n_centroids: int) -> "PQConv1d":
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+            padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+            padding_mode=conv.padding_mode, block_size=block_size, n_centroids=n_centroids,
+        )
+        if conv.bias is not None:
+            layer.bias.data.copy_(conv.bias.data)
+        return layer.to(conv.weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.decoded_weight().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return nn.Conv1d.extra_repr(self) + ", " + self._pq_extra_repr()
+
+
 class PQLinear(_PQMixin, nn.Linear):
     """Linear whose weight Tensor[out, in] is product-quantized along ``in``."""
 
@@ -166,8 +193,9 @@ class PQConvTranspose2d(_PQMixin, nn.ConvTranspose2d):
 
 
 #: dense type -> codebook type. The one place that says which layer types can be quantized.
-QUANTIZABLE_TYPES = {nn.Conv2d: PQConv2d, nn.Linear: PQLinear, nn.ConvTranspose2d: PQConvTranspose2d}
-PQ_LAYER_TYPES = (PQConv2d, PQLinear, PQConvTranspose2d)
+QUANTIZABLE_TYPES = {nn.Conv2d: PQConv2d, nn.Conv1d: PQConv1d, nn.Linear: PQLinear,
+                     nn.ConvTranspose2d: PQConvTranspose2d}
+PQ_LAYER_TYPES = (PQConv2d, PQConv1d, PQLinear, PQConvTranspose2d)
 
 
 def pq_type_for(module: nn.Module):

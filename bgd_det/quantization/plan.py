@@ -59,7 +59,7 @@ class QuantRules:
 
     Attributes:
         block_size_kxk: d for convs with kernel > 1x1; block_size_1x1: d for 1x1 convs;
-        block_size_linear: d for Linear; block_size_transpose: d for ConvTranspose2d;
+        block_size_linear: d for Linear; block_size_transpose: d for ConvTranspose2d; block_size_conv1d: d for Conv1d;
         n_centroids: default K; min_subvectors_per_centroid, k_clamp: K is clamped to the largest power of two
             <= n_subvectors / this (k_clamp "le": the paper's "min(K, C_out*m/4)", rounded down to a power of two
             so codes take an integral number of bits), or < it ("lt": the paper's released code);
@@ -71,6 +71,7 @@ class QuantRules:
     block_size_1x1: int = 4
     block_size_linear: int = 4
     block_size_transpose: int = 4
+    block_size_conv1d: int = 4
     n_centroids: int = 256
     min_subvectors_per_centroid: int = 4
     k_clamp: str = "le"
@@ -85,6 +86,7 @@ class QuantRules:
             block_size_1x1=qcfg.BLOCK_SIZE.CONV_1X1,
             block_size_linear=qcfg.BLOCK_SIZE.LINEAR,
             block_size_transpose=qcfg.BLOCK_SIZE.CONV_TRANSPOSE,
+            block_size_conv1d=qcfg.BLOCK_SIZE.CONV1D,
             n_centroids=qcfg.N_CENTROIDS,
             min_subvectors_per_centroid=qcfg.MIN_SUBVECTORS_PER_CENTROID,
             k_clamp=qcfg.K_CLAMP,
@@ -103,6 +105,8 @@ class QuantRules:
     def default_block_size(self, module: nn.Module) -> int:
         if isinstance(module, nn.ConvTranspose2d):
             return self.block_size_transpose
+        if isinstance(module, nn.Conv1d):
+            return self.block_size_conv1d
         if isinstance(module, nn.Conv2d):
             return self.block_size_1x1 if tuple(module.kernel_size) == (1, 1) else self.block_size_kxk
         return self.block_size_linear
