@@ -8,7 +8,8 @@ from torch import nn
 from bgd_det.config import load_config
 from bgd_det.engine.quantizer import Quantizer
 from bgd_det.modeling import build_model
-from bgd_det.quantization.plan import PlanError, QuantRules, build_plan, clamp_power, execution_order
+from bgd_det.quantization.plan import (PlanError, QuantRules, build_plan, clamp_power, execution_order,
+                                       unquantized_weights)
 from bgd_det.quantization.size import model_size
 from bgd_det.quantization.swap import swap_in_skeleton
 from bgd_det.tasks import build_task
@@ -273,7 +274,7 @@ class _MixedNet(nn.Module):
 
 def test_weights_left_in_fp32_are_listed_with_reasons_and_can_be_refused():
     from bgd_det.engine.report import format_report
-    from bgd_det.quantization.plan import check_unquantized, unquantized_weights
+    from bgd_det.quantization.plan import check_unquantized
     from bgd_det.quantization.size import model_size
 
     model = _MixedNet().eval()
@@ -296,3 +297,32 @@ def test_weights_left_in_fp32_are_listed_with_reasons_and_can_be_refused():
         check_unquantized(unq, total, 2.0)
     text = format_report(model_size(model), unquantized=unq)
     assert "## Weights left in fp32" in text and "| attn.in_proj_weight" in text and "not called as a module" in text
+
+
+class _OddNet(nn.Module):
+    """A 5x5 depthwise conv (rows of 25) and a 1x1 conv with 6 input channels (rows of 6)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw, self.pw = nn.Conv2d(4, 4, 5, groups=4), nn.Conv2d(4, 6, 1)
+        self.fc = nn.Conv2d(6, 16, 1)
+
+    def forward(self, x):
+        return self.fc(self.pw(self.dw(x)))
+
+
+@pytest.mark.parametrize("rule, expected", [("divisor", [("dw", 5), ("pw", 4), ("fc", 3)]),
+                                            ("skip", [("pw", 4)])])
+def test_indivisible_block_sizes_fall_back_to_a_divisor_or_fp32(rule, expected):
+    model = _OddNet()
+    order = execution_order(model, lambda m: m(torch.zeros(1, 4, 9, 9)))
+    rules = dict(block_size_kxk=9, block_size_1x1=4, n_centroids=4, min_subvectors_per_centroid=1)
+    with pytest.raises(ValueError, match=r"2 errors in the quantization plan:\n.*'dw' does not divide its row length 25"):
+        build_plan(model, order, QuantRules(**rules))
+    plan = build_plan(model, order, QuantRules(**rules, indivisible=rule))
+    assert [(layer.name, layer.block_size) for layer in plan] == expected
+    if rule == "skip":
+        assert {u.name: u.reason for u in unquantized_weights(model, order, plan)} == {
+            "dw.weight": "skipped by rule", "fc.weight": "skipped by rule"}
+    with pytest.raises(ValueError, match=r"QUANT.INDIVISIBLE='largest'; allowed: error, divisor, skip"):
+        build_plan(model, order, QuantRules(**rules, indivisible="largest"))

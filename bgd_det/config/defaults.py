@@ -76,6 +76,9 @@ _C.QUANT.BLOCK_SIZE.LINEAR = 4
 _C.QUANT.BLOCK_SIZE.CONV_TRANSPOSE = 4
 # Conv1d, any kernel: C_in * k is a multiple of 4 whenever C_in is (9, the 3x3 rule, rarely divides C_in * 3).
 _C.QUANT.BLOCK_SIZE.CONV1D = 4
+# A layer whose row length the block size does not divide (5x5 depthwise at d=9, an SE fc2 of 110 columns at d=4):
+# "error" (the plan refuses, listing the divisors), "divisor" (the largest divisor >= 2 below d), "skip" (fp32).
+_C.QUANT.INDIVISIBLE = "error"
 # Glob patterns of modules kept in fp32.
 _C.QUANT.SKIP = []
 # Keep the first quantizable layer in execution order in fp32 (the paper's rule for ResNet's conv1: its 3 input

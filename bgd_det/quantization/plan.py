@@ -20,11 +20,14 @@ from .layers import PQ_LAYER_TYPES, QUANTIZABLE_TYPES
 logger = logging.getLogger(__name__)
 
 __all__ = ["LayerPlan", "QuantRules", "execution_order", "build_plan", "clamp_power", "OVERRIDE_KEYS", "K_CLAMP_RULES",
-           "PlanError", "Unquantized", "unquantized_weights", "check_unquantized"]
+           "PlanError", "INDIVISIBLE_RULES", "Unquantized", "unquantized_weights", "check_unquantized"]
 
 #: override keys that replace a QUANT.REFINE value for the matching layers (LayerPlan.damping, .damping_per_column,
 #: .rounds), in LayerPlan's field order.
 REFINE_OVERRIDE_KEYS = ("REFINE.DAMPING", "REFINE.DAMPING_PER_COLUMN", "REFINE.ROUNDS")
+#: what QUANT.INDIVISIBLE does with a layer whose row length the block size does not divide: refuse the plan, use the
+#: largest divisor of the row length below the block size (>= 2; else the layer is skipped), or skip the layer.
+INDIVISIBLE_RULES = ("error", "divisor", "skip")
 #: keys a ``[pattern, KEY, value]`` override may set.
 OVERRIDE_KEYS = ("BLOCK_SIZE", "N_CENTROIDS", "SKIP") + REFINE_OVERRIDE_KEYS
 
@@ -64,7 +67,7 @@ class QuantRules:
             <= n_subvectors / this (k_clamp "le": the paper's "min(K, C_out*m/4)", rounded down to a power of two
             so codes take an integral number of bits), or < it ("lt": the paper's released code);
         skip: glob patterns of modules left in fp32; skip_first: the first module in execution order is left in
-        fp32 too; overrides: ``[pattern, KEY, value]`` triples.
+        fp32 too; overrides: ``[pattern, KEY, value]`` triples; indivisible: one of :data:`INDIVISIBLE_RULES`.
     """
 
     block_size_kxk: int = 9
@@ -78,6 +81,7 @@ class QuantRules:
     skip_first: bool = False
     skip: Sequence[str] = ()
     overrides: Sequence[Sequence[Any]] = ()
+    indivisible: str = "error"
 
     @classmethod
     def from_cfg(cls, qcfg) -> "QuantRules":
@@ -93,6 +97,7 @@ class QuantRules:
             skip_first=qcfg.SKIP_FIRST,
             skip=list(qcfg.SKIP),
             overrides=[list(o) if isinstance(o, (list, tuple)) else o for o in qcfg.OVERRIDES],
+            indivisible=qcfg.INDIVISIBLE,
         )
 
     def override_values(self, key: str) -> List[Any]:
@@ -178,6 +183,8 @@ def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> Lis
         else:
             overrides.append(entry)
     errors += _pattern_errors([o[0] for o in overrides], order, "QUANT.OVERRIDES")
+    if rules.indivisible not in INDIVISIBLE_RULES:
+        errors.append(f"QUANT.INDIVISIBLE={rules.indivisible!r}; allowed: {', '.join(INDIVISIBLE_RULES)}")
 
     plan: List[LayerPlan] = []
     for name in order:
@@ -196,6 +203,12 @@ def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> Lis
         d, k = int(setting["BLOCK_SIZE"]), int(setting["N_CENTROIDS"])
         shape = _weight_shape(module)
         cols = math.prod(shape[1:])
+        if d >= 1 and cols % d != 0 and rules.indivisible != "error":
+            d = max([q for q in _divisors(cols, d) if q >= 2] or [0]) if rules.indivisible == "divisor" else 0
+            logger.info("%s: block size %s does not divide the row length %d: %s (QUANT.INDIVISIBLE %s)", name,
+                        setting["BLOCK_SIZE"], cols, f"d={d}" if d else "left in fp32", rules.indivisible)
+            if not d:
+                continue
         if d < 1 or cols % d != 0:
             errors.append(f"block size {d} for {name!r} does not divide its row length {cols} (weight "
                           f"{tuple(shape)}); allowed: a divisor of {cols} ({', '.join(map(str, _divisors(cols)))}"
