@@ -25,7 +25,7 @@ from bgd_det.config import load_config
 from bgd_det.engine import quantizer as quantizer_mod
 from bgd_det.engine.distributed import build_collectives
 from bgd_det.engine.launch import launch
-from bgd_det.modeling import build_model
+from bgd_det.modeling import build_teacher
 from bgd_det.quantization.layers import PQ_LAYER_TYPES
 from bgd_det.tasks import build_task
 from bgd_det.utils import comm
@@ -70,7 +70,7 @@ def job(opts, output_dir: str, threads: int = 0) -> dict:
     for owner, n, fn in originals:
         setattr(owner, n, _timed(phases, n, fn))
     try:
-        teacher, task = build_model(cfg), build_task(cfg)
+        teacher, task = build_teacher(cfg), build_task(cfg)
         comm.synchronize()
         t0, cpu0 = time.perf_counter(), time.process_time()
         result = quantizer_mod.Quantizer(cfg, teacher, task, collectives=build_collectives(cfg)).run()

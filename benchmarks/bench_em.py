@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from bgd_det.config import load_config
-from bgd_det.modeling import build_model
+from bgd_det.modeling import build_teacher
 from bgd_det.quantization.capture import (
     capture_gram, has_input_metric, metric_uses_inputs)
 from bgd_det.quantization.plan import QuantRules, build_plan, execution_order
@@ -62,7 +62,7 @@ def brute_force_estep(points, codebook, x, chunk=8):
 def one_iteration(layer: str, rows: int, sub: int) -> None:
     cfg = load_config("configs/ImageNet/demo_resnet18_large_blocks_sample.yaml",
                       ["MODEL.WEIGHTS", str(ASSETS / "teachers/resnet18_pqf_small_dense.pth")])
-    task, model = build_task(cfg), build_model(cfg).eval()
+    task, model = build_task(cfg), build_teacher(cfg).eval()
     module = model.get_submodule(layer)
     d = 9
     batches = task.calib_batches(n_images=16, batch_size=16, augment=False, seed=0)
@@ -209,7 +209,7 @@ def whole_net(weights: Path, iters: int, n_images: int, only: str, noise: float,
     cfg = load_config("configs/ImageNet/resnet50_small_blocks.yaml", [
         "MODEL.WEIGHTS", str(weights), "QUANT.EM_ITERS", str(iters),
         "DATASETS.CALIB", "imagenet_sample_even"])
-    task, model = build_task(cfg), build_model(cfg).eval()
+    task, model = build_task(cfg), build_teacher(cfg).eval()
     order = execution_order(model, task.example_forward)
     plan = build_plan(model, order, QuantRules.from_cfg(cfg.QUANT))
     # The seed the quantizer gives each layer (its index in the whole plan).

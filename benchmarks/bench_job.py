@@ -27,7 +27,7 @@ import torch
 
 from bgd_det.config import load_config
 from bgd_det.engine.quantizer import Quantizer
-from bgd_det.modeling import build_model
+from bgd_det.modeling import build_teacher
 from bgd_det.tasks import build_task
 from bgd_det.utils.logger import setup_logger
 
@@ -56,7 +56,7 @@ def run(job: str, engine: str, args) -> Dict:
     elif job == "r50":
         opts += ["MODEL.WEIGHTS", ""]
     cfg = load_config(path, [str(o) for o in opts + args.opts])
-    task, teacher = build_task(cfg), build_model(cfg)
+    task, teacher = build_task(cfg), build_teacher(cfg)
     t0 = time.perf_counter()
     result = Quantizer(cfg, teacher, task).run()
     return {"total": time.perf_counter() - t0, "records": result.records, "timings": result.timings}

@@ -14,8 +14,8 @@ All rows are evaluated on the same real images by ``ClassificationTask.evaluate`
 ``--splits even`` scores the 500 even-class images (the frozen protocol's test split: those configs calibrate on
 the odd classes), ``--all`` adds all 1000 ``imagenet_sample`` images (these include calibration images of ours).
 Rows: the dense teachers (ResNet-18 from ``teachers/``; ResNet-50 decoded from PQF's ``resnet50_large.pth`` by
-:func:`bgd_det.peers.dense_state_dict`, so its function *is* PQF's R50), ``--teacher NAME=ARCH:PATH`` dense state
-dicts (e.g. a de-structured teacher), the peers' checkpoints imported by :mod:`bgd_det.peers`, and every ``--ours
+:func:`bgd_det.checkpoint.dense_state_dict`, so its function *is* PQF's R50), ``--teacher NAME=ARCH:PATH`` dense state
+dicts (e.g. a de-structured teacher), the peers' checkpoints imported by :mod:`bgd_det.checkpoint.peers`, and every ``--ours
 NAME=PATH[,PATH...]`` (bgd_det compressed checkpoints; several paths are seeds of one recipe: the row gives the
 per-seed top-1, their mean +- sd and, against every row named by ``--compare``, the seed-averaged top-1
 difference with a paired bootstrap 95% interval over the images, :mod:`bgd_det.evaluation.protocol`). Size and
@@ -37,7 +37,7 @@ from tabulate import tabulate
 from bgd_det.config import get_cfg
 from bgd_det.evaluation.protocol import paired_bootstrap, seed_summary
 from bgd_det.modeling import build_model, load_weights
-from bgd_det.peers import dense_state_dict, import_peer, load_checkpoint_model
+from bgd_det.checkpoint import dense_state_dict, import_peer, load_checkpoint_model
 from bgd_det.quantization.size import model_size
 from bgd_det.tasks.classification import ClassificationTask
 from bgd_det.utils.logger import setup_logger
@@ -63,7 +63,7 @@ def _dense(arch: str, weights) -> torch.nn.Module:
     """Uncompressed ``arch`` with ``weights`` (a state-dict path or an in-memory state dict)."""
     cfg = get_cfg()
     cfg.MODEL.ARCH = arch
-    model = build_model(cfg, load=False)
+    model = build_model(cfg)
     if isinstance(weights, dict):
         model.load_state_dict(weights, strict=True)
     else:

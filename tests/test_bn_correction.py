@@ -61,7 +61,7 @@ def test_quantizer_corrects_the_bias_of_a_layer_without_batchnorm(tiny_images, t
     """TinyNet's fc feeds no BatchNorm: with BN correction on (the default) its output mean on the capture images
     equals the teacher's; with QUANT.BIAS_CORRECTION off it does not."""
     from bgd_det.engine.quantizer import Quantizer
-    from bgd_det.modeling import build_model
+    from bgd_det.modeling import build_teacher
     from bgd_det.quantization.bn_correction import output_channel_mean
     from bgd_det.tasks import build_task
     from conftest import tiny_cfg
@@ -70,7 +70,7 @@ def test_quantizer_corrects_the_bias_of_a_layer_without_batchnorm(tiny_images, t
     for on in (True, False):
         cfg = tiny_cfg(tmp_path, "QUANT.BIAS_CORRECTION", on, "QUANT.N_CENTROIDS", 4)
         torch.manual_seed(0)
-        teacher = build_model(cfg)
+        teacher = build_teacher(cfg)
         q = Quantizer(cfg, teacher, build_task(cfg))
         student = q.run().student
         batches = list(q.plain_pass.batches(q.task))

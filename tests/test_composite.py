@@ -128,7 +128,7 @@ def test_train_detector_runs_and_keeps_the_stem_frozen(tmp_path, monkeypatch):
                            "DATASETS.REGISTER", [["toy", "coco", path, str(tmp_path / "set" / "images")]],
                            "DATASETS.CALIB", "toy", "DATASETS.TEST", "toy", "DATALOADER.NUM_WORKERS", 0])
     torch.manual_seed(0)
-    model = build_model(cfg, load=False)
+    model = build_model(cfg)
     backbone = resnet50().state_dict()
     load_backbone(model, backbone)
     assert torch.equal(model.backbone.body.layer3[0].conv2.weight, backbone["layer3.0.conv2.weight"])

@@ -38,7 +38,7 @@ def test_overrides_must_be_pairs_and_options_come_first():
 
 
 def test_model_import_registers_an_architecture_without_a_wrapper(tmp_path, monkeypatch):
-    from bgd_det.modeling import build_model
+    from bgd_det.modeling import build_teacher
 
     (tmp_path / "my_nets_for_test.py").write_text(
         "import torch\n"
@@ -49,4 +49,4 @@ def test_model_import_registers_an_architecture_without_a_wrapper(tmp_path, monk
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = load_config("", ["MODEL.IMPORT", "['my_nets_for_test']", "MODEL.ARCH", "my_mlp_for_test",
                            "MODEL.NUM_CLASSES", 3])
-    assert build_model(cfg)[1].out_features == 3
+    assert build_teacher(cfg)[1].out_features == 3

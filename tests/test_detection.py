@@ -15,7 +15,7 @@ from bgd_det.config import load_config
 from bgd_det.data import DatasetCatalog
 from bgd_det.data.coco import register_coco_instances
 from bgd_det.engine.quantizer import Quantizer
-from bgd_det.modeling import ARCH_REGISTRY, build_model
+from bgd_det.modeling import ARCH_REGISTRY, build_model, build_teacher
 from bgd_det.quantization.capture import capture_gram
 from bgd_det.quantization.layers import PQConvTranspose2d
 from bgd_det.quantization.plan import QuantRules, build_plan
@@ -50,7 +50,7 @@ def cfg():
 @pytest.fixture(scope="module")
 def teacher(cfg):
     torch.manual_seed(0)
-    return build_model(cfg).eval()
+    return build_teacher(cfg).eval()
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +127,9 @@ def test_plan_order_rules_and_paper_size(plan, teacher):
 def test_frozen_bn_counts_like_batchnorm(plan, cfg):
     # torchvision keeps FrozenBatchNorm2d's affine in buffers: it must cost as much as BatchNorm2d's parameters
     torch.manual_seed(0)
-    plain = build_model(small_cfg("DETECTION.FROZEN_BN", False), load=False)
+    plain = build_model(small_cfg("DETECTION.FROZEN_BN", False))
     assert not any(type(m).__name__ == "FrozenBatchNorm2d" for m in plain.modules())
-    frozen = build_model(cfg, load=False)
+    frozen = build_model(cfg)
     a, b = model_size(swap_in_skeleton(plain, plan)), model_size(swap_in_skeleton(frozen, plan))
     assert a.compressed_bytes == b.compressed_bytes and a.dense_bytes == b.dense_bytes
 

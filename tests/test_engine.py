@@ -8,7 +8,7 @@ import torch
 from bgd_det.checkpoint import load_compressed, read_compressed, save_compressed
 from bgd_det.engine.pipeline import quantize_and_report
 from bgd_det.engine.quantizer import PROGRESS_FILE, Quantizer, QuantizerHook
-from bgd_det.modeling import build_model
+from bgd_det.modeling import build_model, build_teacher
 from bgd_det.quantization.layers import PQ_LAYER_TYPES
 from bgd_det.tasks import build_task
 from bgd_det.tasks.classification import ClassificationTask
@@ -28,7 +28,7 @@ def _codes(model):
 def test_resume_gives_same_codes_as_uninterrupted_run(tiny_images, tmp_path, mixup):
     extra = ["FINETUNE.LAYER_ITERS", 2, "FINETUNE.GLOBAL_ITERS", 2, "FINETUNE.MIXUP_ALPHA", mixup]
     torch.manual_seed(0)
-    teacher = build_model(tiny_cfg(tmp_path / "a", *extra))
+    teacher = build_teacher(tiny_cfg(tmp_path / "a", *extra))
     full = Quantizer(tiny_cfg(tmp_path / "a", *extra), teacher, build_task(tiny_cfg(tmp_path / "a", *extra))).run()
 
     cfg = tiny_cfg(tmp_path / "b", *extra)
@@ -95,7 +95,7 @@ def test_bad_settings_fail_before_the_teacher_is_evaluated(tiny_images, tmp_path
 
 def test_resume_refuses_a_different_plan(tiny_images, tmp_path):
     cfg = tiny_cfg(tmp_path)
-    teacher = build_model(cfg)
+    teacher = build_teacher(cfg)
     Quantizer(cfg, teacher, build_task(cfg), output_dir=cfg.OUTPUT_DIR).run()
     other = tiny_cfg(tmp_path, "QUANT.N_CENTROIDS", 8)
     with pytest.raises(ValueError, match="different plan"):
@@ -104,7 +104,7 @@ def test_resume_refuses_a_different_plan(tiny_images, tmp_path):
 
 def test_resume_refuses_other_settings_with_the_keys_named(tiny_images, tmp_path):
     cfg = tiny_cfg(tmp_path)
-    teacher = build_model(cfg)
+    teacher = build_teacher(cfg)
     Quantizer(cfg, teacher, build_task(cfg), output_dir=cfg.OUTPUT_DIR).run()
     for key, value, shown in (("SEED", 3, "SEED 0 -> 3"), ("QUANT.EM_ITERS", 9, "QUANT.EM_ITERS 5 -> 9"),
                               ("QUANT.METRIC", "identity", "QUANT.METRIC 'shared' -> 'identity'")):
@@ -162,7 +162,7 @@ def test_bad_checkpoints(tmp_path, tiny_images):
     with pytest.raises(ValueError, match="not a bgd_det compressed checkpoint"):
         read_compressed(str(tmp_path / "plain.pth"))
     cfg = tiny_cfg(tmp_path)
-    res = Quantizer(cfg, build_model(cfg), build_task(cfg)).run()
+    res = Quantizer(cfg, build_teacher(cfg), build_task(cfg)).run()
     save_compressed(str(tmp_path / "ok.pth"), res.student, arch="resnet18", num_classes=10)
     with pytest.raises(ValueError, match="do not exist in the model"):
         load_compressed(str(tmp_path / "ok.pth"))
@@ -259,11 +259,11 @@ def test_mixup_distillation_shows_both_models_the_same_images(tmp_path):
 
     torch.manual_seed(0)
     cfg = tiny_cfg(tmp_path, "FINETUNE.MIXUP_ALPHA", 1.0)
-    model = build_model(cfg).eval()
+    model = build_teacher(cfg).eval()
     task = ClassificationTask(cfg)
     batch = (torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))
     assert float(task.distill_loss(model, model, batch)) == pytest.approx(0.0, abs=1e-6)
-    other = build_model(cfg).eval()
+    other = build_teacher(cfg).eval()
     plain = ClassificationTask(tiny_cfg(tmp_path))
     assert float(task.distill_loss(other, model, batch)) != pytest.approx(float(plain.distill_loss(other, model,
                                                                                                   batch)))
@@ -299,7 +299,7 @@ def test_load_compressed_rebuilds_with_the_recorded_config(tmp_path):
 
     cfg = load_config("", ["MODEL.ARCH", "fasterrcnn_resnet50_fpn", "MODEL.NUM_CLASSES", 3, "INPUT.MIN_SIZE_TEST", 160,
                            "DETECTION.RPN_POST_NMS_TOPK_TEST", 300, "DETECTION.FROZEN_BN_EPS", 0.0])
-    model = build_model(cfg, load=False)
+    model = build_model(cfg)
     path = str(tmp_path / "det.pth")
     save_compressed(path, model, arch=cfg.MODEL.ARCH, num_classes=3, config=cfg.dump())
     for loaded in (load_compressed(path), load_compressed(path, inference=True)):
@@ -312,7 +312,7 @@ def test_load_compressed_rebuilds_with_the_recorded_config(tmp_path):
 def test_non_finite_models_are_refused_with_the_tensor_named(tiny_images, tmp_path):
     cfg = tiny_cfg(tmp_path / "a")
     torch.manual_seed(0)
-    result = Quantizer(cfg, build_model(cfg), build_task(cfg)).run()
+    result = Quantizer(cfg, build_teacher(cfg), build_task(cfg)).run()
     path = str(tmp_path / "ok.pth")
     save_compressed(path, result.student, arch="tiny_net", num_classes=10)
     load_compressed(path)  # a finite model loads
@@ -344,7 +344,7 @@ def test_a_layer_that_goes_non_finite_stops_the_run_named(tiny_images, tmp_path,
     monkeypatch.setattr(quantizer_module.Quantizer, "fit", nan_conv2)
     cfg = tiny_cfg(tmp_path / "a", "QUANT.BN_CORRECTION", "none")
     with pytest.raises(FloatingPointError, match=r"after layer 'conv2': conv2.codebook holds non-finite"):
-        Quantizer(cfg, build_model(cfg), build_task(cfg), output_dir=cfg.OUTPUT_DIR).run()
+        Quantizer(cfg, build_teacher(cfg), build_task(cfg), output_dir=cfg.OUTPUT_DIR).run()
     progress = torch.load(tmp_path / "a" / PROGRESS_FILE, weights_only=True)
     assert len(progress["records"]) == 1  # conv1's work is kept; the NaN layer was never saved
 

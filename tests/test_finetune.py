@@ -8,7 +8,7 @@ from torch import nn
 
 from bgd_det.engine.finetune import OptimSpec, bn_train_mode, centroid_mean_grads, distill
 from bgd_det.engine.quantizer import FINETUNE_STATE_FILE, Quantizer
-from bgd_det.modeling import build_model
+from bgd_det.modeling import build_teacher
 from bgd_det.quantization.layers import PQ_LAYER_TYPES, PQConv2d
 from bgd_det.tasks import build_task
 from bgd_det.tasks.classification import ClassificationTask
@@ -78,7 +78,7 @@ def test_bn_train_mode_moves_running_statistics_only_while_open():
 def _quantizer(tmp_path, name, *extra):
     cfg = tiny_cfg(tmp_path / name, *extra)
     torch.manual_seed(0)
-    teacher = build_model(cfg)
+    teacher = build_teacher(cfg)
     return cfg, Quantizer(cfg, teacher, build_task(cfg), output_dir=cfg.OUTPUT_DIR)
 
 

@@ -1,4 +1,4 @@
-"""Importers of the peers' checkpoints (:mod:`bgd_det.peers`) and ``tools/convert_checkpoint.py``.
+"""Importers of the peers' checkpoints (:mod:`bgd_det.checkpoint.peers`) and ``tools/convert_checkpoint.py``.
 
 Synthetic BGD/PQF files (written here from known codes and codebooks) run everywhere; the real peer
 checkpoints come from ``../shared/assets`` and those tests skip when it is absent.
@@ -11,18 +11,17 @@ import torch
 import torchvision
 
 import bgd_det
-from bgd_det.checkpoint import read_compressed
-from bgd_det.config import get_cfg
-from bgd_det.peers import (
-    bgd_codes,
+from bgd_det.checkpoint import (
     convert_checkpoint,
     dense_state_dict,
     import_bgd,
     import_peer,
     import_pqf,
-    infer_resnet_arch,
     load_checkpoint_model,
+    read_compressed,
 )
+from bgd_det.checkpoint.peers import bgd_codes, infer_resnet_arch
+from bgd_det.config import get_cfg
 from bgd_det.quantization.layers import PQConv2d, PQLinear
 from bgd_det.quantization.pq import pq_decode
 from bgd_det.quantization.size import model_size

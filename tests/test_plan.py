@@ -163,7 +163,7 @@ def test_plan_only_lists_every_layer_with_its_bytes_and_skips(tmp_path):
 
 def _plan_and_size(cfg):
     """Execution order, plan and size report of ``cfg``'s model (no weights loaded)."""
-    model = build_model(cfg, load=False).eval()
+    model = build_model(cfg).eval()
     order = execution_order(model, lambda m: m(torch.zeros(1, 3, 64, 64)))
     plan = build_plan(model, order, QuantRules.from_cfg(cfg.QUANT))
     return order, plan, model_size(swap_in_skeleton(model, plan))
@@ -198,6 +198,13 @@ SHIPPED_SIZES = {
     "ImageNet/paper/resnet18_small_blocks.yaml": (1.54, 28.9),
     "ImageNet/paper/resnet50_large_blocks.yaml": (3.19, 30.6),
     "ImageNet/paper/resnet50_small_blocks.yaml": (5.09, 19.1),
+    # torchvision names (Base-Torchvision.yaml); Swin-T's and ViT's attention weights stay fp32 (listed)
+    "ImageNet/torchvision/efficientnet_b0.yaml": (1.57, 12.8),
+    "ImageNet/torchvision/mobilenet_v2.yaml": (1.04, 12.9),
+    "ImageNet/torchvision/regnet_y_400mf.yaml": (1.35, 12.3),
+    "ImageNet/torchvision/resnext50_32x4d.yaml": (6.20, 15.4),
+    "ImageNet/torchvision/swin_t.yaml": (37.98, 2.8),
+    "ImageNet/torchvision/vit_b_16.yaml": (125.03, 2.6),
 }
 
 
@@ -216,7 +223,7 @@ def test_shipped_config_builds_its_quantizer_and_plan(config, tmp_path, monkeypa
         monkeypatch.setenv("BGD_DATASETS", str(tmp_path))
         write_tiny_composite(tmp_path)
     cfg = load_config(str(CONFIG_DIR / config), ["MODEL.WEIGHTS", ""])
-    model = build_model(cfg, load=False).eval()
+    model = build_model(cfg).eval()
     plan = Quantizer(cfg, model, build_task(cfg)).make_plan(model)
     report = model_size(swap_in_skeleton(model, plan))
     mib, ratio = SHIPPED_SIZES[config]
@@ -244,7 +251,7 @@ def test_any_torchvision_classifier_by_name_and_unknown_names():
     from bgd_det.modeling import get_arch
 
     cfg = load_config("", ["MODEL.ARCH", "mobilenet_v3_small", "MODEL.NUM_CLASSES", 7])
-    model = build_model(cfg, load=False).eval()
+    model = build_model(cfg).eval()
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 7)
     order = execution_order(model, lambda m: m(torch.zeros(1, 3, 64, 64)))
     assert order[0] == "features.0.0" and order[-1] == "classifier.3"

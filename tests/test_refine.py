@@ -250,7 +250,7 @@ def test_bad_target_and_shapes_are_named():
 
 def test_quantizer_refines_conv_layers_and_lowers_their_output_error(tiny_images, tmp_path):
     from bgd_det.engine.quantizer import Quantizer
-    from bgd_det.modeling import build_model
+    from bgd_det.modeling import build_teacher
     from bgd_det.tasks import build_task
     from conftest import tiny_cfg
 
@@ -258,7 +258,7 @@ def test_quantizer_refines_conv_layers_and_lowers_their_output_error(tiny_images
     plain = tiny_cfg(tmp_path / "plain", "QUANT.METRIC", "identity")
     refined = tiny_cfg(tmp_path / "refined", "QUANT.METRIC", "identity", "QUANT.REFINE.ROUNDS", 2)
     torch.manual_seed(0)
-    teacher = build_model(plain)
+    teacher = build_teacher(plain)
     a = Quantizer(plain, teacher, build_task(plain)).run()
     b = Quantizer(refined, teacher, build_task(refined)).run()
     rec_a = {r.name: r for r in a.records}
@@ -273,7 +273,7 @@ def test_quantizer_refines_conv_layers_and_lowers_their_output_error(tiny_images
 
 def test_augmented_views_give_short_layers_enough_rows_to_refine(tiny_images, tmp_path, caplog):
     from bgd_det.engine.quantizer import Quantizer
-    from bgd_det.modeling import build_model
+    from bgd_det.modeling import build_teacher
     from bgd_det.tasks import build_task
     from conftest import tiny_cfg
 
@@ -282,7 +282,7 @@ def test_augmented_views_give_short_layers_enough_rows_to_refine(tiny_images, tm
     cfg = tiny_cfg(tmp_path, "QUANT.METRIC", "identity", "QUANT.REFINE.ROUNDS", 2,
                    "QUANT.REFINE.AUGMENTED_VIEWS", 2, "QUANT.REFINE.MIN_ROWS_PER_COLUMN", 8)
     torch.manual_seed(0)
-    teacher = build_model(cfg)
+    teacher = build_teacher(cfg)
     with caplog.at_level("INFO", logger="bgd_det.engine.quantizer"):
         result = Quantizer(cfg, teacher, build_task(cfg)).run()
     records = {r.name: r for r in result.records}
@@ -296,7 +296,7 @@ def test_augmented_views_give_short_layers_enough_rows_to_refine(tiny_images, tm
 
 def test_damping_grows_with_the_columns_per_captured_row(tiny_images, tmp_path, monkeypatch):
     import bgd_det.engine.quantizer as quantizer
-    from bgd_det.modeling import build_model
+    from bgd_det.modeling import build_teacher
     from bgd_det.tasks import build_task
     from conftest import tiny_cfg
 
@@ -311,7 +311,7 @@ def test_damping_grows_with_the_columns_per_captured_row(tiny_images, tmp_path, 
     cfg = tiny_cfg(tmp_path, "QUANT.METRIC", "identity", "QUANT.REFINE.ROUNDS", 1,
                    "QUANT.REFINE.DAMPING_PER_COLUMN", 3.0, "QUANT.REFINE.DAMPING_METRIC", "channel")
     torch.manual_seed(0)
-    teacher = build_model(cfg)
+    teacher = build_teacher(cfg)
     quantizer.Quantizer(cfg, teacher, build_task(cfg)).run()
     assert len(seen) == 3  # the three convs (the fc has too few rows and is not refined)
     for dim, rows, damping, metric in seen:
@@ -410,7 +410,7 @@ def test_rounds_override_reaches_the_refinement(tiny_images, tmp_path, monkeypat
     import math
 
     import bgd_det.engine.quantizer as quantizer
-    from bgd_det.modeling import build_model
+    from bgd_det.modeling import build_teacher
     from bgd_det.tasks import build_task
     from conftest import tiny_cfg
 
@@ -425,7 +425,7 @@ def test_rounds_override_reaches_the_refinement(tiny_images, tmp_path, monkeypat
     cfg = tiny_cfg(tmp_path, "QUANT.METRIC", "identity", "QUANT.REFINE.ROUNDS", 1,
                    "QUANT.OVERRIDES", "[['conv1', 'REFINE.ROUNDS', 0], ['conv3', 'REFINE.ROUNDS', 3]]")
     torch.manual_seed(0)
-    result = quantizer.Quantizer(cfg, build_model(cfg), build_task(cfg)).run()
+    result = quantizer.Quantizer(cfg, build_teacher(cfg), build_task(cfg)).run()
     assert seen == {"conv2": 1, "conv3": 3}  # fc has too few rows to be refined
     records = {r.name: r for r in result.records}
     assert math.isnan(records["conv1"].output_error) and records["conv3"].output_error < 1.0

@@ -6,7 +6,7 @@ import torch
 
 from bgd_det.engine.quantizer import Quantizer
 from bgd_det.engine.streaming import RecomputeSource, StreamingSource
-from bgd_det.modeling import ARCH_REGISTRY, build_model
+from bgd_det.modeling import ARCH_REGISTRY, build_teacher
 from bgd_det.modeling.stages import resnet_stages, stage_of_layer
 from bgd_det.quantization.capture import capture_second_moments
 from bgd_det.quantization.layers import PQ_LAYER_TYPES
@@ -36,7 +36,7 @@ def _state(model):
 def _run(tmp_path, *opts):
     cfg = tiny_cfg(tmp_path, "OUTPUT_DIR", "", *opts)
     torch.manual_seed(0)
-    teacher = build_model(cfg)
+    teacher = build_teacher(cfg)
     quantizer = Quantizer(cfg, teacher, build_task(cfg))
     return quantizer, quantizer.run()
 
@@ -85,7 +85,7 @@ def test_float16_cache_rounds_the_moments_by_its_precision(tiny_images, tmp_path
     for dtype in ("float32", "float16"):
         cfg = tiny_cfg(tmp_path, *RESNET, "QUANT.STREAM.DTYPE", dtype)
         torch.manual_seed(0)
-        teacher = build_model(cfg)
+        teacher = build_teacher(cfg)
         quantizer = Quantizer(cfg, teacher, build_task(cfg))
         source = quantizer.capture_source(teacher, ["layer2.0.conv1"])
         source.begin_layer("layer2.0.conv1")
@@ -122,7 +122,7 @@ def test_source_reports_fallback_reasons(tiny_images, tmp_path, caplog):
 
 def test_source_types_and_layer_order(tiny_images, tmp_path):
     cfg = tiny_cfg(tmp_path)
-    teacher = build_model(cfg)
+    teacher = build_teacher(cfg)
     quantizer = Quantizer(cfg, teacher, build_task(cfg))
     source = quantizer.capture_source(teacher, ["conv2", "fc"])
     assert isinstance(source, StreamingSource)
@@ -171,7 +171,7 @@ def test_mask_rcnn_streaming_gives_the_recompute_paths_codes(assets_dir, monkeyp
         cfg = load_config("configs/COCO/demo_mask_rcnn_coco_tiny.yaml", [str(o) for o in opts + ["QUANT.ENGINE",
                                                                                                  engine]])
         torch.manual_seed(0)
-        teacher = build_model(cfg)
+        teacher = build_teacher(cfg)
         quantizer = Quantizer(cfg, teacher, build_task(cfg))
         source = quantizer.capture_source(teacher, [p.name for p in quantizer.make_plan(teacher)])
         assert isinstance(source, StreamingSource if engine == "streaming" else RecomputeSource)
@@ -195,7 +195,7 @@ def test_detector_heads_are_captured_on_the_teachers_proposals(assets_dir, monke
         "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "192", "QUANT.CAPTURE_IMAGES", "2",
         "QUANT.ENGINE", engine, "OUTPUT_DIR", ""])
     torch.manual_seed(0)
-    teacher = build_model(cfg).eval()
+    teacher = build_teacher(cfg).eval()
     student = copy.deepcopy(teacher)
     with torch.no_grad():
         student.rpn.head.cls_logits.weight.normal_()

@@ -13,13 +13,13 @@
 
 Files are loaded with ``torch.load(weights_only=True, map_location="cpu")``; the architecture
 (a torchvision ResNet) is inferred from the layer names, K and d from the codebooks; every layer is
-checked and decoded and a forward pass run before anything is written (see ``bgd_det/peers.py`` for
+checked and decoded and a forward pass run before anything is written (see ``bgd_det/checkpoint/peers.py`` for
 both formats). A wrong or corrupt file ends with a one-line ``error: ...`` and exit status 1.
 """
 import argparse
 import sys
 
-from bgd_det.peers import PEER_FORMATS, convert_checkpoint
+from bgd_det.checkpoint import PEER_FORMATS, convert_checkpoint
 from bgd_det.quantization.size import model_size
 from bgd_det.utils.cli import run_tool
 from bgd_det.utils.logger import setup_logger

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from bgd_det.config import load_config
-from bgd_det.modeling import build_model
+from bgd_det.modeling import build_teacher
 from bgd_det.modeling.destructure import compare_logits, destructure_resnet, structure_report
 from bgd_det.tasks import build_task
 from bgd_det.utils.cli import run_tool
@@ -40,10 +40,10 @@ def main(argv=None) -> None:
     setup_logger()
     cfg = load_config("", ["MODEL.ARCH", args.arch, "MODEL.WEIGHTS", args.src, "DATASETS.TEST", args.dataset])
     try:
-        teacher = build_model(cfg).eval()
+        teacher = build_teacher(cfg).eval()
     except (ValueError, FileNotFoundError, KeyError) as e:
         sys.exit(f"error: {e}")
-    model = destructure_resnet(build_model(cfg).eval(), spread=args.spread, seed=args.seed)
+    model = destructure_resnet(build_teacher(cfg).eval(), spread=args.spread, seed=args.seed)
     check = compare_logits(teacher, model, build_task(cfg).test_loader())
     sizes = {"kxk": 9, "1x1": 4, "linear": 4}
     before, after = structure_report(teacher, sizes), structure_report(model, sizes)

@@ -24,9 +24,9 @@ import json
 
 from bgd_det.engine import launch
 from bgd_det.engine.defaults import default_argument_parser, default_setup
-from bgd_det.modeling import build_model
+from bgd_det.modeling import build_teacher
 from bgd_det.ops.inference import check_eval_options, for_evaluation
-from bgd_det.peers import load_checkpoint_model
+from bgd_det.checkpoint import load_checkpoint_model
 from bgd_det.quantization.size import model_size
 from bgd_det.tasks.classification import ClassificationTask
 from bgd_det.utils.cli import run_tool
@@ -38,7 +38,7 @@ def main(args) -> dict:
     if args.checkpoint:
         model, fmt = load_checkpoint_model(args.checkpoint, cfg=cfg, device=cfg.MODEL.DEVICE)
     else:
-        model, fmt = build_model(cfg), "uncompressed"
+        model, fmt = build_teacher(cfg), "uncompressed"
     reference = None
     if args.reference:
         reference, _ = load_checkpoint_model(args.reference, cfg=cfg, device=cfg.MODEL.DEVICE)

@@ -19,14 +19,14 @@ import time
 
 import torch
 
-from bgd_det.checkpoint import atomic_save, read_checkpoint_file
+from bgd_det.checkpoint import dense_state_dict, file_sha256, load_checkpoint_model
 from bgd_det.config import get_cfg, load_config
 from bgd_det.engine.detector_training import (TrainSettings, from_int8, int8_state_dict, load_backbone,
                                               train_detector)
 from bgd_det.modeling import build_model
-from bgd_det.peers import dense_state_dict, file_sha256, load_checkpoint_model
 from bgd_det.tasks import build_task
 from bgd_det.utils.cli import run_tool
+from bgd_det.utils.file_io import atomic_save, read_checkpoint_file
 from bgd_det.utils.logger import setup_logger
 
 logger = logging.getLogger("bgd_det.train_detector")
@@ -63,7 +63,7 @@ def main(argv=None) -> None:
                                 for f in dataclasses.fields(TrainSettings)})
     cfg = load_config(args.config, ["DETECTION.LOSS", "supervised", "MODEL.WEIGHTS", "", *args.opts])
     task = build_task(cfg)
-    model = build_model(cfg, load=False).cpu()
+    model = build_model(cfg).cpu()
     load_backbone(model, _backbone_state(args.backbone))
     model.to(cfg.MODEL.DEVICE)
     os.makedirs(args.out, exist_ok=True)

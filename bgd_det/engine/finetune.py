@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import atomic_save
+from ..utils.file_io import atomic_save
 from ..quantization.layers import PQ_LAYER_TYPES
 from ..tasks.base import Task
 

@@ -10,7 +10,7 @@ from typing import Dict
 from tabulate import tabulate
 
 from ..checkpoint import save_compressed
-from ..modeling import build_model
+from ..modeling import build_model, build_teacher
 from ..quantization.size import model_size
 from ..quantization.swap import swap_in_skeleton
 from ..tasks import build_task
@@ -31,7 +31,7 @@ def describe_plan(cfg) -> str:
     execution order with its weight shape, d, K, sub-vectors and compressed bytes, or why it is skipped; then the
     model's size. Builds the model without loading weights; raises :class:`PlanError` with every rule error."""
     task = build_task(cfg)
-    model = build_model(cfg, load=False).eval()
+    model = build_model(cfg).eval()
     quantizer = Quantizer(cfg, model, task)  # checks every QUANT / FINETUNE value and builds the plan
     order = quantizer.order
     plan = {layer.name: layer for layer in quantizer.plan}
@@ -68,7 +68,7 @@ def quantize_and_report(cfg, *, resume: bool = False, **quantizer_kwargs) -> Dic
     # Several processes: statistics summed over ranks, rank-0 codes, DDP finetuning (explicit kwargs win).
     quantizer_kwargs = {"collectives": build_collectives(cfg), **quantizer_kwargs}
     task = build_task(cfg)
-    teacher = build_model(cfg)
+    teacher = build_teacher(cfg)
     # Built first: it checks the QUANT / FINETUNE values and the plan before the teacher's (possibly long) evaluation.
     quantizer = Quantizer(cfg, teacher, task, output_dir=cfg.OUTPUT_DIR, **quantizer_kwargs)
     metrics: Dict[str, Dict] = {}

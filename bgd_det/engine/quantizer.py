@@ -23,8 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..checkpoint import (atomic_save, check_finite, compressed_state, load_compressed_into,
-                          round_codebooks_to_fp16)
+from ..checkpoint import check_finite, compressed_state, load_compressed_into, round_codebooks_to_fp16
 from ..quantization.bn_correction import (bn_scale_shift, channel_stats, correct_batchnorm, correct_bias,
                                          following_batchnorms, output_channel_mean)
 from ..quantization.capture import (capture_gram, capture_gram_pool, capture_second_moments, has_input_metric,
@@ -38,6 +37,7 @@ from ..quantization.residual import residual_branch_end
 from ..quantization.swap import make_pq_layer, set_module
 from ..tasks.base import Task
 from ..utils import comm
+from ..utils.file_io import atomic_save
 from .distributed import Collectives
 from .finetune import FinetuneCheckpoint, OptimSpec, bn_affine_params, codebook_params, distill, feature_modules
 from .streaming import CACHE_DTYPES, ENGINES, CaptureSource, PassSpec, RecomputeSource, build_capture_source

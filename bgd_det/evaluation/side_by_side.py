@@ -14,7 +14,7 @@ from torch import nn
 
 from ..checkpoint import FORMAT, check_checkpoint_arch, load_compressed, read_compressed
 from ..config.defaults import CfgNode
-from ..modeling import build_model
+from ..modeling import build_teacher
 from ..ops.inference import check_eval_options, for_evaluation
 from ..quantization.size import model_size
 from ..tasks.detection import DetectionTask
@@ -93,7 +93,7 @@ def evaluate_side_by_side(cfg, *, output_dir: str = "") -> Dict[str, Any]:
             tcfg.MODEL.WEIGHTS = teacher_weights
             if not teacher_weights:  # a random teacher: the initialisation the checkpoint was compressed from
                 torch.manual_seed(teacher_seed)
-            return build_model(tcfg)
+            return build_teacher(tcfg)
 
         models.append(("uncompressed", teacher))
     if ckpt is not None:

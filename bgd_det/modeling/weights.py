@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from ..checkpoint import read_checkpoint_file
+from ..utils.file_io import read_checkpoint_file
 
 logger = logging.getLogger(__name__)
 

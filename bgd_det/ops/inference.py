@@ -9,8 +9,8 @@ becomes ``nn.Identity``. Conv -> BN pairs are found by tracing the model with ``
 layers and BatchNorms as leaves); parts of a model that cannot be traced are traced child by child,
 and whatever is not found is left unfolded.
 
-:func:`load_inference` builds the inference model straight from a compressed checkpoint: the
-architecture is built on the ``meta`` device, so its dense weights are never allocated.
+``bgd_det.checkpoint.load_compressed(path, inference=True)`` builds the inference model straight from a compressed
+checkpoint, the architecture on the ``meta`` device, so that its dense weights are never allocated.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ __all__ = [
     "INFER_LAYER_TYPES",
     "conv_bn_pairs",
     "to_inference",
-    "load_inference",
     "inference_bytes",
     "max_scratch_bytes",
     "check_eval_options",
@@ -450,62 +449,6 @@ def to_inference(model: nn.Module, *, fold_bn: bool = False) -> nn.Module:
     if fold_bn:
         logger.info("folded %d BatchNorms into %d codebook convs", len(pairs), n_conv)
     return model
-
-
-def load_inference(path: str, *, fold_bn: bool = False, cfg=None) -> nn.Module:
-    """Inference model of a compressed checkpoint, built without allocating the dense weights.
-
-    The architecture is built on the ``meta`` device, codebook layers are swapped in, and the
-    checkpoint's tensors are assigned directly (``load_state_dict(assign=True)``); then
-    :func:`to_inference`.
-
-    Args:
-        path: compressed checkpoint (see :mod:`bgd_det.checkpoint`); cfg: optional config, as in
-            :func:`bgd_det.checkpoint.load_compressed`; fold_bn: see :func:`to_inference`.
-    """
-    from ..checkpoint import check_finite, checkpoint_cfg, load_compressed, one_line, read_compressed
-    from ..modeling import build_model
-    from ..quantization.plan import LayerPlan
-    from ..quantization.swap import swap_in_skeleton
-
-    ckpt = read_compressed(path)
-    cfg = checkpoint_cfg(ckpt, cfg, source=path)
-    device, cfg.MODEL.DEVICE = cfg.MODEL.DEVICE, "meta"
-    try:
-        with torch.device("meta"):
-            model = build_model(cfg, load=False)
-    except (NotImplementedError, RuntimeError) as e:  # a builder that computes with tensors (RegNet's widths)
-        logger.info("%s: %s cannot be built on the meta device (%s); building it on the CPU, its dense weights "
-                    "dropped as the codebook layers replace them", path, cfg.MODEL.ARCH, one_line(e))
-        cfg.MODEL.DEVICE = device
-        return to_inference(load_compressed(path, cfg=cfg), fold_bn=fold_bn)
-    with torch.device("meta"):
-        modules = dict(model.named_modules())
-        unknown = [n for n in ckpt["layers"] if n not in modules]
-        if unknown:
-            raise ValueError(
-                f"{path}: quantized layers {unknown[:5]} do not exist in the model "
-                f"(architecture mismatch?)"
-            )
-        plan = [
-            LayerPlan(n, int(v["block_size"]), int(v["n_centroids"]), 0)
-            for n, v in ckpt["layers"].items()
-        ]
-        swap_in_skeleton(model, plan)
-    try:
-        model.load_state_dict(ckpt["model"], strict=True, assign=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise ValueError(f"{path} does not match the model: {' '.join(first[:3])[:400]}") from None
-    del ckpt
-    on_meta = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
-    if on_meta:  # non-persistent buffers are not in the checkpoint: build the ordinary way instead
-        logger.info(
-            "%s: %s not in the checkpoint; building the dense model first", path, on_meta[:3]
-        )
-        model = load_compressed(path, cfg=cfg)
-    check_finite(model, path)
-    return to_inference(model, fold_bn=fold_bn)
 
 
 def inference_bytes(model: nn.Module) -> int:

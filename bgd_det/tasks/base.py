@@ -14,6 +14,7 @@ from torch import nn
 
 from ..data import DatasetCatalog
 from ..data.loader import BAD_IMAGE_POLICIES
+from ..modeling.registry import get_arch
 from ..modeling.stages import Stage, stages_of
 
 __all__ = ["Task", "TASK_REGISTRY", "build_task"]
@@ -81,8 +82,6 @@ class Task:
 
 def build_task(cfg) -> Task:
     """The task of ``cfg.MODEL.ARCH`` (``task`` attribute of its builder; default "classification")."""
-    from ..modeling import get_arch
-
     name = getattr(get_arch(cfg.MODEL.ARCH), "task", "classification")
     if name not in TASK_REGISTRY:
         raise KeyError(f"unknown task {name!r}; registered tasks: {sorted(k for k, _ in TASK_REGISTRY)}")

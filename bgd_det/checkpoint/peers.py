@@ -30,40 +30,21 @@ from each codebook.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-import os
 import re
-from typing import Any, Dict, Iterable, Tuple
+from typing import Any, Dict, Iterable, NamedTuple, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import (FORMAT, atomic_save, check_checkpoint_arch, compressed_state, load_compressed,
-                         load_compressed_into, one_line, read_checkpoint_file)
-from .quantization.pq import code_dtype
-from .quantization.size import model_size
-from .quantization.swap import pq_layers
-from .utils.file_io import PathManager
+from ..quantization.swap import pq_layers
+from ..utils.file_io import one_line
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "PEER_FORMATS",
-    "read_checkpoint_file",
-    "detect_format",
-    "infer_resnet_arch",
-    "bgd_codes",
-    "import_peer",
-    "import_bgd",
-    "import_pqf",
-    "dense_state_dict",
-    "convert_checkpoint",
-    "load_checkpoint_model",
-    "verify_model",
-    "file_sha256",
-]
+__all__ = ["PEER_FORMATS", "PeerCheckpoint", "parse_peer", "infer_resnet_arch", "bgd_codes", "check_peer_layer",
+           "verify_model", "dense_state_dict"]
 
 #: formats :func:`import_peer` reads.
 PEER_FORMATS = ("bgd", "pqf")
@@ -82,20 +63,33 @@ _BLOCK_CONV = re.compile(r"^layer([1-4])\.(\d+)\.conv(\d)$")
 _Quantized = Dict[str, Tuple[Tensor, Tensor]]
 
 
-def detect_format(obj: Dict[str, Any], *, source: str = "checkpoint") -> str:
-    """``"bgd_det"``, ``"bgd"``, ``"pqf"`` or ``"state_dict"`` (plain tensors) for a loaded dict."""
-    if obj.get("format") == FORMAT:
-        return "bgd_det"
-    if any(isinstance(k, str) and k.endswith(".codes_matrix") for k in obj):
-        return "pqf"
-    if any(isinstance(v, dict) and "centroids" in v and "assignments" in v for v in obj.values()):
-        return "bgd"
-    if all(isinstance(v, Tensor) for v in obj.values()):
-        return "state_dict"
-    raise ValueError(
-        f"{source}: unknown checkpoint layout (neither bgd_det, BGD, PQF nor a state dict); "
-        f"first keys {list(obj)[:5]}"
-    )
+class PeerCheckpoint(NamedTuple):
+    """A peer's file read into bgd_det's terms: the torchvision architecture, its classes, every quantized layer's
+    (codes, codebook) and every other tensor under its torchvision name."""
+
+    arch: str
+    num_classes: int
+    quantized: _Quantized
+    dense: Dict[str, Tensor]
+
+
+def parse_peer(obj: Dict[str, Any], fmt: str, source: str) -> PeerCheckpoint:
+    """Read a loaded BGD (``fmt`` "bgd") or PQF ("pqf") dict; the architecture is inferred from the layer names.
+    Building and checking the model is the loader's job (:func:`bgd_det.checkpoint.import_peer`)."""
+    try:
+        quantized, dense = (_parse_bgd if fmt == "bgd" else _parse_pqf)(obj, source)
+    except (KeyError, AttributeError, TypeError) as e:  # an entry lacks a field or is not a tensor
+        raise ValueError(f"{source}: malformed {fmt.upper()} entry ({one_line(e)})") from None
+    if not quantized:
+        raise ValueError(f"{source}: no quantized layer found")
+    arch = infer_resnet_arch(list(quantized) + [k.rpartition(".")[0] for k in dense])
+    if "fc.bias" in dense:
+        num_classes = int(dense["fc.bias"].numel())
+    elif "fc" in quantized:
+        num_classes = int(quantized["fc"][0].shape[0])
+    else:
+        raise ValueError(f"{source}: no classifier ('fc') found")
+    return PeerCheckpoint(arch, num_classes, quantized, dense)
 
 
 def infer_resnet_arch(names: Iterable[str]) -> str:
@@ -187,9 +181,10 @@ def _parse_pqf(obj: Dict[str, Any], source: str) -> Tuple[_Quantized, Dict[str, 
     return {n: (codes[n], books[n]) for n in codes}, dense
 
 
-def _check_layer(
+def check_peer_layer(
     name: str, module: nn.Module, codes: Tensor, codebook: Tensor, source: str
 ) -> None:
+    """One-line ValueError when a peer layer's codes / codebook do not fit ``module`` (shape, dtype, range, NaN)."""
     if not isinstance(module, (nn.Conv2d, nn.Linear)):
         raise ValueError(
             f"{source}: quantized layer {name!r} is a {type(module).__name__} in the model"
@@ -220,58 +215,6 @@ def _check_layer(
         raise ValueError(f"{source}: {name!r}: the codebook holds NaN/Inf")
 
 
-def _build_imported(
-    quantized: _Quantized, dense: Dict[str, Tensor], *, fmt: str, source: str
-) -> Tuple[nn.Module, Dict[str, Any]]:
-    from .config import get_cfg
-    from .modeling import build_model
-
-    if not quantized:
-        raise ValueError(f"{source}: no quantized layer found")
-    arch = infer_resnet_arch(list(quantized) + [k.rpartition(".")[0] for k in dense])
-    if "fc.bias" in dense:
-        num_classes = int(dense["fc.bias"].numel())
-    elif "fc" in quantized:
-        num_classes = int(quantized["fc"][0].shape[0])
-    else:
-        raise ValueError(f"{source}: no classifier ('fc') found")
-    cfg = get_cfg()
-    cfg.MODEL.ARCH, cfg.MODEL.NUM_CLASSES, cfg.MODEL.DEVICE = arch, num_classes, "cpu"
-    model = build_model(cfg, load=False)
-    modules = dict(model.named_modules())
-    layers, state = {}, dict(dense)
-    for name, (codes, codebook) in quantized.items():
-        if name not in modules:
-            raise ValueError(f"{source}: quantized layer {name!r} does not exist in {arch}")
-        _check_layer(name, modules[name], codes, codebook, source)
-        layers[name] = {"block_size": int(codebook.shape[1]), "n_centroids": int(codebook.shape[0])}
-        state[f"{name}.codes"] = codes.to(code_dtype(codebook.shape[0]))
-        state[f"{name}.codebook"] = codebook
-    for name, module in modules.items():  # running statistics are folded into the affine parameters
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            state.setdefault(f"{name}.running_mean", torch.zeros_like(module.running_mean))
-            state.setdefault(f"{name}.running_var", torch.ones_like(module.running_var))
-            state.setdefault(
-                f"{name}.num_batches_tracked", torch.zeros_like(module.num_batches_tracked)
-            )
-    load_compressed_into(
-        model, {"layers": layers, "model": state}, source=f"{source} ({fmt} import as {arch})"
-    )
-    verify_model(model, num_classes=num_classes, source=source)
-    model.eval()
-    ckpt = compressed_state(
-        model,
-        arch=arch,
-        num_classes=num_classes,
-        imported_from={
-            "format": fmt,
-            "file": os.path.basename(source),
-            "sha256": file_sha256(source),
-        },
-    )
-    return model, ckpt
-
-
 def verify_model(model: nn.Module, *, num_classes: int, source: str = "model") -> None:
     """Decode every codebook layer and run one small forward pass; ValueError if anything is off.
 
@@ -298,57 +241,6 @@ def verify_model(model: nn.Module, *, num_classes: int, source: str = "model") -
         )
 
 
-def import_peer(path: str, fmt: str = "auto") -> Tuple[nn.Module, Dict[str, Any]]:
-    """Import a BGD or PQF compressed checkpoint.
-
-    Args:
-        path: the peer's ``.pth`` file.
-        fmt: ``"bgd"``, ``"pqf"`` or ``"auto"`` (detected from the keys).
-
-    Returns:
-        ``(model, ckpt)``: the model in eval mode on CPU, holding codebook layers, and its bgd_det
-        compressed checkpoint dict (what :func:`bgd_det.checkpoint.save_compressed` writes;
-        ``ckpt["extra"]["imported_from"]`` names the source file and its sha256).
-    """
-    if fmt not in PEER_FORMATS + ("auto",):
-        raise ValueError(f"unknown peer format {fmt!r}; allowed: {list(PEER_FORMATS) + ['auto']}")
-    obj = read_checkpoint_file(path)
-    found = detect_format(obj, source=path)
-    if found not in PEER_FORMATS:
-        raise ValueError(f"{path} is a {found} checkpoint, not a BGD or PQF one")
-    if fmt != "auto" and found != fmt:
-        raise ValueError(
-            f"{path} looks like a {found.upper()} checkpoint, not {fmt.upper()} "
-            f"(use --from {found})"
-        )
-    try:
-        quantized, dense = (_parse_bgd if found == "bgd" else _parse_pqf)(obj, path)
-    except (KeyError, AttributeError, TypeError) as e:  # an entry lacks a field or is not a tensor
-        raise ValueError(f"{path}: malformed {found.upper()} entry ({one_line(e)})") from None
-    model, ckpt = _build_imported(quantized, dense, fmt=found, source=path)
-    size = model_size(model)
-    logger.info(
-        "imported %s %s as %s: %d codebook layers, %.2f MiB (%.1fx)",
-        found.upper(),
-        path,
-        ckpt["arch"],
-        len(ckpt["layers"]),
-        size.compressed_mib,
-        size.ratio,
-    )
-    return model, ckpt
-
-
-def import_bgd(path: str) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Import an "And the Bit Goes Down" checkpoint; see :func:`import_peer`."""
-    return import_peer(path, "bgd")
-
-
-def import_pqf(path: str) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Import a "Permute, Quantize, and Fine-tune" checkpoint; see :func:`import_peer`."""
-    return import_peer(path, "pqf")
-
-
 def dense_state_dict(model: nn.Module) -> Dict[str, Tensor]:
     """A plain torchvision-style state dict of ``model``, codebook layers decoded to ``weight``.
 
@@ -367,60 +259,3 @@ def dense_state_dict(model: nn.Module) -> Dict[str, Tensor]:
     return state
 
 
-def convert_checkpoint(src: str, fmt: str, out: str, *, dense: bool = False) -> nn.Module:
-    """Import ``src`` (``fmt``: "bgd", "pqf" or "auto") and write it to ``out``.
-
-    Args:
-        dense: write a plain dense state dict (decoded weights; usable as ``MODEL.WEIGHTS``)
-            instead of a bgd_det compressed checkpoint.
-
-    Returns:
-        The imported model (codebook layers).
-    """
-    if os.path.exists(out) and os.path.samefile(src, out):
-        raise ValueError(f"OUT {out} is the input file; pass another path (the input is never overwritten)")
-    model, ckpt = import_peer(src, fmt)
-    if dense:
-        atomic_save(dense_state_dict(model), out)
-        logger.info("wrote dense %s state dict %s", ckpt["arch"], out)
-    else:
-        atomic_save(ckpt, out)
-        logger.info("wrote bgd_det compressed checkpoint %s", out)
-    return model
-
-
-def load_checkpoint_model(path: str, *, cfg=None, device: str = "cpu") -> Tuple[nn.Module, str]:
-    """Any classification checkpoint as a ready model (eval mode), with its detected format.
-
-    Args:
-        path: a bgd_det compressed checkpoint, a BGD or PQF file, or a plain state dict (then
-            ``cfg.MODEL.ARCH`` and ``cfg.MODEL.NUM_CLASSES`` give the architecture).
-
-    Returns:
-        ``(model, fmt)`` with fmt in ``"bgd_det"``, ``"bgd"``, ``"pqf"``, ``"state_dict"``.
-    """
-    obj = read_checkpoint_file(path)
-    fmt = detect_format(obj, source=path)
-    if fmt == "bgd_det":
-        model = load_compressed(path, cfg=cfg)
-    elif fmt in PEER_FORMATS:
-        model, ckpt = import_peer(path, fmt)
-        check_checkpoint_arch(ckpt["arch"], cfg, source=path)
-    else:
-        from .config import get_cfg
-        from .modeling import build_model, load_weights
-
-        cfg = (cfg if cfg is not None else get_cfg()).clone()
-        cfg.defrost()
-        cfg.MODEL.DEVICE = "cpu"
-        model = load_weights(build_model(cfg, load=False), cfg.MODEL.ARCH, path)
-    return model.to(device).eval(), fmt
-
-
-def file_sha256(path: str) -> str:
-    """Hex sha256 of a file (to name exactly which peer file a result came from)."""
-    h = hashlib.sha256()
-    with PathManager.open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
