@@ -323,7 +323,7 @@ def bench_fc(args) -> List[Dict]:
     codes = torch.randint(0, 1024, (1000, 512), generator=g).to(torch.int16)
     cb = torch.randn(1024, 4, generator=g)
     bias = torch.randn(1000, generator=g)
-    weight = ops.pq_decode(codes, cb, (1000, 2048))
+    weight = ops.decode_weight(codes, cb, (1000, 2048))
     dense_layer = nn.Linear(2048, 1000)
     with torch.no_grad():
         dense_layer.weight.copy_(weight)

@@ -57,9 +57,9 @@ def test_decode_matches_reference(simd, d, k):
     for cols in (7 * d, 7 * d - 1, 40 * d + 1):
         codes, cb = random_pq(13, cols, d, k, seed=d + cols)
         scale = torch.rand(13) + 0.5
-        assert torch.equal(ops.pq_decode(codes, cb, (13, cols)), pq_decode(codes, cb, (13, cols)))
+        assert torch.equal(ops.decode_weight(codes, cb, (13, cols)), pq_decode(codes, cb, (13, cols)))
         torch.testing.assert_close(
-            ops.pq_decode(codes, cb, (13, cols), scale=scale),
+            ops.decode_weight(codes, cb, (13, cols), scale=scale),
             ref_weight(codes, cb, (13, cols), scale),
             rtol=0,
             atol=0,
@@ -467,7 +467,7 @@ def test_fallback_to_reference_logs_once(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="bgd_det.ops"):
         got = ops.pq_conv2d(x, codes, cb, (8, 4, 3, 3), scale=scale, bias=bias, padding=1)
         lin = ops.pq_linear(torch.randn(3, 36), codes, cb, bias=bias)
-        dec = ops.pq_decode(codes, cb, (8, 36))
+        dec = ops.decode_weight(codes, cb, (8, 36))
     assert not ops.ops_available()
     assert len([r for r in caplog.records if "reference decode" in r.getMessage()]) == 1
     monkeypatch.undo()
@@ -478,7 +478,7 @@ def test_fallback_to_reference_logs_once(monkeypatch, caplog):
         rtol=1e-4,
         atol=1e-4,
     )
-    assert lin.shape == (3, 8) and torch.equal(dec, ops.pq_decode(codes, cb, (8, 36)))
+    assert lin.shape == (3, 8) and torch.equal(dec, ops.decode_weight(codes, cb, (8, 36)))
 
 
 def test_build_disabled_by_env(monkeypatch):

@@ -25,6 +25,7 @@ from bgd_det.config import get_cfg
 from bgd_det.quantization.layers import PQConv2d, PQLinear
 from bgd_det.quantization.pq import pq_decode
 from bgd_det.quantization.size import model_size
+from bgd_det.utils.cli import run_tool
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,7 +164,7 @@ def test_round_trip_synthetic(synthetic_bgd, tmp_path):
         assert torch.equal(model(x), loaded(x))
 
 
-def test_corrupt_files_give_one_line_errors(synthetic_bgd, tmp_path):
+def test_corrupt_files_give_one_line_errors(synthetic_bgd, tmp_path, capsys):
     path, obj, _ = synthetic_bgd
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
@@ -186,18 +187,18 @@ def test_corrupt_files_give_one_line_errors(synthetic_bgd, tmp_path):
         import_pqf(str(path))
 
     with pytest.raises(SystemExit) as exit_:
-        _convert_tool().main(["--from", "bgd", str(truncated), str(tmp_path / "out.pth")])
-    message = str(exit_.value.code)
-    assert message.startswith("error:") and "truncated" in message and "\n" not in message
-    assert not (tmp_path / "out.pth").exists()
+        run_tool(_convert_tool().main, ["--from", "bgd", str(truncated), str(tmp_path / "out.pth")])
+    message = capsys.readouterr().err
+    assert exit_.value.code == 2 and message.startswith("error:") and "truncated" in message
+    assert message.count("\n") == 1 and not (tmp_path / "out.pth").exists()
 
 
-def test_convert_refuses_to_overwrite_its_input_and_checkpoints_of_another_arch(synthetic_bgd, tmp_path):
+def test_convert_refuses_to_overwrite_its_input_and_checkpoints_of_another_arch(synthetic_bgd, tmp_path, capsys):
     path, _, _ = synthetic_bgd
     before = path.read_bytes()
-    with pytest.raises(SystemExit) as exit_:
-        _convert_tool().main(["--from", "bgd", str(path), str(path)])
-    assert "is the input file" in str(exit_.value.code) and path.read_bytes() == before
+    with pytest.raises(SystemExit):
+        run_tool(_convert_tool().main, ["--from", "bgd", str(path), str(path)])
+    assert "is the input file" in capsys.readouterr().err and path.read_bytes() == before
     # A config naming another architecture than the file holds (eval_imagenet --config R50 --checkpoint R18
     # evaluated the R18 without a word); the default MODEL.ARCH is taken as unset.
     out = tmp_path / "r18.pth"

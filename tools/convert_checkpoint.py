@@ -14,10 +14,9 @@
 Files are loaded with ``torch.load(weights_only=True, map_location="cpu")``; the architecture
 (a torchvision ResNet) is inferred from the layer names, K and d from the codebooks; every layer is
 checked and decoded and a forward pass run before anything is written (see ``bgd_det/checkpoint/peers.py`` for
-both formats). A wrong or corrupt file ends with a one-line ``error: ...`` and exit status 1.
+both formats). A wrong or corrupt file ends with a one-line ``error: ...`` and exit status 2.
 """
 import argparse
-import sys
 
 from bgd_det.checkpoint import PEER_FORMATS, convert_checkpoint
 from bgd_det.quantization.size import model_size
@@ -43,10 +42,7 @@ def main(argv=None) -> None:
     p.add_argument("out", metavar="OUT")
     args = p.parse_args(argv)
     setup_logger()
-    try:
-        model = convert_checkpoint(args.src, args.fmt, args.out, dense=args.dense)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    model = convert_checkpoint(args.src, args.fmt, args.out, dense=args.dense)
     size = model_size(model)
     what = (
         f"dense state dict ({size.dense_mib:.2f} MiB fp32) decoded from"

@@ -22,7 +22,7 @@ from ..modeling import build_model, load_weights
 from ..ops.inference import to_inference
 from ..quantization.layers import PQ_LAYER_TYPES
 from ..quantization.plan import LayerPlan
-from ..quantization.pq import code_dtype
+from ..quantization.pq import check_codes, code_dtype
 from ..quantization.size import model_size
 from ..quantization.swap import swap_in_skeleton
 from ..utils.file_io import atomic_save, one_line, read_checkpoint_file
@@ -61,10 +61,9 @@ def load_compressed_into(model: nn.Module, ckpt: Dict[str, Any], *, source: str 
     if any(t.is_meta for t in chain(model.parameters(), model.buffers())):
         return model  # the caller builds the ordinary way (non-persistent buffers are not in checkpoints)
     check_finite(model, source)
-    for m in model.modules():
-        if isinstance(m, PQ_LAYER_TYPES) and m.codes.numel():
-            if int(m.codes.long().max()) >= m.n_centroids or int(m.codes.long().min()) < 0:
-                raise ValueError(f"{source}: codes out of range [0, {m.n_centroids}) in a layer")
+    for name, m in model.named_modules():
+        if isinstance(m, PQ_LAYER_TYPES):
+            check_codes(m.codes, m.n_centroids, f"{source}: {name}")
     return model
 
 

@@ -5,7 +5,7 @@ buffer (or, for Linear / 1x1 convs with <= 8 input rows, straight into registers
 ATen convolution / GEMM on it; no dense weight is ever kept. They are built on first use
 (:mod:`bgd_det.ops._build`, cached). When the build is not possible (no compiler, ``BGD_NO_EXT=1``)
 or the input is not on the CPU, the functions here compute the same result with the reference decode
-:func:`bgd_det.quantization.pq.pq_decode` and the dense functional op; this is logged once.
+:func:`bgd_det.quantization.pq.pq_decode` (the reference decode; :func:`decode_weight` is this package's) and the dense functional op; this is logged once.
 
 Every function takes ``codes (Tensor[C_out, n_blocks] uint8/int16)``, ``codebook (Tensor[K, d]
 float32)`` and an optional ``scale (Tensor[C_out] float32)`` that multiplies row ``o`` of the
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ops_available",
     "build_status",
-    "pq_decode",
+    "decode_weight",
     "pq_conv2d",
     "pq_linear",
     "pq_conv_transpose2d",
@@ -181,10 +181,11 @@ def reference_weight(
     return w
 
 
-def pq_decode(
+def decode_weight(
     codes: Tensor, codebook: Tensor, shape: Sequence[int], *, scale: Optional[Tensor] = None
 ) -> Tensor:
-    """Decoded dense weight Tensor[shape] (a new tensor; the compiled decode on CPU)."""
+    """Decoded dense weight Tensor[shape] (a new tensor) through the compiled ``bgd::pq_decode`` on CPU, else
+    :func:`reference_weight`."""
     if _use_op(codebook):
         return torch.ops.bgd.pq_decode(codes, codebook, list(shape), scale)
     return reference_weight(codes, codebook, shape, scale)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..quantization.bn_correction import BN_TYPES, bn_scale_shift
 from ..quantization.layers import PQ_LAYER_TYPES, PQConv1d, PQConv2d, PQConvTranspose2d, PQLinear
+from ..quantization.pq import check_codes
 from ..quantization.swap import set_module
 from . import decode_rows_at_once, ops_available, pq_conv2d, pq_conv_transpose2d, pq_linear
 
@@ -48,13 +49,6 @@ __all__ = [
 ]
 
 
-def _check_codes(codes: Tensor, n_centroids: int) -> None:
-    if codes.numel() and (int(codes.max()) >= n_centroids or int(codes.min()) < 0):
-        raise ValueError(
-            f"codes out of range [0, {n_centroids}) for a codebook of {n_centroids} centroids"
-        )
-
-
 class _PQInfer(nn.Module):
     """Storage of an inference codebook layer.
 
@@ -72,7 +66,7 @@ class _PQInfer(nn.Module):
     def _init_pq(
         self, codes: Tensor, codebook: Tensor, weight_shape: Sequence[int], bias: Optional[Tensor]
     ) -> None:
-        _check_codes(codes, codebook.shape[0])
+        check_codes(codes, codebook.shape[0])
         self.weight_shape = tuple(int(s) for s in weight_shape)
         self.register_buffer("codes", codes.detach().contiguous())
         self.register_buffer("codebook", codebook.detach().float().contiguous())

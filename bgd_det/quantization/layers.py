@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .pq import code_dtype, pq_decode
+from .pq import check_codes, code_dtype, pq_decode
 
 __all__ = ["PQConv2d", "PQConv1d", "PQLinear", "PQConvTranspose2d", "PQ_LAYER_TYPES", "QUANTIZABLE_TYPES"]
 
@@ -63,8 +63,7 @@ class _PQMixin:
             raise ValueError(
                 f"codebook shape {tuple(codebook.shape)} != expected {tuple(self.codebook.shape)}"
             )
-        if codes.numel() and (int(codes.long().max()) >= self.n_centroids or int(codes.long().min()) < 0):
-            raise ValueError(f"codes out of range for a codebook of {self.n_centroids} centroids")
+        check_codes(codes, self.n_centroids)
         with torch.no_grad():
             self.codes.copy_(codes.to(self.codes.dtype))
             self.codebook.copy_(codebook.to(self.codebook))

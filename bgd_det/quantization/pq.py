@@ -21,7 +21,7 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-__all__ = ["pq_decode", "code_dtype", "split_subvectors", "PQResult", "em_quantize", "em_quantize_resampled", "assign"]
+__all__ = ["pq_decode", "check_codes", "code_dtype", "split_subvectors", "PQResult", "em_quantize", "em_quantize_resampled", "assign"]
 
 
 def code_dtype(n_centroids: int) -> torch.dtype:
@@ -31,6 +31,13 @@ def code_dtype(n_centroids: int) -> torch.dtype:
     if n_centroids <= 32768:
         return torch.int16
     raise ValueError(f"n_centroids={n_centroids} is too large; allowed: 1..32768")
+
+
+def check_codes(codes: Tensor, n_centroids: int, where: str = "") -> None:
+    """One-line ValueError when a code of ``codes`` (any integer dtype) is outside ``[0, n_centroids)``."""
+    if codes.numel() and (int(codes.long().max()) >= n_centroids or int(codes.long().min()) < 0):
+        raise ValueError(f"{where + ': ' if where else ''}codes out of range [0, {n_centroids}) for a codebook of "
+                         f"{n_centroids} centroids")
 
 
 def pq_decode(codes: Tensor, codebook: Tensor, shape: torch.Size | tuple) -> Tensor:
