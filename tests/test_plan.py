@@ -66,40 +66,34 @@ def test_override_values_in_order_without_malformed_entries():
 
 
 def test_refinement_overrides():
-    """REFINE.* overrides reach the matching layers' plan entries, the ridge and the rounds; later entries win."""
-    from types import SimpleNamespace
-
-    from bgd_det.engine.quantizer import refine_damping, refine_rounds
-
+    """The plan resolves every layer's refinement ridge and rounds to numbers: QUANT.REFINE's values, replaced by the
+    matching REFINE.* overrides (later entries win)."""
     model = Reordered()
     order = execution_order(model, run)
-    rules = QuantRules(overrides=[["conv*", "REFINE.DAMPING_PER_COLUMN", 15], ["*", "REFINE.DAMPING", 0.5],
-                                  ["late", "REFINE.DAMPING", 0.0]])
+    defaults = dict(refine_damping=0.01, refine_damping_per_column=5.0, refine_rounds=4)
+    rules = QuantRules(**defaults, overrides=[["conv*", "REFINE.DAMPING_PER_COLUMN", 15], ["*", "REFINE.DAMPING", 0.5],
+                                              ["late", "REFINE.DAMPING", 0.0]])
     plan = {p.name: p for p in build_plan(model, order, rules)}
     assert (plan["conv1x1"].damping, plan["conv1x1"].damping_per_column) == (0.5, 15.0)
-    assert (plan["early"].damping, plan["early"].damping_per_column) == (0.5, None)
-    assert (plan["late"].damping, plan["late"].damping_per_column) == (0.0, None)
-    refine_cfg = SimpleNamespace(DAMPING=0.01, DAMPING_PER_COLUMN=5.0)
-    assert refine_damping(refine_cfg, plan["conv1x1"], 8, 100) == pytest.approx(0.5 + 15 * 8 / 100)
-    assert refine_damping(refine_cfg, plan["early"], 27, 270) == pytest.approx(0.5 + 5 * 27 / 270)
-    # no override: the QUANT.REFINE values, and the same plan as before the override keys existed
-    plain = build_plan(model, order, QuantRules())
-    assert refine_damping(refine_cfg, plain[0], 27, 270) == pytest.approx(0.01 + 0.5)
-    assert plain == build_plan(model, order, QuantRules(overrides=[["late", "SKIP", False]]))
+    assert (plan["early"].damping, plan["early"].damping_per_column) == (0.5, 5.0)
+    assert (plan["late"].damping, plan["late"].damping_per_column) == (0.0, 5.0)
+    assert plan["conv1x1"].refine_damping(8, 100) == pytest.approx(0.5 + 15 * 8 / 100)
+    assert plan["early"].refine_damping(27, 270) == pytest.approx(0.5 + 5 * 27 / 270)
+    # no override: the QUANT.REFINE values, and the same plan as with an override that changes nothing
+    plain = build_plan(model, order, QuantRules(**defaults))
+    assert plain[0].refine_damping(27, 270) == pytest.approx(0.01 + 0.5) and plain[0].rounds == 4
+    assert plain == build_plan(model, order, QuantRules(**defaults, overrides=[["late", "SKIP", False]]))
     for bad in (-1.0, "1e-2", True):
         with pytest.raises(ValueError, match=r"REFINE.DAMPING_PER_COLUMN=.* for 'early'; allowed: a number >= 0"):
             build_plan(model, order, QuantRules(overrides=[["early", "REFINE.DAMPING_PER_COLUMN", bad]]))
-    rounds = {p.name: p for p in build_plan(model, order, QuantRules(overrides=[["*", "REFINE.ROUNDS", 16],
-                                                                                 ["late", "REFINE.ROUNDS", 0]]))}
+    rounds = {p.name: p for p in build_plan(model, order, QuantRules(**defaults, overrides=[
+        ["*", "REFINE.ROUNDS", 16], ["late", "REFINE.ROUNDS", 0]]))}
     assert [rounds[n].rounds for n in ("early", "conv1x1", "late")] == [16, 16, 0]
-    assert (rounds["early"].damping, rounds["early"].damping_per_column) == (None, None)
-    refine_cfg = SimpleNamespace(ROUNDS=4)
-    assert [refine_rounds(refine_cfg, p) for p in (rounds["early"], rounds["late"], plain[0])] == [16, 0, 4]
     for bad in (-1, 2.5, "4", True):
         with pytest.raises(ValueError, match=r"REFINE.ROUNDS=.* for 'late'; allowed: an integer >= 0"):
             build_plan(model, order, QuantRules(overrides=[["late", "REFINE.ROUNDS", bad]]))
-    with pytest.raises(ValueError, match=r"QUANT.REFINE.ROUNDS=-1; allowed: an integer >= 0"):
-        refine_rounds(SimpleNamespace(ROUNDS=-1), plain[0])
+    with pytest.raises(ValueError, match=r"QUANT.REFINE.ROUNDS=-1 for 'early'; allowed: an integer >= 0"):
+        build_plan(model, order, QuantRules(refine_rounds=-1))
 
 
 def test_clamp_to_power_of_two():

@@ -44,8 +44,7 @@ from .streaming import CACHE_DTYPES, ENGINES, CaptureSource, PassSpec, Recompute
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LayerRecord", "QuantizationResult", "Quantizer", "QuantizerHook", "PROGRESS_FILE", "refine_damping",
-           "refine_rounds"]
+__all__ = ["LayerRecord", "QuantizationResult", "Quantizer", "QuantizerHook", "PROGRESS_FILE"]
 
 PROGRESS_FILE = "progress.pth"
 
@@ -74,25 +73,10 @@ class QuantizationResult:
     timings: Dict[str, float] = field(default_factory=dict)
 
 
-def refine_damping(refine_cfg, layer: LayerPlan, dim: int, n_rows: int) -> float:
-    """Ridge of ``layer``'s refinement: ``DAMPING + DAMPING_PER_COLUMN * dim / n_rows``.
-
-    ``refine_cfg`` is ``cfg.QUANT.REFINE``; a value the plan's overrides set for the layer replaces it.
-    """
-    base = refine_cfg.DAMPING if layer.damping is None else layer.damping
-    per_column = refine_cfg.DAMPING_PER_COLUMN if layer.damping_per_column is None else layer.damping_per_column
-    return base + per_column * dim / n_rows
-
-
 def _check_rounds(rounds) -> int:
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"QUANT.REFINE.ROUNDS={rounds!r}; allowed: an integer >= 0")
     return rounds
-
-
-def refine_rounds(refine_cfg, layer: LayerPlan) -> int:
-    """Sweep + solve rounds of ``layer``'s refinement: QUANT.REFINE.ROUNDS unless an override sets it (0: off)."""
-    return _check_rounds(refine_cfg.ROUNDS if layer.rounds is None else layer.rounds)
 
 
 BN_CORRECTION_MODES = ("mean_var", "mean", "none")
@@ -355,7 +339,7 @@ class Quantizer:
             result = em_quantize(weight, gram, block_size=layer.block_size, n_centroids=layer.n_centroids,
                                  n_iter=cfg.QUANT.EM_ITERS, seed=seed)
         output_error = float("nan")
-        rounds = refine_rounds(cfg.QUANT.REFINE, layer)
+        rounds = layer.rounds
         if rounds > 0 and has_input_metric(module):
             refined, seconds = self.refine(student, layer, weight, result, source, seed, rounds)
             capture_s += seconds
@@ -437,7 +421,7 @@ class Quantizer:
             gain = affine[0].double()
             gain = torch.where(gain.abs() < 1e-6, torch.full_like(gain, 1e-6), gain)
         row_weight = gain ** 2 if cfg.REFINE.BN_WEIGHTED and gain is not None else None
-        damping = refine_damping(cfg.REFINE, layer, dim, moments.n_rows)
+        damping = layer.refine_damping(dim, moments.n_rows)
         objective = output_objective(weight, moments, damping=damping, target=cfg.REFINE.TARGET,
                                      row_weight=row_weight, residual_gain=gain, metric=cfg.REFINE.DAMPING_METRIC,
                                      residual_ridge=residual_ridge(gain, cfg.REFINE.RESIDUAL_GAIN_FLOOR))

@@ -10,7 +10,7 @@ import fnmatch
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Sequence, Union
 
 import torch
 from torch import nn
@@ -38,17 +38,22 @@ class LayerPlan:
 
     Attributes:
         name: module name in the model; block_size: sub-vector size d; n_centroids: K (after clamping);
-        n_subvectors: C_out * n_blocks; damping, damping_per_column, rounds: this layer's QUANT.REFINE.DAMPING /
-        DAMPING_PER_COLUMN / ROUNDS when an override sets them (None: the QUANT.REFINE value).
+        n_subvectors: C_out * n_blocks; damping, damping_per_column, rounds: this layer's refinement ridge and rounds
+        (QUANT.REFINE.DAMPING / DAMPING_PER_COLUMN / ROUNDS, or an override's value: resolved here, read nowhere else).
     """
 
     name: str
     block_size: int
     n_centroids: int
     n_subvectors: int
-    damping: Optional[float] = None
-    damping_per_column: Optional[float] = None
-    rounds: Optional[int] = None
+    damping: float = 0.0
+    damping_per_column: float = 0.0
+    rounds: int = 0
+
+    def refine_damping(self, dim: int, n_rows: int) -> float:
+        """Ridge of the refinement: ``damping + damping_per_column * dim / n_rows`` (dim input columns, n_rows
+        captured rows)."""
+        return self.damping + self.damping_per_column * dim / n_rows
 
 
 def _is_override_entry(entry: Any) -> bool:
@@ -67,7 +72,9 @@ class QuantRules:
             <= n_subvectors / this (k_clamp "le": the paper's "min(K, C_out*m/4)", rounded down to a power of two
             so codes take an integral number of bits), or < it ("lt": the paper's released code);
         skip: glob patterns of modules left in fp32; skip_first: the first module in execution order is left in
-        fp32 too; overrides: ``[pattern, KEY, value]`` triples; indivisible: one of :data:`INDIVISIBLE_RULES`.
+        fp32 too; overrides: ``[pattern, KEY, value]`` triples; indivisible: one of :data:`INDIVISIBLE_RULES`;
+        refine_damping, refine_damping_per_column, refine_rounds: QUANT.REFINE's values (a REFINE.* override replaces
+        them per layer).
     """
 
     block_size_kxk: int = 9
@@ -82,6 +89,9 @@ class QuantRules:
     skip: Sequence[str] = ()
     overrides: Sequence[Sequence[Any]] = ()
     indivisible: str = "error"
+    refine_damping: float = 0.01
+    refine_damping_per_column: float = 0.0
+    refine_rounds: int = 0
 
     @classmethod
     def from_cfg(cls, qcfg) -> "QuantRules":
@@ -98,6 +108,9 @@ class QuantRules:
             skip=list(qcfg.SKIP),
             overrides=[list(o) if isinstance(o, (list, tuple)) else o for o in qcfg.OVERRIDES],
             indivisible=qcfg.INDIVISIBLE,
+            refine_damping=qcfg.REFINE.DAMPING,
+            refine_damping_per_column=qcfg.REFINE.DAMPING_PER_COLUMN,
+            refine_rounds=qcfg.REFINE.ROUNDS,
         )
 
     def override_values(self, key: str) -> List[Any]:
@@ -193,7 +206,8 @@ def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> Lis
             "BLOCK_SIZE": rules.default_block_size(module),
             "N_CENTROIDS": rules.n_centroids,
             "SKIP": (rules.skip_first and name == order[0]) or any(fnmatch.fnmatchcase(name, p) for p in rules.skip),
-            **dict.fromkeys(REFINE_OVERRIDE_KEYS),  # None: the QUANT.REFINE value
+            **dict(zip(REFINE_OVERRIDE_KEYS, (rules.refine_damping, rules.refine_damping_per_column,
+                                              rules.refine_rounds))),
         }
         for pattern, key, value in overrides:  # later overrides win
             if fnmatch.fnmatchcase(name, pattern):
@@ -296,15 +310,14 @@ def clamp_power(n_sub: int, per_centroid: int, rule: str = "le") -> int:
     return power
 
 
-def _refine_value(name: str, setting: Dict[str, Any], key: str) -> Union[None, int, float]:
-    """A REFINE.* override's value for layer ``name``, checked: an integer >= 0 for ROUNDS, a number >= 0 else."""
+def _refine_value(name: str, setting: Dict[str, Any], key: str) -> Union[int, float]:
+    """Layer ``name``'s REFINE.* value (QUANT.REFINE's or an override's), checked: an integer >= 0 for ROUNDS, a
+    number >= 0 else."""
     value = setting[key]
-    if value is None:
-        return None
     integral = key == "REFINE.ROUNDS"
     if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)) or value < 0:
         allowed = "an integer >= 0" if integral else "a number >= 0"
-        raise ValueError(f"QUANT.OVERRIDES {key}={value!r} for {name!r}; allowed: {allowed}")
+        raise ValueError(f"QUANT.{key}={value!r} for {name!r}; allowed: {allowed} (QUANT.REFINE or QUANT.OVERRIDES)")
     return int(value) if integral else float(value)
 
 
