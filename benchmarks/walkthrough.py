@@ -4,7 +4,8 @@
 No float torchvision weights exist offline, so each teacher is the architecture's random initialisation with its
 BatchNorm running statistics calibrated on the calibration images (train-mode forwards, cumulative average): a
 stand-in that checks the plumbing (plan, capture, EM, corrections, checkpoint, reload, report) and gives a label-free
-fidelity figure (KL to the teacher, top-1 agreement), not an accuracy. The only code here is that teacher; the
+fidelity figure (KL to the teacher, top-1 agreement), not an accuracy: a random network has no structure for a
+codebook to find, so these figures are far below a trained teacher's. The only code here is that teacher; the
 compression itself is the command line a user runs, with overrides that make it fit 2 CPU cores (small input, few
 images, short EM). ``--bn-correction`` repeats a run per QUANT.BN_CORRECTION mode (the issue's SiLU / SE check).
 
@@ -49,32 +50,36 @@ def small_opts(arch: str, args) -> List[str]:
 
 
 def calibrated_teacher(arch: str, opts: List[str], path: str, images: int, logit_std: float = 4.0) -> None:
-    """Random-init ``arch`` with BatchNorm statistics averaged over ``images`` calibration images and the classifier
-    scaled so its logits have standard deviation ``logit_std`` over them (a trained net's logits are peaked; a random
-    head's are nearly flat, or zero for ViT's), saved at ``path``."""
+    """Random-init ``arch`` with BatchNorm statistics averaged over ``images`` calibration images and a new random
+    classifier on the centred features, scaled so that each logit varies across those images with standard
+    deviation ``logit_std`` (a random head gives nearly the same prediction for every image; ViT's is zero), saved
+    at ``path``."""
     cfg = load_config(str(CONFIGS / f"{arch}.yaml"), ["MODEL.WEIGHTS", "", *opts])
     torch.manual_seed(0)
     model = build_model(cfg)
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for bn in bns:
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)):
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average
-    model.train()
     task = ClassificationTask(cfg)
+    inputs = [task.model_input(b) for b in task.calib_batches(n_images=images, batch_size=8, augment=False, seed=0)]
+    model.train()
     with torch.no_grad():
-        for batch in task.calib_batches(n_images=images, batch_size=8, augment=False, seed=0):
-            model(task.model_input(batch))
+        for x in inputs:
+            model(x)
     head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    features: List[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda _m, args: features.append(args[0].detach()))
     model.eval()
     with torch.no_grad():
-        if not head.weight.any():
-            torch.nn.init.normal_(head.weight, std=0.01)
-        inputs = [task.model_input(b) for b in task.calib_batches(n_images=images, batch_size=8, augment=False,
-                                                                  seed=0)]
-        std = torch.cat([model(x) for x in inputs]).std()
-        head.weight.mul_(logit_std / std)
-        if head.bias is not None:
-            head.bias.mul_(logit_std / std)
+        for x in inputs:
+            model(x)
+        handle.remove()
+        f = torch.cat(features)
+        mean = f.mean(0)
+        weight = torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(0))
+        weight *= logit_std / ((f - mean) @ weight.T).std(0).mean()
+        head.weight.copy_(weight)
+        head.bias.copy_(-weight @ mean)
     torch.save(model.state_dict(), path)
 
 
