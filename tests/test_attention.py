@@ -58,7 +58,7 @@ def test_unbatched_input_and_old_state_dict_keys():
         ProjectedMultiheadAttention(nn.MultiheadAttention(16, 4, kdim=8))
 
 
-def tiny_vit(num_classes: int = 10) -> VisionTransformer:
+def make_tiny_vit(num_classes: int = 10) -> VisionTransformer:
     """torchvision's ViT at 32x32: 8x8 patches, 2 layers, 2 heads, width 16."""
     return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
                              num_classes=num_classes)
@@ -66,18 +66,16 @@ def tiny_vit(num_classes: int = 10) -> VisionTransformer:
 
 if "tiny_vit" not in ARCH_REGISTRY:
     @ARCH_REGISTRY.register()
-    def tiny_vit_arch(cfg):
+    def tiny_vit(cfg):
         """torchvision VisionTransformer, tiny."""
-        return tiny_vit(cfg.MODEL.NUM_CLASSES)
-
-    ARCH_REGISTRY._obj_map["tiny_vit"] = ARCH_REGISTRY._obj_map.pop("tiny_vit_arch")
+        return make_tiny_vit(cfg.MODEL.NUM_CLASSES)
 
 
 def test_vit_function_kept_and_attention_quantized_end_to_end(tiny_images, tmp_path):
     torch.manual_seed(0)
-    plain = tiny_vit().eval()
+    plain = make_tiny_vit().eval()
     nn.init.normal_(plain.heads.head.weight, std=0.1)  # torchvision zero-initialises the head
-    converted = tiny_vit().eval()
+    converted = make_tiny_vit().eval()
     assert expose_attention_projections(converted) == ["encoder.layers.encoder_layer_0.self_attention",
                                                        "encoder.layers.encoder_layer_1.self_attention"]
     converted.load_state_dict(plain.state_dict())

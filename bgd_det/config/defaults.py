@@ -159,9 +159,9 @@ _C.QUANT.BN_CORRECTION = "mean_var"
 # Where BN_CORRECTION is on, a layer that feeds no BatchNorm but has a bias (FPN, RPN and R-CNN heads, classifiers)
 # gets empirical bias correction: its bias absorbs the mean shift of its output against the teacher's.
 _C.QUANT.BIAS_CORRECTION = True
-# Stop before anything runs when the weights the plan leaves in fp32 (skipped by rule, modules of types it cannot
-# quantize such as Conv1d or MultiheadAttention, Linears used through .weight) exceed this fraction of the model's
-# parameters (1.0 = no limit). They are listed in the log and the report either way.
+# Stop before anything runs when the weights the plan leaves in fp32 (skipped by rule, parameters of types it cannot
+# quantize such as Conv3d or Swin's position-bias tables) exceed this fraction of the model's parameters (1.0 = no
+# limit). They are listed in the log and the report either way.
 _C.QUANT.MAX_UNQUANTIZED = 1.0
 
 _C.FINETUNE = CfgNode()

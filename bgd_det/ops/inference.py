@@ -30,7 +30,7 @@ from ..quantization.bn_correction import BN_TYPES, bn_scale_shift
 from ..quantization.layers import PQ_LAYER_TYPES, PQConv1d, PQConv2d, PQConvTranspose2d, PQLinear
 from ..quantization.pq import check_codes
 from ..quantization.swap import set_module
-from . import decode_rows_at_once, ops_available, pq_conv2d, pq_conv_transpose2d, pq_linear
+from . import decode_rows_at_once, decode_weight, ops_available, pq_conv2d, pq_conv_transpose2d, pq_linear
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,12 @@ class _PQInfer(nn.Module):
     @property
     def block_size(self) -> int:
         return self.codebook.shape[1]
+
+    @property
+    def weight(self) -> Tensor:
+        """The decoded weight Tensor[weight_shape] (rows times a folded BatchNorm's scale), for code that reads
+        ``layer.weight`` instead of calling the layer (torchvision's Swin attention)."""
+        return decode_weight(self.codes, self.codebook, self.weight_shape, scale=getattr(self, "scale", None))
 
     @property
     def n_centroids(self) -> int:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .calls import linear_weight_calls
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +141,9 @@ def for_each_input(model: nn.Module, name: str, batches: Iterable[Any],
         fn(mod, args[0].detach())
         raise StopForward
 
-    _run_stopped(model, model.get_submodule(name).register_forward_pre_hook(hook), batches, forward)
+    module = model.get_submodule(name)
+    calls = linear_weight_calls({name: module}, lambda _n, x, _out: hook(module, (x,)))
+    _run_stopped(model, module.register_forward_pre_hook(hook), batches, forward, calls)
 
 
 def for_each_output(model: nn.Module, name: str, batches: Iterable[Any],
@@ -150,7 +154,9 @@ def for_each_output(model: nn.Module, name: str, batches: Iterable[Any],
         fn(mod, out.detach())
         raise StopForward
 
-    _run_stopped(model, model.get_submodule(name).register_forward_hook(hook), batches, forward)
+    module = model.get_submodule(name)
+    calls = linear_weight_calls({name: module}, lambda _n, _x, out: hook(module, (), out))
+    _run_stopped(model, module.register_forward_hook(hook), batches, forward, calls)
 
 
 @contextlib.contextmanager
@@ -167,11 +173,13 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
             m.train(mode)
 
 
-def _run_stopped(model: nn.Module, handle, batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any]) -> None:
-    """``forward(model, batch)`` for every batch in eval mode without grad, a :class:`StopForward` ending each;
-    ``handle`` (the hook) is removed and the training mode restored whatever happens."""
+def _run_stopped(model: nn.Module, handle, batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any],
+                 calls: ContextManager = contextlib.nullcontext()) -> None:
+    """``forward(model, batch)`` for every batch in eval mode without grad (inside ``calls``: the ``F.linear`` calls
+    of a Linear used through ``.weight``), a :class:`StopForward` ending each; ``handle`` (the hook) is removed and
+    the training mode restored whatever happens."""
     try:
-        with eval_mode(model):
+        with eval_mode(model), calls:
             for batch in batches:
                 try:
                     forward(model, batch)

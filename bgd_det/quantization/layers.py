@@ -7,7 +7,8 @@ codebook); inference through the compiled op lives in :mod:`bgd_det.ops`.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+import weakref
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,21 @@ class _PQMixin:
     def decoded_weight(self) -> Tensor:
         """Dense weight Tensor[weight_shape] decoded from codes and codebook (differentiable in codebook)."""
         return pq_decode(self.codes, self.codebook, self.weight_shape)
+
+    @property
+    def weight(self) -> Tensor:
+        """The decoded weight, for code that reads ``layer.weight`` instead of calling the layer (torchvision's Swin
+        attention); remembered weakly so that :mod:`bgd_det.quantization.calls` recognises the ``F.linear`` call."""
+        if "codes" not in self._buffers:  # inside nn.Module.__init__: the dense parameter (Module.__getattr__)
+            raise AttributeError("weight")
+        w = self.decoded_weight()
+        self._decoded = weakref.ref(w)
+        return w
+
+    def last_decoded(self) -> Optional[Tensor]:
+        """The tensor the last ``.weight`` read returned, while it is alive."""
+        ref = getattr(self, "_decoded", None)
+        return None if ref is None else ref()
 
     def set_quantization(self, codes: Tensor, codebook: Tensor) -> None:
         """Load codes Tensor[C_out, n_blocks] and codebook Tensor[K, d] (checked against this layer)."""

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Iterable, List, Sequence, Union
 import torch
 from torch import nn
 
+from .calls import linear_weight_calls
 from .layers import PQ_LAYER_TYPES, QUANTIZABLE_TYPES
 
 logger = logging.getLogger(__name__)
@@ -132,19 +133,24 @@ class QuantRules:
 
 def execution_order(model: nn.Module, run: Callable[[nn.Module], Any],
                     types: Iterable[type] = tuple(QUANTIZABLE_TYPES) + PQ_LAYER_TYPES) -> List[str]:
-    """Names of the modules of ``types`` in the order their forward first runs.
+    """Names of the modules of ``types`` in the order their forward first runs, or, for a Linear used through
+    ``.weight``, the first ``F.linear`` call on its weight (:mod:`bgd_det.quantization.calls`).
 
     Args:
         model: the model; run: calls the model on an example input (e.g. ``lambda m: m(x)``).
     """
     order: List[str] = []
     handles = []
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, tuple(types))}
+
+    def seen(name: str, *_args) -> None:
+        if name not in order:
+            order.append(name)
+
     try:
-        for name, module in model.named_modules():
-            if isinstance(module, tuple(types)):
-                handles.append(module.register_forward_pre_hook(
-                    lambda _m, _i, name=name: order.append(name) if name not in order else None))
-        with torch.no_grad():
+        for name, module in modules.items():
+            handles.append(module.register_forward_pre_hook(lambda _m, _i, name=name: seen(name)))
+        with torch.no_grad(), linear_weight_calls(modules, seen):
             run(model)
     finally:
         for h in handles:
