@@ -17,8 +17,9 @@ from bgd_det.quantization.plan import QuantRules, build_plan, execution_order
 from bgd_det.quantization.pq import code_dtype
 from bgd_det.quantization.swap import pq_layers, swap_in_skeleton
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO.parent / "shared" / "assets"
+TOOLS = REPO / "tools"
 
 
 def load_tool(name: str):

@@ -4,7 +4,6 @@ Synthetic BGD/PQF files (written here from known codes and codebooks) run everyw
 checkpoints come from ``../shared/assets`` and those tests skip when it is absent.
 """
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,8 +25,9 @@ from bgd_det.quantization.layers import PQConv2d, PQLinear
 from bgd_det.quantization.pq import pq_decode
 from bgd_det.quantization.size import model_size
 from bgd_det.utils.cli import run_tool
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """Codebook layers reproduce dense layers whose weights are exactly their decode."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bgd_det.quantization.layers import PQConv2d, PQConvTranspose2d, PQLinear

@@ -1,5 +1,4 @@
 """Plan: execution order from a traced forward, rules, errors, and the paper's sizes."""
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from bgd_det.quantization.plan import (PlanError, QuantRules, build_plan, clamp_
 from bgd_det.quantization.size import model_size
 from bgd_det.quantization.swap import swap_in_skeleton
 from bgd_det.tasks import build_task
+from conftest import REPO
 
 
 class Reordered(nn.Module):
@@ -172,7 +172,7 @@ def test_resnet_plans_skip_conv1_and_end_with_fc(config):
     assert order[0] == "conv1" and plan[0].name == "layer1.0.conv1" and plan[-1].name == "fc"
 
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = REPO / "configs"
 #: Every shipped config (not the Base-* ones) with its compressed size in MiB and ratio (as documented).
 SHIPPED_SIZES = {
     "COCO/composite_mask_rcnn_R_50_FPN.yaml": (6.45, 26.0),

@@ -2,13 +2,13 @@
 --debug shows the traceback."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from bgd_det.utils.cli import run_tool
+from conftest import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 
 
 def _tool(*args):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from bgd_det.engine.finetune import OptimSpec, bn_train_mode, centroid_mean_grads, distill
+from bgd_det.engine.finetune import OptimSpec, bn_train_mode, centroid_mean_grads
 from bgd_det.engine.quantizer import FINETUNE_STATE_FILE, Quantizer
 from bgd_det.modeling import build_teacher
-from bgd_det.quantization.layers import PQ_LAYER_TYPES, PQConv2d
+from bgd_det.quantization.layers import PQConv2d
 from bgd_det.tasks import build_task
 from bgd_det.tasks.classification import ClassificationTask
 from conftest import tiny_cfg

@@ -21,7 +21,7 @@ from bgd_det.engine.pipeline import FINAL_CHECKPOINT, quantize_and_report
 from bgd_det.tasks import build_task
 from bgd_det.utils import comm
 from bgd_det.utils.logger import setup_logger
-from conftest import tiny_cfg, write_tiny_images
+from conftest import REPO, tiny_cfg, write_tiny_images
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -232,7 +232,7 @@ def test_launch_under_torchrun(tmp_path):
         if __name__ == "__main__":
             launch(main, 1, args=(sys.argv[1],), backend="gloo")
     """))
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
            str(tmp_path / "ranks.txt")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)

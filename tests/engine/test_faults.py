@@ -19,9 +19,9 @@ import torch
 
 from bgd_det.checkpoint import read_compressed
 from bgd_det.engine.quantizer import FINETUNE_STATE_FILE, PROGRESS_FILE
-from conftest import TINY_OPTS, load_tool, write_tiny_images
+from conftest import REPO, TINY_OPTS, load_tool, write_tiny_images
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 TOOL = ROOT / "tools" / "quantize_net.py"
 # Long enough to be killed inside each phase: 4 layers with 10 distillation steps each, then 30 global steps
 # that save their state every 3.

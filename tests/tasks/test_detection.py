@@ -2,7 +2,6 @@
 levels, distillation / supervised losses, bad input. Randomly initialised models at min_size 320 on CPU."""
 import copy
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,8 +23,9 @@ from bgd_det.quantization.size import model_size
 from bgd_det.quantization.swap import swap_in_skeleton
 from bgd_det.tasks import build_task
 from bgd_det.tasks.detection import DetectionTask, rpn_stage
+from conftest import REPO
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "COCO" / "mask_rcnn_R_50_FPN_small_blocks.yaml")
+CONFIG = str(REPO / "configs" / "COCO" / "mask_rcnn_R_50_FPN_small_blocks.yaml")
 SMALL = ["MODEL.WEIGHTS", "", "INPUT.MIN_SIZE_TEST", 320, "INPUT.MAX_SIZE_TEST", 320,
          "DETECTION.RPN_PRE_NMS_TOPK_TEST", 200, "DETECTION.RPN_POST_NMS_TOPK_TEST", 50,
          "DETECTION.DETECTIONS_PER_IMAGE", 10, "DETECTION.SCORE_THRESH_TEST", 0.0,
@@ -287,7 +287,7 @@ def test_quantize_net_and_eval_coco_on_coco_tiny(assets_dir, tmp_path, monkeypat
     from conftest import load_tool
 
     monkeypatch.setenv("BGD_DATASETS", str(assets_dir))
-    root = Path(__file__).resolve().parents[1]
+    root = REPO
     demo = str(root / "configs" / "COCO" / "demo_mask_rcnn_coco_tiny.yaml")
     few = str([["backbone.body.*", "SKIP", True], ["backbone.body.layer1.0.conv1", "N_CENTROIDS", 128],
                ["roi_heads.box_head.fc6", "BLOCK_SIZE", 16], ["backbone.body.layer4.2.conv3", "SKIP", False]])

@@ -117,7 +117,7 @@ def test_source_reports_fallback_reasons(tiny_images, tmp_path, caplog):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="bgd_det.engine.streaming"):
             quantizer, _ = _run(tmp_path, "MODEL.ARCH", arch)
-        assert f"capture engine: recompute path, because" in caplog.text and why in caplog.text, caplog.text
+        assert "capture engine: recompute path, because" in caplog.text and why in caplog.text, caplog.text
 
 
 def test_source_types_and_layer_order(tiny_images, tmp_path):
