@@ -8,6 +8,7 @@ import yaml
 from fvcore.common.config import CfgNode as _CfgNode
 
 from ..data.register import register_from_config
+from .checks import check_config
 
 __all__ = ["CfgNode", "get_cfg", "load_config"]
 
@@ -287,5 +288,6 @@ def load_config(path: str = "", opts: Sequence[str] = ()) -> CfgNode:
             raise ValueError(f"MODEL.IMPORT {module!r} cannot be imported ({type(e).__name__}: {e}); is it on "
                              f"PYTHONPATH?") from None
     register_from_config(cfg.DATASETS.REGISTER)
+    check_config(cfg)
     cfg.freeze()
     return cfg

@@ -16,7 +16,6 @@ import os
 import re
 from typing import Callable, List, Optional, Sequence, Tuple
 
-import torch
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 

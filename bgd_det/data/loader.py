@@ -9,13 +9,9 @@ from torch.utils.data._utils.collate import default_collate
 
 from .catalog import UnreadableImage, num_workers
 
-__all__ = ["BAD_IMAGE_POLICIES", "build_loader"]
+__all__ = ["build_loader"]
 
 logger = logging.getLogger(__name__)
-
-#: DATASETS.BAD_IMAGES: "error" stops at the first unreadable image (named); "skip" drops it from its batch with a
-#: warning naming it and counting the skipped images of that loader (per worker process).
-BAD_IMAGE_POLICIES = ("error", "skip")
 
 
 class _SkipUnreadable(Dataset):

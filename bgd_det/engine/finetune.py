@@ -12,9 +12,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..utils.file_io import atomic_save
+from ..config.checks import CENTROID_GRADS, LR_SCHEDULES, OPTIMIZERS, check_optim
 from ..quantization.layers import PQ_LAYER_TYPES
 from ..tasks.base import Task
+from ..utils.file_io import atomic_save
 
 logger = logging.getLogger(__name__)
 
@@ -22,9 +23,6 @@ __all__ = ["distill", "OptimSpec", "FinetuneCheckpoint", "centroid_mean_grads", 
            "CENTROID_GRADS", "LR_SCHEDULES", "bn_affine_params", "codebook_params", "feature_modules", "feature_taps", "feature_loss"]
 
 _BN_TYPES = (nn.BatchNorm2d, nn.BatchNorm1d, nn.SyncBatchNorm)
-OPTIMIZERS = ("adam", "sgd")
-CENTROID_GRADS = ("sum", "mean")
-LR_SCHEDULES = ("constant", "step", "cosine")
 
 
 def codebook_params(model: nn.Module) -> List[nn.Parameter]:
@@ -120,19 +118,10 @@ class OptimSpec:
                    milestones=tuple(float(m) for m in fcfg.LR_MILESTONES), gamma=fcfg.LR_GAMMA)
 
     def check(self) -> None:
-        """One-line errors for values outside the allowed sets."""
-        for key, value, allowed in (("OPTIMIZER", self.optimizer, OPTIMIZERS),
-                                    ("CENTROID_GRAD", self.centroid_grad, CENTROID_GRADS),
-                                    ("LR_SCHEDULE", self.schedule, LR_SCHEDULES)):
-            if value not in allowed:
-                raise ValueError(f"FINETUNE.{key}={value!r}; allowed: {', '.join(allowed)}")
-        if any(not 0 < m < 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
-            raise ValueError(f"FINETUNE.LR_MILESTONES={list(self.milestones)}; allowed: increasing fractions of the "
-                             f"run, each in (0, 1)")
-        if not (self.lr > 0 and self.momentum >= 0 and self.weight_decay >= 0 and 0 < self.gamma <= 1):
-            raise ValueError(f"FINETUNE learning rate {self.lr}, MOMENTUM {self.momentum}, WEIGHT_DECAY "
-                             f"{self.weight_decay}, LR_GAMMA {self.gamma}; allowed: lr > 0, momentum >= 0, "
-                             f"weight decay >= 0, 0 < gamma <= 1")
+        """One-line errors for values outside the allowed sets (:func:`bgd_det.config.checks.check_optim`)."""
+        check_optim(optimizer=self.optimizer, centroid_grad=self.centroid_grad, schedule=self.schedule,
+                    milestones=self.milestones, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                    gamma=self.gamma)
 
     def lr_factor(self, step: int, iters: int) -> float:
         """The schedule's multiplier of ``lr`` at ``step`` (0-based) of ``iters``."""

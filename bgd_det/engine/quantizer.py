@@ -24,15 +24,15 @@ import torch
 from torch import nn
 
 from ..checkpoint import check_finite, compressed_state, load_compressed_into, round_codebooks_to_fp16
+from ..config.checks import check_config
 from ..quantization.bn_correction import (bn_scale_shift, channel_stats, correct_batchnorm, correct_bias,
                                          following_batchnorms, output_channel_mean)
 from ..quantization.capture import (capture_gram, capture_gram_pool, capture_second_moments, has_input_metric,
                                     metric_uses_inputs)
-from ..quantization.plan import (K_CLAMP_RULES, LayerPlan, QuantRules, build_plan, check_unquantized, execution_order,
+from ..quantization.plan import (LayerPlan, QuantRules, build_plan, check_unquantized, execution_order,
                                  unquantized_weights)
 from ..quantization.pq import PQResult, em_quantize, em_quantize_resampled
-from ..quantization.refine import (check_damping_metric, check_gain_floor, check_refine_target, output_objective,
-                                   refine_pq, residual_ridge)
+from ..quantization.refine import output_objective, refine_pq, residual_ridge
 from ..quantization.residual import residual_branch_end
 from ..quantization.swap import make_pq_layer, set_module
 from ..tasks.base import Task
@@ -40,7 +40,7 @@ from ..utils import comm
 from ..utils.file_io import atomic_save
 from .distributed import Collectives
 from .finetune import FinetuneCheckpoint, OptimSpec, bn_affine_params, codebook_params, distill, feature_modules
-from .streaming import CACHE_DTYPES, ENGINES, CaptureSource, PassSpec, RecomputeSource, build_capture_source
+from .streaming import CaptureSource, PassSpec, RecomputeSource, build_capture_source
 
 logger = logging.getLogger(__name__)
 
@@ -73,54 +73,7 @@ class QuantizationResult:
     timings: Dict[str, float] = field(default_factory=dict)
 
 
-def _check_rounds(rounds) -> int:
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-        raise ValueError(f"QUANT.REFINE.ROUNDS={rounds!r}; allowed: an integer >= 0")
-    return rounds
-
-
-BN_CORRECTION_MODES = ("mean_var", "mean", "none")
-FINETUNE_BN_MODES = ("affine", "frozen", "stats", "train")
 FINETUNE_STATE_FILE = "finetune_state.pth"
-
-
-def _check_choice(key: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{key}={value!r}; allowed: {', '.join(map(repr, allowed))}")
-
-
-def check_quantizer_cfg(cfg) -> None:
-    """Raise a one-line error on a bad QUANT / FINETUNE value (the Quantizer calls it on construction, before the
-    teacher's evaluation and any layer's work)."""
-    q = cfg.QUANT
-    metric_uses_inputs(q.METRIC)
-    _check_rounds(q.REFINE.ROUNDS)
-    check_refine_target(q.REFINE.TARGET)
-    check_damping_metric(q.REFINE.DAMPING_METRIC)
-    check_gain_floor(q.REFINE.RESIDUAL_GAIN_FLOOR)
-    if q.REFINE.AUGMENTED_VIEWS < 0:
-        raise ValueError(f"QUANT.REFINE.AUGMENTED_VIEWS={q.REFINE.AUGMENTED_VIEWS}; allowed: an integer >= 0")
-    if q.REFINE.DAMPING < 0 or q.REFINE.DAMPING_PER_COLUMN < 0:
-        raise ValueError(f"QUANT.REFINE.DAMPING={q.REFINE.DAMPING}, DAMPING_PER_COLUMN="
-                         f"{q.REFINE.DAMPING_PER_COLUMN}; allowed: numbers >= 0")
-    _check_choice("QUANT.BN_CORRECTION", q.BN_CORRECTION, BN_CORRECTION_MODES)
-    _check_choice("QUANT.K_CLAMP", q.K_CLAMP, K_CLAMP_RULES)
-    if q.EM_RESAMPLE_IMAGES < 0 or (q.EM_RESAMPLE_IMAGES and q.METRIC != "shared"):
-        raise ValueError(f"QUANT.EM_RESAMPLE_IMAGES={q.EM_RESAMPLE_IMAGES} with QUANT.METRIC={q.METRIC!r}; allowed: "
-                         f"0, or an integer > 0 with the 'shared' metric")
-    _check_choice("QUANT.ENGINE", q.ENGINE, ENGINES)
-    _check_choice("QUANT.STREAM.DTYPE", q.STREAM.DTYPE, tuple(CACHE_DTYPES))
-    if q.STREAM.BUDGET_MB < 0:
-        raise ValueError(f"QUANT.STREAM.BUDGET_MB={q.STREAM.BUDGET_MB}; allowed: a number >= 0 (0 = automatic)")
-    f = cfg.FINETUNE
-    _check_choice("FINETUNE.BN", f.BN, FINETUNE_BN_MODES)
-    OptimSpec.from_cfg(f, f.LAYER_LR).check()
-    OptimSpec.from_cfg(f, f.GLOBAL_LR).check()
-    if not f.TEMPERATURE > 0:
-        raise ValueError(f"FINETUNE.TEMPERATURE={f.TEMPERATURE}; allowed: a number > 0 (the softmax divides by it)")
-    for key in ("LAYER_ITERS", "GLOBAL_ITERS", "GLOBAL_EPOCHS", "CHECKPOINT_PERIOD", "EVAL_PERIOD"):
-        if getattr(f, key) < 0:
-            raise ValueError(f"FINETUNE.{key}={getattr(f, key)}; allowed: a number >= 0")
 
 
 def _seed_all(seed: int) -> None:
@@ -164,7 +117,7 @@ class Quantizer:
         self.output_dir = output_dir
         self.comm = collectives if collectives is not None else Collectives()
         self.hooks = list(hooks)
-        check_quantizer_cfg(cfg)  # a bad value fails here, before any layer is quantized
+        check_config(cfg)  # configs built in code: a bad value fails here, before any layer is quantized
         feature_modules(self.teacher, cfg.FINETUNE.FEATURE_LAYERS)  # likewise a name that is not in the model
         # Every plan error at once, and the weights the plan leaves in fp32, before the teacher's evaluation; the
         # student of run() is a copy of this teacher, so this is its plan too.
@@ -389,7 +342,7 @@ class Quantizer:
             seconds spent capturing).
         """
         cfg, name = self.cfg.QUANT, layer.name
-        views = cfg.REFINE.AUGMENTED_VIEWS  # the values were checked on construction (check_quantizer_cfg)
+        views = cfg.REFINE.AUGMENTED_VIEWS  # the values were checked on construction (check_config)
         bn_name = self.bn_pairs.get(name)
         skip = residual_branch_end(self.teacher, name) if cfg.REFINE.RESIDUAL and bn_name else None
 
@@ -432,7 +385,7 @@ class Quantizer:
     def correct_bn(self, student: nn.Module, name: str, source: CaptureSource) -> None:
         """Re-estimate the running statistics of the BatchNorm fed by layer ``name`` (QUANT.BN_CORRECTION); a
         layer that feeds none but has a bias gets bias correction instead (QUANT.BIAS_CORRECTION)."""
-        mode = self.cfg.QUANT.BN_CORRECTION  # one of BN_CORRECTION_MODES (check_quantizer_cfg)
+        mode = self.cfg.QUANT.BN_CORRECTION  # one of BN_CORRECTION_MODES (check_config)
         bn_name = self.bn_pairs.get(name)
         if mode == "none":
             return

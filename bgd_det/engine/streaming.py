@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, 
 import torch
 from torch import Tensor, nn
 
+from ..config.checks import CACHE_DTYPE_NAMES, ENGINES
 from ..modeling.stages import Stage, stage_of_layer
 from ..quantization.capture import eval_mode
 from ..tasks.base import Task
@@ -38,8 +39,7 @@ __all__ = ["ENGINES", "CACHE_DTYPES", "CaptureSource", "RecomputeSource", "Strea
            "PairedInput", "build_capture_source", "cache_budget_bytes", "OverBudget", "tree_map", "tree_leaves",
            "tree_equal"]
 
-ENGINES = ("streaming", "recompute")
-CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+CACHE_DTYPES = {name: getattr(torch, name) for name in CACHE_DTYPE_NAMES}  # QUANT.STREAM.DTYPE -> dtype
 
 Forward = Callable[[nn.Module, Any], Any]
 

@@ -15,7 +15,7 @@ from torch import nn
 from ..checkpoint import FORMAT, check_checkpoint_arch, load_compressed, read_compressed
 from ..config.defaults import CfgNode
 from ..modeling import build_teacher
-from ..ops.inference import check_eval_options, for_evaluation
+from ..ops.inference import for_evaluation
 from ..quantization.size import model_size
 from ..tasks.detection import DetectionTask
 from ..utils import comm
@@ -65,7 +65,6 @@ def evaluate_side_by_side(cfg, *, output_dir: str = "") -> Dict[str, Any]:
         ``{"rows": {"uncompressed"|"compressed": {"size_mib", "ratio", "seconds", **metrics}}, "table": str}``;
         ``output_dir/eval_coco.json`` and ``output_dir/<row>/coco_instances_results.json`` are written.
     """
-    check_eval_options(cfg.TEST)  # before the teacher's evaluation, not after it
     weights = cfg.MODEL.WEIGHTS
     ckpt = None
     if weights and os.path.isfile(weights):

@@ -26,6 +26,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config.checks import check_eval_options
 from ..quantization.bn_correction import BN_TYPES, bn_scale_shift
 from ..quantization.layers import PQ_LAYER_TYPES, PQConv1d, PQConv2d, PQConvTranspose2d, PQLinear
 from ..quantization.pq import check_codes
@@ -44,7 +45,6 @@ __all__ = [
     "to_inference",
     "inference_bytes",
     "max_scratch_bytes",
-    "check_eval_options",
     "for_evaluation",
 ]
 
@@ -454,14 +454,6 @@ def to_inference(model: nn.Module, *, fold_bn: bool = False) -> nn.Module:
 def inference_bytes(model: nn.Module) -> int:
     """Bytes held by ``model``'s parameters and buffers (what stays resident for inference)."""
     return sum(t.numel() * t.element_size() for t in chain(model.parameters(), model.buffers()))
-
-
-def check_eval_options(test_cfg) -> None:
-    """Raise on a ``cfg.TEST`` that :func:`for_evaluation` cannot honour (call it before evaluating)."""
-    if test_cfg.FOLD_BN and not test_cfg.COMPILED_OP:
-        raise ValueError(
-            "TEST.FOLD_BN=True needs TEST.COMPILED_OP=True (training layers keep their BatchNorms)"
-        )
 
 
 def for_evaluation(model: nn.Module, test_cfg) -> nn.Module:

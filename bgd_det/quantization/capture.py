@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config.checks import METRICS, check_choice
 from .calls import linear_weight_calls
 
 logger = logging.getLogger(__name__)
@@ -29,13 +30,9 @@ class StopForward(Exception):
 
 #: QUANT.METRIC values: the E-step's distance under the input Gram ("shared"), under the Gram of mean-removed
 #: inputs ("centered"), or plain k-means on the weights ("identity").
-METRICS = ("shared", "centered", "identity")
-
-
 def metric_uses_inputs(metric: str) -> bool:
     """Whether QUANT.METRIC ``metric`` needs the layers' input Gram matrices; raises on an unknown value."""
-    if metric not in METRICS:
-        raise ValueError(f"QUANT.METRIC={metric!r}; allowed: {', '.join(repr(m) for m in METRICS)}")
+    check_choice("QUANT.METRIC", metric, METRICS)
     return metric != "identity"
 
 

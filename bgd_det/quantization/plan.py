@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Iterable, List, Sequence, Union
 import torch
 from torch import nn
 
+from ..config.checks import INDIVISIBLE_RULES, K_CLAMP_RULES
 from .calls import linear_weight_calls
 from .layers import PQ_LAYER_TYPES, QUANTIZABLE_TYPES
 
@@ -26,9 +27,6 @@ __all__ = ["LayerPlan", "QuantRules", "execution_order", "build_plan", "clamp_po
 #: override keys that replace a QUANT.REFINE value for the matching layers (LayerPlan.damping, .damping_per_column,
 #: .rounds), in LayerPlan's field order.
 REFINE_OVERRIDE_KEYS = ("REFINE.DAMPING", "REFINE.DAMPING_PER_COLUMN", "REFINE.ROUNDS")
-#: what QUANT.INDIVISIBLE does with a layer whose row length the block size does not divide: refuse the plan, use the
-#: largest divisor of the row length below the block size (>= 2; else the layer is skipped), or skip the layer.
-INDIVISIBLE_RULES = ("error", "divisor", "skip")
 #: keys a ``[pattern, KEY, value]`` override may set.
 OVERRIDE_KEYS = ("BLOCK_SIZE", "N_CENTROIDS", "SKIP") + REFINE_OVERRIDE_KEYS
 
@@ -296,9 +294,6 @@ def check_unquantized(unquantized: Sequence[Unquantized], total_params: int, max
         top = ", ".join(f"{u.name} ({u.numel}, {u.reason})" for u in unquantized[:5])
         raise ValueError(f"{100 * share:.1f}% of the model's parameters are weights left in fp32, above "
                          f"QUANT.MAX_UNQUANTIZED {max_fraction}: {top}{', ...' if len(unquantized) > 5 else ''}")
-
-
-K_CLAMP_RULES = ("le", "lt")
 
 
 def clamp_power(n_sub: int, per_centroid: int, rule: str = "le") -> int:

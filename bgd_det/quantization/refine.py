@@ -25,13 +25,14 @@ within a channel, drops the cross-channel ones, which are what few rows estimate
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ..config.checks import (DAMPING_METRICS, REFINE_TARGETS, check_damping_metric, check_gain_floor,
+                             check_refine_target)
 from .capture import SecondMoments
 from .pq import PQResult
 
@@ -66,31 +67,6 @@ class OutputObjective:
         w_hat = w_hat.double()
         quad = (w_hat @ self.h * w_hat * self.row_weight).sum()
         return float(quad - 2 * (w_hat * self.b * self.row_weight).sum()) + self.const
-
-
-DAMPING_METRICS = ("identity", "diagonal", "channel")
-
-
-def check_damping_metric(kind: str) -> None:
-    """Raise a one-line error unless ``kind`` is one of ``DAMPING_METRICS``."""
-    if kind not in DAMPING_METRICS:
-        raise ValueError(f"QUANT.REFINE.DAMPING_METRIC={kind!r}; allowed: {', '.join(map(repr, DAMPING_METRICS))}")
-
-
-#: QUANT.REFINE.TARGET values: the teacher's outputs, or the layer's own outputs on the student's inputs.
-REFINE_TARGETS = ("teacher", "weights")
-
-
-def check_refine_target(target: str) -> None:
-    """Raise on a QUANT.REFINE.TARGET that is not one of :data:`REFINE_TARGETS`."""
-    if target not in REFINE_TARGETS:
-        raise ValueError(f"QUANT.REFINE.TARGET={target!r}; allowed: {', '.join(map(repr, REFINE_TARGETS))}")
-
-
-def check_gain_floor(floor: float) -> None:
-    """Raise on a QUANT.REFINE.RESIDUAL_GAIN_FLOOR that is negative or not finite."""
-    if not (floor >= 0 and math.isfinite(floor)):
-        raise ValueError(f"QUANT.REFINE.RESIDUAL_GAIN_FLOOR={floor!r}; allowed: a finite number >= 0")
 
 
 def residual_ridge(gain: Optional[Tensor], floor: float) -> float:

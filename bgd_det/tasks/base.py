@@ -13,7 +13,6 @@ from fvcore.common.registry import Registry
 from torch import nn
 
 from ..data import DatasetCatalog
-from ..data.loader import BAD_IMAGE_POLICIES
 from ..modeling.registry import get_arch
 from ..modeling.stages import Stage, stages_of
 
@@ -88,6 +87,4 @@ def build_task(cfg) -> Task:
     unknown = [f"DATASETS.{k} {cfg.DATASETS[k]!r}" for k in ("CALIB", "TEST") if cfg.DATASETS[k] not in DatasetCatalog]
     if unknown:  # before any model is built or evaluated
         raise KeyError(f"unknown dataset {', '.join(unknown)}; registered datasets: {DatasetCatalog.list()}")
-    if cfg.DATASETS.BAD_IMAGES not in BAD_IMAGE_POLICIES:
-        raise ValueError(f"DATASETS.BAD_IMAGES={cfg.DATASETS.BAD_IMAGES!r}; allowed: {', '.join(BAD_IMAGE_POLICIES)}")
     return TASK_REGISTRY.get(name)(cfg)

@@ -1,7 +1,6 @@
 """Image classification task (ImageNet-style folders, top-1/top-5, KL distillation on logits)."""
 from __future__ import annotations
 
-import itertools
 from typing import Any, Dict, Iterable, Iterator, Optional
 
 import numpy as np
@@ -44,9 +43,6 @@ class ClassificationTask(Task):
         super().__init__(cfg)
         self.device = torch.device(cfg.MODEL.DEVICE)
         self._calib = None
-        alpha = cfg.FINETUNE.MIXUP_ALPHA
-        if not alpha >= 0:
-            raise ValueError(f"FINETUNE.MIXUP_ALPHA={alpha}; allowed: a number >= 0 (0 = no mixup)")
         self._mix_rng = np.random.default_rng([cfg.SEED, comm.get_rank()])
 
     def reseed(self, seed: int) -> None:

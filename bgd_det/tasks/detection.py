@@ -39,6 +39,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import fastrcnn_loss, maskrcnn_loss
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
+from ..config.checks import DETECTION_LOSSES
 from ..data import DatasetCatalog
 from ..data.loader import build_loader
 from ..data.coco import CocoInstances, annotations_to_target, hflip
@@ -55,7 +56,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["DetectionTask", "RPNStage", "rpn_stage", "rcnn_stages", "FORWARD_KEYS", "rpn_proposals", "box_outputs",
            "mask_outputs", "distill_terms", "supervised_terms", "model_num_classes", "LOSSES"]
 
-LOSSES = ("distill", "supervised", "both")
+LOSSES = DETECTION_LOSSES  # DETECTION.LOSS (bgd_det.config.checks)
 
 
 # -- the detector, stage by stage ------------------------------------------------------------------------------
@@ -362,8 +363,6 @@ class DetectionTask(Task):
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         self.device = torch.device(cfg.MODEL.DEVICE)
-        if cfg.DETECTION.LOSS not in LOSSES:
-            raise ValueError(f"DETECTION.LOSS={cfg.DETECTION.LOSS!r}; allowed: {list(LOSSES)}")
         if cfg.FINETUNE.MIXUP_ALPHA != 0:
             raise ValueError(f"FINETUNE.MIXUP_ALPHA={cfg.FINETUNE.MIXUP_ALPHA}; allowed for detection: 0 "
                              "(mixup is a classification option)")

@@ -1,4 +1,6 @@
 """Config: _BASE_ inheritance, strict keys in files and on the command line, one-line errors."""
+import re
+
 import pytest
 
 from bgd_det.config import get_cfg, load_config
@@ -34,7 +36,7 @@ def test_overrides_must_be_pairs_and_options_come_first():
     with pytest.raises(ValueError, match="command-line option '--resume' after the KEY VALUE overrides; put "
                                          "options first"):
         load_config("", ["QUANT.EM_ITERS", "3", "--resume"])
-    assert load_config("", ["QUANT.REFINE.DAMPING", "-1.0"]).QUANT.REFINE.DAMPING == -1.0  # a negative value is fine
+    assert load_config("", ["SEED", "-3"]).SEED == -3  # a negative number is a value, not an option
 
 
 def test_model_import_registers_an_architecture_without_a_wrapper(tmp_path, monkeypatch):
@@ -50,3 +52,20 @@ def test_model_import_registers_an_architecture_without_a_wrapper(tmp_path, monk
     cfg = load_config("", ["MODEL.IMPORT", "['my_nets_for_test']", "MODEL.ARCH", "my_mlp_for_test",
                            "MODEL.NUM_CLASSES", 3])
     assert build_teacher(cfg)[1].out_features == 3
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("QUANT.ENGINE", "fast", "QUANT.ENGINE='fast'; allowed: 'streaming', 'recompute'"),
+    ("QUANT.INDIVISIBLE", "largest", "QUANT.INDIVISIBLE='largest'; allowed: error, divisor, skip"),
+    ("QUANT.MAX_UNQUANTIZED", "2.0", "QUANT.MAX_UNQUANTIZED=2.0; allowed: a fraction in [0, 1]"),
+    ("QUANT.REFINE.TARGET", "student", "QUANT.REFINE.TARGET='student'; allowed: 'teacher', 'weights'"),
+    ("FINETUNE.OPTIMIZER", "lamb", "FINETUNE.OPTIMIZER='lamb'; allowed: adam, sgd"),
+    ("FINETUNE.MIXUP_ALPHA", "-1.0", "FINETUNE.MIXUP_ALPHA=-1.0; allowed: a number >= 0"),
+    ("TEST.FOLD_BN", "True", "TEST.FOLD_BN=True needs TEST.COMPILED_OP=True"),
+    ("DATASETS.BAD_IMAGES", "ignore", "DATASETS.BAD_IMAGES='ignore'; allowed: error, skip"),
+    ("DETECTION.LOSS", "kl", "DETECTION.LOSS='kl'; allowed: 'distill', 'supervised', 'both'"),
+])
+def test_bad_values_fail_when_the_config_loads(key, value, message):
+    """Every allowed set is checked once, when the config loads (bgd_det/config/checks.py), before any model."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(opts=[key, value])

@@ -13,6 +13,7 @@ from torch import nn
 import bgd_det
 from bgd_det import ops
 from bgd_det.checkpoint import round_codebooks_to_fp16, save_compressed
+from bgd_det.config.checks import check_eval_options
 from bgd_det.ops import inference as inf
 from bgd_det.quantization.layers import PQ_LAYER_TYPES, PQConv2d, PQConvTranspose2d, PQLinear
 from bgd_det.quantization.plan import QuantRules, build_plan, execution_order
@@ -541,7 +542,7 @@ def test_for_evaluation_bad_options_and_dense_models():
     cfg = get_cfg()
     cfg.TEST.FOLD_BN = True
     with pytest.raises(ValueError, match="TEST.FOLD_BN=True needs TEST.COMPILED_OP=True"):
-        inf.check_eval_options(cfg.TEST)
+        check_eval_options(cfg.TEST)
     with pytest.raises(ValueError, match="TEST.FOLD_BN=True needs TEST.COMPILED_OP=True"):
         inf.for_evaluation(nn.Linear(2, 2), cfg.TEST)
     cfg.TEST.COMPILED_OP = True

@@ -289,9 +289,8 @@ def test_augmented_views_give_short_layers_enough_rows_to_refine(tiny_images, tm
     assert 0 < records["fc"].output_error < 1.0  # refined
     assert [m for m in caplog.messages if "augmented passes" in m] == [
         "fc: 8 rows from the plain pass < 8 x 16 columns: 2 augmented passes -> 24 rows"]
-    bad = tiny_cfg(tmp_path / "bad", "QUANT.REFINE.ROUNDS", 1, "QUANT.REFINE.AUGMENTED_VIEWS", -1)
-    with pytest.raises(ValueError, match="AUGMENTED_VIEWS=-1; allowed: an integer >= 0"):
-        Quantizer(bad, teacher, build_task(bad)).run()
+    with pytest.raises(ValueError, match="AUGMENTED_VIEWS=-1; allowed: an integer >= 0"):  # when the config loads
+        tiny_cfg(tmp_path / "bad", "QUANT.REFINE.ROUNDS", 1, "QUANT.REFINE.AUGMENTED_VIEWS", -1)
 
 
 def test_damping_grows_with_the_columns_per_captured_row(tiny_images, tmp_path, monkeypatch):
@@ -317,12 +316,10 @@ def test_damping_grows_with_the_columns_per_captured_row(tiny_images, tmp_path, 
     for dim, rows, damping, metric in seen:
         assert damping == pytest.approx(0.01 + 3.0 * dim / rows)
         assert metric == "channel"
-    bad = tiny_cfg(tmp_path / "bad", "QUANT.REFINE.ROUNDS", 1, "QUANT.REFINE.DAMPING_PER_COLUMN", -1.0)
-    with pytest.raises(ValueError, match="DAMPING_PER_COLUMN=-1.0; allowed: numbers >= 0"):
-        quantizer.Quantizer(bad, teacher, build_task(bad)).run()
-    bad = tiny_cfg(tmp_path / "bad2", "QUANT.REFINE.ROUNDS", 1, "QUANT.REFINE.DAMPING_METRIC", "full")
+    with pytest.raises(ValueError, match="DAMPING_PER_COLUMN=-1.0; allowed: numbers >= 0"):  # when the config loads
+        tiny_cfg(tmp_path / "bad", "QUANT.REFINE.ROUNDS", 1, "QUANT.REFINE.DAMPING_PER_COLUMN", -1.0)
     with pytest.raises(ValueError, match="DAMPING_METRIC='full'; allowed: 'identity', 'diagonal', 'channel'"):
-        quantizer.Quantizer(bad, teacher, build_task(bad)).run()
+        tiny_cfg(tmp_path / "bad2", "QUANT.REFINE.ROUNDS", 1, "QUANT.REFINE.DAMPING_METRIC", "full")
 
 
 def test_objective_with_skip_difference_matches_explicit_error():
