@@ -16,6 +16,7 @@ from ..config.checks import CENTROID_GRADS, LR_SCHEDULES, OPTIMIZERS, check_opti
 from ..quantization.layers import PQ_LAYER_TYPES
 from ..tasks.base import Task
 from ..utils.file_io import atomic_save
+from ..utils.hooks import removed_on_exit
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +49,11 @@ def feature_modules(model: nn.Module, names: Sequence[str]) -> List[nn.Module]:
 def feature_taps(model: nn.Module, names: Sequence[str]) -> Iterator[Dict[str, Any]]:
     """While open, the dict holds the latest output of every module in ``names`` (forward hooks)."""
     seen: Dict[str, Any] = {}
-    handles = []
-    try:
+    with removed_on_exit() as handles:
         for name, module in zip(names, feature_modules(model, names)):
             handles.append(module.register_forward_hook(
                 lambda _m, _i, out, name=name: seen.__setitem__(name, out)))
         yield seen
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _tensors(name: str, out: Any) -> List[torch.Tensor]:
@@ -147,17 +144,13 @@ def centroid_mean_grads(model: nn.Module, params: Sequence[nn.Parameter]) -> Ite
     ``params`` is divided, row k, by the number of sub-vectors assigned to centroid k (at least 1): each centroid
     moves by the mean of its sub-vectors' gradients instead of their sum."""
     wanted = {id(p) for p in params}
-    handles = []
-    try:
+    with removed_on_exit() as handles:
         for m in model.modules():
             if isinstance(m, PQ_LAYER_TYPES) and id(m.codebook) in wanted:
                 counts = torch.bincount(m.codes.reshape(-1).long(), minlength=m.codebook.shape[0])
                 scale = 1.0 / counts.clamp_min(1).to(m.codebook.dtype).unsqueeze(1)  # Tensor[K, 1]
                 handles.append(m.codebook.register_hook(lambda g, s=scale: g * s.to(g.device)))
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextlib.contextmanager

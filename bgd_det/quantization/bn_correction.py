@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from ..utils.hooks import removed_on_exit
 from .capture import for_each_input, for_each_output
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ def following_batchnorms(model: nn.Module, run: Callable[[nn.Module], Any]) -> D
     """
     produced: Dict[int, str] = {}
     pairs: Dict[str, str] = {}
-    handles = []
 
     def out_hook(name):
         def hook(_m, _i, out):
@@ -62,7 +62,7 @@ def following_batchnorms(model: nn.Module, run: Callable[[nn.Module], Any]) -> D
                 pairs.setdefault(src, name)
         return hook
 
-    try:
+    with removed_on_exit() as handles:
         for name, m in model.named_modules():
             if isinstance(m, BN_TYPES):
                 handles.append(m.register_forward_pre_hook(bn_hook(name)))
@@ -70,9 +70,6 @@ def following_batchnorms(model: nn.Module, run: Callable[[nn.Module], Any]) -> D
                 handles.append(m.register_forward_hook(out_hook(name)))
         with torch.no_grad():
             run(model)
-    finally:
-        for h in handles:
-            h.remove()
     return pairs
 
 

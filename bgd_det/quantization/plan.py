@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..config.checks import INDIVISIBLE_RULES, K_CLAMP_RULES
+from ..utils.hooks import removed_on_exit
 from .calls import linear_weight_calls
 from .layers import PQ_LAYER_TYPES, QUANTIZABLE_TYPES
 
@@ -138,21 +139,17 @@ def execution_order(model: nn.Module, run: Callable[[nn.Module], Any],
         model: the model; run: calls the model on an example input (e.g. ``lambda m: m(x)``).
     """
     order: List[str] = []
-    handles = []
     modules = {name: m for name, m in model.named_modules() if isinstance(m, tuple(types))}
 
     def seen(name: str, *_args) -> None:
         if name not in order:
             order.append(name)
 
-    try:
+    with removed_on_exit() as handles:
         for name, module in modules.items():
             handles.append(module.register_forward_pre_hook(lambda _m, _i, name=name: seen(name)))
         with torch.no_grad(), linear_weight_calls(modules, seen):
             run(model)
-    finally:
-        for h in handles:
-            h.remove()
     return order
 
 
