@@ -41,6 +41,8 @@ def export_model(model: nn.Module, example: Tensor, path: str, fmt: str) -> None
     if fmt == "onnx":
         _check_onnx_exporter()
     model.eval()
+    if example.shape[0] == 1:  # torch.export specialises a dimension of size 1: trace a batch of 2 to keep it dynamic
+        example = torch.cat([example, example])
     try:
         if fmt == "pt2":
             program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_batch(example))
@@ -49,8 +51,9 @@ def export_model(model: nn.Module, example: Tensor, path: str, fmt: str) -> None
             _export_onnx(model, example, path)
     except Exception as e:  # torch.export / the ONNX exporter raise many types; every one means "not traceable"
         text = " ".join(str(e).split())[:300]
-        raise ValueError(f"{type(model).__name__} cannot be exported as {fmt} ({type(e).__name__}: {text}); "
-                         f"detection models with data-dependent shapes are not supported") from None
+        raise ValueError(f"{type(model).__name__} cannot be exported as {fmt}: torch.export could not trace it "
+                         f"({type(e).__name__}: {text}); models with data-dependent shapes (torchvision's R-CNNs) "
+                         f"are not supported") from None
     logger.info("wrote %s (%.2f MiB)", path, os.path.getsize(path) / 2**20)
 
 
