@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from bgd_det.checkpoint import checkpoint_cfg, load_compressed, read_compressed
+from bgd_det.checkpoint import checkpoint_cfg, compressed_model, read_compressed
 from bgd_det.export import FORMATS, export_model, load_pt2, run_onnx
 from bgd_det.utils.cli import run_tool
 from bgd_det.utils.logger import setup_logger
@@ -55,9 +55,11 @@ def main(argv=None) -> dict:
     setup_logger()
     if args.batch < 1 or args.input_size < 0:
         raise ValueError(f"--batch {args.batch} / --input-size {args.input_size}; allowed: batch >= 1, size >= 1")
-    cfg = checkpoint_cfg(read_compressed(args.checkpoint), source=args.checkpoint)
+    ckpt = read_compressed(args.checkpoint)
+    cfg = checkpoint_cfg(ckpt, source=args.checkpoint)
     size = args.input_size or cfg.INPUT.CROP
-    model = load_compressed(args.checkpoint, cfg=cfg, inference=True, fold_bn=True)
+    model = compressed_model(ckpt, cfg, source=args.checkpoint, inference=True, fold_bn=True)
+    del ckpt
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(args.batch, 3, size, size, generator=generator)
     export_model(model, example, args.output, args.format)

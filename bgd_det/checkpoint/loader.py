@@ -32,7 +32,7 @@ from .peers import PEER_FORMATS, check_peer_layer, dense_state_dict, parse_peer,
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_compressed", "load_compressed_into", "checkpoint_cfg", "check_checkpoint_arch", "import_peer",
+__all__ = ["load_compressed", "compressed_model", "load_compressed_into", "checkpoint_cfg", "check_checkpoint_arch", "import_peer",
            "import_bgd", "import_pqf", "convert_checkpoint", "load_checkpoint_model"]
 
 
@@ -140,14 +140,20 @@ def load_compressed(path: str, *, cfg=None, device: str = "cpu", inference: bool
             run through the compiled ops and never hold a dense weight (:mod:`bgd_det.ops.inference`).
         fold_bn: with ``inference``, fold BatchNorms that follow codebook convs into them.
     """
+    return compressed_model(read_compressed(path), cfg, source=path, device=device, inference=inference,
+                            fold_bn=fold_bn)
+
+
+def compressed_model(ckpt: Dict[str, Any], cfg=None, *, source: str = "checkpoint", device: str = "cpu",
+                     inference: bool = False, fold_bn: bool = False) -> nn.Module:
+    """:func:`load_compressed` of a checkpoint dict already read (:func:`~bgd_det.checkpoint.read_compressed`)."""
     if fold_bn and not inference:
         raise ValueError("fold_bn=True needs inference=True (the training layers keep their BatchNorms)")
-    ckpt = read_compressed(path)
-    cfg = checkpoint_cfg(ckpt, cfg, source=path)
+    cfg = checkpoint_cfg(ckpt, cfg, source=source)
     if inference:
-        model = _build_inference(ckpt, cfg, path, fold_bn)
+        model = _build_inference(ckpt, cfg, source, fold_bn)
     else:
-        model = _build_compressed(ckpt, cfg, path)
+        model = _build_compressed(ckpt, cfg, source)
     return model.to(device).eval()
 
 
@@ -245,7 +251,7 @@ def load_checkpoint_model(path: str, *, cfg=None, device: str = "cpu") -> Tuple[
     obj = read_checkpoint_file(path)
     fmt = detect_format(obj, source=path)
     if fmt == "bgd_det":
-        model = _build_compressed(check_compressed(obj, path), checkpoint_cfg(obj, cfg, source=path), path)
+        model = compressed_model(check_compressed(obj, path), cfg, source=path)
     elif fmt in PEER_FORMATS:
         model, ckpt = import_peer(path, fmt)
         check_checkpoint_arch(ckpt["arch"], cfg, source=path)

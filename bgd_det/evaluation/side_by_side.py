@@ -12,7 +12,7 @@ import torch
 from tabulate import tabulate
 from torch import nn
 
-from ..checkpoint import FORMAT, check_checkpoint_arch, load_compressed, read_compressed
+from ..checkpoint import FORMAT, check_checkpoint_arch, check_compressed, compressed_model
 from ..config.defaults import CfgNode
 from ..modeling import build_teacher
 from ..ops.inference import for_evaluation
@@ -73,7 +73,7 @@ def evaluate_side_by_side(cfg, *, output_dir: str = "") -> Dict[str, Any]:
         except Exception:
             head = None
         if isinstance(head, dict) and head.get("format") == FORMAT:
-            ckpt = read_compressed(weights)
+            ckpt = check_compressed(head, weights)  # read once (memory-mapped); the compressed row builds from it
     teacher_weights, teacher_seed = _teacher_of(ckpt, "", cfg.SEED) if ckpt is not None else (weights, cfg.SEED)
     if ckpt is not None:
         check_checkpoint_arch(ckpt["arch"], cfg, source=weights)
@@ -96,7 +96,7 @@ def evaluate_side_by_side(cfg, *, output_dir: str = "") -> Dict[str, Any]:
 
         models.append(("uncompressed", teacher))
     if ckpt is not None:
-        models.append(("compressed", lambda: load_compressed(weights, cfg=cfg, device=cfg.MODEL.DEVICE)))
+        models.append(("compressed", lambda: compressed_model(ckpt, cfg, source=weights, device=cfg.MODEL.DEVICE)))
 
     rows: Dict[str, Dict[str, float]] = {}
     dense_mib = None
