@@ -14,7 +14,7 @@ from typing import Any, Sequence
 __all__ = ["METRICS", "BN_CORRECTION_MODES", "FINETUNE_BN_MODES", "K_CLAMP_RULES", "INDIVISIBLE_RULES", "ENGINES",
            "CACHE_DTYPE_NAMES", "OPTIMIZERS", "CENTROID_GRADS", "LR_SCHEDULES", "DAMPING_METRICS", "REFINE_TARGETS",
            "DETECTION_LOSSES", "BAD_IMAGE_POLICIES", "check_config", "check_choice", "check_rounds",
-           "check_damping_metric", "check_refine_target", "check_gain_floor", "check_optim", "check_eval_options"]
+           "check_damping_metric", "check_refine_target", "check_gain_floor", "check_max_unquantized", "check_optim", "check_eval_options"]
 
 #: QUANT.METRIC: the E-step's Gram ("shared": the paper's E[x x^T]; "centered": without each block's mean input;
 #: "identity": plain k-means on the weights).
@@ -73,6 +73,12 @@ def check_gain_floor(floor: float) -> None:
         raise ValueError(f"QUANT.REFINE.RESIDUAL_GAIN_FLOOR={floor!r}; allowed: a finite number >= 0")
 
 
+def check_max_unquantized(fraction: float) -> None:
+    """QUANT.MAX_UNQUANTIZED: a fraction in [0, 1]."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"QUANT.MAX_UNQUANTIZED={fraction}; allowed: a fraction in [0, 1] (1 = no limit)")
+
+
 def check_optim(*, optimizer: str, centroid_grad: str, schedule: str, milestones: Sequence[float], lr: float,
                 momentum: float, weight_decay: float, gamma: float) -> None:
     """One finetuning stage's optimiser settings (FINETUNE.*, with its LAYER_LR or GLOBAL_LR)."""
@@ -114,8 +120,7 @@ def _check_quant(q) -> None:
     check_choice("QUANT.STREAM.DTYPE", q.STREAM.DTYPE, CACHE_DTYPE_NAMES)
     if q.STREAM.BUDGET_MB < 0:
         raise ValueError(f"QUANT.STREAM.BUDGET_MB={q.STREAM.BUDGET_MB}; allowed: a number >= 0 (0 = automatic)")
-    if not 0.0 <= q.MAX_UNQUANTIZED <= 1.0:
-        raise ValueError(f"QUANT.MAX_UNQUANTIZED={q.MAX_UNQUANTIZED}; allowed: a fraction in [0, 1] (1 = no limit)")
+    check_max_unquantized(q.MAX_UNQUANTIZED)
 
 
 def _check_finetune(f) -> None:

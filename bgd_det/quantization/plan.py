@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Iterable, List, Sequence, Union
 import torch
 from torch import nn
 
-from ..config.checks import INDIVISIBLE_RULES, K_CLAMP_RULES
+from ..config.checks import INDIVISIBLE_RULES, K_CLAMP_RULES, check_max_unquantized
 from ..utils.hooks import removed_on_exit
 from .calls import linear_weight_calls
 from .layers import PQ_LAYER_TYPES, QUANTIZABLE_TYPES
@@ -284,8 +284,7 @@ def unquantized_weights(model: nn.Module, order: Sequence[str], plan: Sequence[L
 def check_unquantized(unquantized: Sequence[Unquantized], total_params: int, max_fraction: float) -> None:
     """Raise when the fp32 weights are more than ``max_fraction`` of the model's parameters (QUANT.MAX_UNQUANTIZED;
     1.0 = never)."""
-    if not 0.0 <= max_fraction <= 1.0:
-        raise ValueError(f"QUANT.MAX_UNQUANTIZED={max_fraction}; allowed: a fraction in [0, 1] (1 = no limit)")
+    check_max_unquantized(max_fraction)
     share = sum(u.numel for u in unquantized) / max(1, total_params)
     if share > max_fraction:
         top = ", ".join(f"{u.name} ({u.numel}, {u.reason})" for u in unquantized[:5])
