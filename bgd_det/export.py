@@ -29,8 +29,8 @@ FORMATS = ("pt2", "onnx")
 OPSET = 18
 
 
-def _dynamic_batch(example: Tensor):
-    return ({0: torch.export.Dim.DYNAMIC},)
+#: ``dynamic_shapes`` of the one input: the batch dimension is free.
+DYNAMIC_BATCH = ({0: torch.export.Dim.DYNAMIC},)
 
 
 def export_model(model: nn.Module, example: Tensor, path: str, fmt: str) -> None:
@@ -45,7 +45,7 @@ def export_model(model: nn.Module, example: Tensor, path: str, fmt: str) -> None
         example = torch.cat([example, example])
     try:
         if fmt == "pt2":
-            program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_batch(example))
+            program = torch.export.export(model, (example,), dynamic_shapes=DYNAMIC_BATCH)
             torch.export.save(program, path)
         else:
             _export_onnx(model, example, path)
@@ -73,7 +73,7 @@ def _check_onnx_exporter() -> None:
 def _export_onnx(model: nn.Module, example: Tensor, path: str) -> None:
     program = torch.onnx.export(model, (example,), dynamo=True, optimize=False, opset_version=OPSET,
                                 input_names=["input"], output_names=["output"],
-                                dynamic_shapes=_dynamic_batch(example),
+                                dynamic_shapes=DYNAMIC_BATCH,
                                 custom_translation_table=onnx_translations(), verbose=False)
     program.save(path)
     _strip_node_metadata(path)
@@ -103,6 +103,8 @@ def run_onnx(path: str, x: Tensor) -> Tensor:
 
 def onnx_translations() -> Dict[Callable, Callable]:
     """``torch.onnx.export``'s ``custom_translation_table``: each ``bgd::`` op as standard ONNX operators."""
+    if not ops_available():  # the inference layers trace the reference decode: plain aten ops
+        return {}
     from onnx import TensorProto
     from onnxscript import opset18 as op
 
@@ -111,7 +113,7 @@ def onnx_translations() -> Dict[Callable, Callable]:
         w = op.Gather(codebook, op.Cast(codes, to=TensorProto.INT64), axis=0)  # [rows, n_blocks, d]
         w = op.Reshape(w, op.Constant(value_ints=[int(shape[0]), -1]))
         cols = math.prod(shape[1:])
-        if _padded_cols(codes, codebook) != cols:  # a partial last block: drop its padding
+        if int(codes.shape[1]) * int(codebook.shape[1]) != cols:  # a partial last block: drop its padding
             w = op.Slice(w, op.Constant(value_ints=[0]), op.Constant(value_ints=[cols]),
                          op.Constant(value_ints=[1]))
         w = op.Reshape(w, op.Constant(value_ints=[int(s) for s in shape]))
@@ -126,7 +128,7 @@ def onnx_translations() -> Dict[Callable, Callable]:
                        group=int(groups))
 
     def linear(input, codes, codebook, scale, bias):
-        rows, cols = _codes_shape(codes)[0], _in_features(input)
+        rows, cols = int(codes.shape[0]), int(input.shape[-1])
         w = decoded(codes, codebook, (rows, cols), scale)
         out = op.MatMul(input, op.Transpose(w, perm=[1, 0]))
         return out if bias is None else op.Add(out, bias)
@@ -138,20 +140,7 @@ def onnx_translations() -> Dict[Callable, Callable]:
         return op.ConvTranspose(*inputs, strides=list(stride), pads=list(padding) * 2,
                                 output_padding=list(output_padding), dilations=list(dilation), group=int(groups))
 
-    if not ops_available():  # the inference layers trace the reference decode: plain aten ops
-        return {}
     bgd = torch.ops.bgd
     return {bgd.pq_conv2d.default: conv2d, bgd.pq_linear.default: linear,
             bgd.pq_conv_transpose2d.default: conv_transpose2d}
 
-
-def _codes_shape(codes) -> Sequence[int]:
-    return [int(s) for s in codes.shape]
-
-
-def _padded_cols(codes, codebook) -> int:
-    return _codes_shape(codes)[1] * int(codebook.shape[1])
-
-
-def _in_features(input) -> int:
-    return int(input.shape[-1])
