@@ -20,7 +20,8 @@ __all__ = ["PQConv2d", "PQConv1d", "PQLinear", "PQConvTranspose2d", "PQ_LAYER_TY
 
 
 class _PQMixin:
-    """Shared storage and bookkeeping of codebook layers.
+    """Shared storage and bookkeeping of codebook layers: built with ``_dense``'s arguments (the nn class whose
+    hyper-parameters they keep), whose dense weight is dropped for codes and a codebook.
 
     Attributes:
         codes (Tensor[C_out, n_blocks] uint8/int16): buffer.
@@ -28,9 +29,16 @@ class _PQMixin:
         weight_shape (tuple): shape of the dense weight the codes stand for.
     """
 
+    _dense: type
     codes: Tensor
     codebook: nn.Parameter
     weight_shape: Tuple[int, ...]
+
+    def __init__(self, *args, block_size: int, n_centroids: int, **kwargs) -> None:
+        self._dense.__init__(self, *args, **kwargs)
+        shape = self.weight.shape
+        del self.weight
+        self._init_pq(shape, block_size, n_centroids)
 
     def _init_pq(self, weight_shape, block_size: int, n_centroids: int) -> None:
         rows = weight_shape[0]
@@ -84,74 +92,45 @@ class _PQMixin:
             self.codes.copy_(codes.to(self.codes.dtype))
             self.codebook.copy_(codebook.to(self.codebook))
 
-    def _pq_extra_repr(self) -> str:
-        return f"block_size={self.block_size}, n_centroids={self.n_centroids}"
+    def extra_repr(self) -> str:
+        return f"{self._dense.extra_repr(self)}, block_size={self.block_size}, n_centroids={self.n_centroids}"
 
 
-class PQConv2d(_PQMixin, nn.Conv2d):
+class _PQConv(_PQMixin):
+    """Shared body of the codebook Conv1d / Conv2d."""
+
+    @classmethod
+    def from_dense(cls, conv: nn.Module, *, block_size: int, n_centroids: int) -> "_PQConv":
+        """A codebook layer with the hyper-parameters (and bias) of ``conv``; codes/codebook still zero."""
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+            padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+            padding_mode=conv.padding_mode, block_size=block_size, n_centroids=n_centroids,
+        )
+        if conv.bias is not None:
+            layer.bias.data.copy_(conv.bias.data)
+        return layer.to(conv.weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.decoded_weight().to(x.dtype), self.bias)
+
+
+class PQConv2d(_PQConv, nn.Conv2d):
     """Conv2d whose weight is product-quantized; honours stride/padding/dilation/groups."""
 
-    def __init__(self, *args, block_size: int, n_centroids: int, **kwargs) -> None:
-        nn.Conv2d.__init__(self, *args, **kwargs)
-        shape = self.weight.shape
-        del self.weight
-        self._init_pq(shape, block_size, n_centroids)
-
-    @classmethod
-    def from_dense(cls, conv: nn.Conv2d, *, block_size: int, n_centroids: int) -> "PQConv2d":
-        """A PQConv2d with the hyper-parameters (and bias) of ``conv``; codes/codebook still zero."""
-        layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-            padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
-            padding_mode=conv.padding_mode, block_size=block_size, n_centroids=n_centroids,
-        )
-        if conv.bias is not None:
-            layer.bias.data.copy_(conv.bias.data)
-        return layer.to(conv.weight.device)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.decoded_weight().to(x.dtype), self.bias)
-
-    def extra_repr(self) -> str:
-        return nn.Conv2d.extra_repr(self) + ", " + self._pq_extra_repr()
+    _dense = nn.Conv2d
 
 
-class PQConv1d(_PQMixin, nn.Conv1d):
+class PQConv1d(_PQConv, nn.Conv1d):
     """Conv1d whose weight Tensor[C_out, C_in/groups, k] is product-quantized along ``C_in/groups * k``."""
 
-    def __init__(self, *args, block_size: int, n_centroids: int, **kwargs) -> None:
-        nn.Conv1d.__init__(self, *args, **kwargs)
-        shape = self.weight.shape
-        del self.weight
-        self._init_pq(shape, block_size, n_centroids)
-
-    @classmethod
-    def from_dense(cls, conv: nn.Conv1d, *, block_size: int, n_centroids: int) -> "PQConv1d":
-        layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-            padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
-            padding_mode=conv.padding_mode, block_size=block_size, n_centroids=n_centroids,
-        )
-        if conv.bias is not None:
-            layer.bias.data.copy_(conv.bias.data)
-        return layer.to(conv.weight.device)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.decoded_weight().to(x.dtype), self.bias)
-
-    def extra_repr(self) -> str:
-        return nn.Conv1d.extra_repr(self) + ", " + self._pq_extra_repr()
+    _dense = nn.Conv1d
 
 
 class PQLinear(_PQMixin, nn.Linear):
     """Linear whose weight Tensor[out, in] is product-quantized along ``in``."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, block_size: int,
-                 n_centroids: int) -> None:
-        nn.Linear.__init__(self, in_features, out_features, bias=bias)
-        shape = self.weight.shape
-        del self.weight
-        self._init_pq(shape, block_size, n_centroids)
+    _dense = nn.Linear
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, *, block_size: int, n_centroids: int) -> "PQLinear":
@@ -164,9 +143,6 @@ class PQLinear(_PQMixin, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.decoded_weight().to(x.dtype), self.bias)
 
-    def extra_repr(self) -> str:
-        return nn.Linear.extra_repr(self) + ", " + self._pq_extra_repr()
-
 
 class PQConvTranspose2d(_PQMixin, nn.ConvTranspose2d):
     """ConvTranspose2d whose weight Tensor[C_in, C_out/groups, kh, kw] is product-quantized per input row.
@@ -175,11 +151,7 @@ class PQConvTranspose2d(_PQMixin, nn.ConvTranspose2d):
     ``C_out/groups * kh * kw`` of each input channel.
     """
 
-    def __init__(self, *args, block_size: int, n_centroids: int, **kwargs) -> None:
-        nn.ConvTranspose2d.__init__(self, *args, **kwargs)
-        shape = self.weight.shape
-        del self.weight
-        self._init_pq(shape, block_size, n_centroids)
+    _dense = nn.ConvTranspose2d
 
     @classmethod
     def from_dense(cls, conv: nn.ConvTranspose2d, *, block_size: int,
@@ -202,9 +174,6 @@ class PQConvTranspose2d(_PQMixin, nn.ConvTranspose2d):
             x, self.decoded_weight().to(x.dtype), self.bias, self.stride, self.padding,
             output_padding, self.groups, self.dilation,
         )
-
-    def extra_repr(self) -> str:
-        return nn.ConvTranspose2d.extra_repr(self) + ", " + self._pq_extra_repr()
 
 
 #: dense type -> codebook type. The one place that says which layer types can be quantized.
