@@ -10,7 +10,7 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from bgd_det.checkpoint import round_codebooks_to_fp16
+from bgd_det.checkpoint import round_codebooks_to_fp16, save_compressed
 from bgd_det.modeling import ARCH_REGISTRY
 from bgd_det.modeling.stages import Stage
 from bgd_det.quantization.plan import QuantRules, build_plan, execution_order
@@ -134,6 +134,15 @@ def random_pq(rows, cols, d, k, *, seed=0):
     return codes, torch.randn(k, d, generator=g)
 
 
+def fill_random_pq(model, *, scale=1.0, seed_by_size=True):
+    """Every codebook layer of ``model`` gets :func:`random_pq` codes and its codebook times ``scale`` (seeded by the
+    layer's number of sub-vectors, or 0)."""
+    for layer in pq_layers(model).values():
+        codes, cb = random_pq(layer.codes.shape[0], layer.codes.shape[1] * layer.block_size, layer.block_size,
+                              layer.n_centroids, seed=layer.codes.numel() if seed_by_size else 0)
+        layer.set_quantization(codes, cb * scale)
+
+
 def compressed_resnet18(seed=0):
     """A ResNet-18 (10 classes) with random codebook layers everywhere but conv1 (fc: K=1024, int16 codes), random
     BatchNorm statistics and fp16-rounded codebooks, in eval mode, and its input Tensor[2, 3, 64, 64]."""
@@ -146,15 +155,7 @@ def compressed_resnet18(seed=0):
         QuantRules(skip=["conv1"], overrides=[["fc", "N_CENTROIDS", 1024]]),
     )
     swap_in_skeleton(model, plan)
-    for layer in pq_layers(model).values():
-        codes, cb = random_pq(
-            layer.codes.shape[0],
-            layer.codes.shape[1] * layer.block_size,
-            layer.block_size,
-            layer.n_centroids,
-            seed=layer.codes.numel(),
-        )
-        layer.set_quantization(codes, cb * 0.05)
+    fill_random_pq(model, scale=0.05)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1)
@@ -163,3 +164,14 @@ def compressed_resnet18(seed=0):
             m.bias.data.uniform_(-0.1, 0.1)
     round_codebooks_to_fp16(model)
     return model.eval(), x
+
+
+@pytest.fixture(scope="module")
+def resnet18_checkpoint(tmp_path_factory):
+    """:func:`compressed_resnet18` saved as a compressed checkpoint: (path, input, the training-time model's logits)."""
+    model, x = compressed_resnet18()
+    with torch.no_grad():
+        want = model(x)
+    path = str(tmp_path_factory.mktemp("ckpt") / "resnet18.pth")
+    save_compressed(path, model, arch="resnet18", num_classes=10)
+    return path, x, want

@@ -7,22 +7,10 @@ import torch
 from torch import nn
 
 from bgd_det import ops
-from bgd_det.checkpoint import save_compressed
 from bgd_det.export import export_model, load_pt2, run_onnx
-from conftest import compressed_resnet18, load_tool
+from conftest import load_tool
 
 N_CODEBOOK_LAYERS = 20  # 16 block convs + 3 downsample convs + fc; conv1 stays dense (9,408 weights)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A saved compressed ResNet-18 (10 classes), its input Tensor[2, 3, 64, 64] and its logits."""
-    model, x = compressed_resnet18()
-    with torch.no_grad():
-        want = model(x)
-    path = str(tmp_path_factory.mktemp("ckpt") / "resnet18.pth")
-    save_compressed(path, model, arch="resnet18", num_classes=10)
-    return path, x, want
 
 
 @pytest.fixture(params=["compiled", "reference"])
@@ -43,11 +31,11 @@ def _export(tmp_path, checkpoint, fmt, batch=2):
     return out, result
 
 
-def test_onnx_runs_in_onnxruntime_with_codes_not_dense_weights(tmp_path, checkpoint, decode):
+def test_onnx_runs_in_onnxruntime_with_codes_not_dense_weights(tmp_path, resnet18_checkpoint, decode):
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    path, x, want = checkpoint
+    path, x, want = resnet18_checkpoint
     out, result = _export(tmp_path, path, "onnx")
     assert result["max_abs_diff"] is not None and result["max_abs_diff"] <= 1e-4 * result["max_abs_output"]
     got = run_onnx(out, x)  # against the training-time model (codebook layers, BatchNorm not folded)
@@ -65,8 +53,8 @@ def test_onnx_runs_in_onnxruntime_with_codes_not_dense_weights(tmp_path, checkpo
         assert all(n.domain in ("", "ai.onnx") for n in graph.node)
 
 
-def test_pt2_round_trip_keeps_the_ops(tmp_path, checkpoint, decode):
-    path, x, want = checkpoint
+def test_pt2_round_trip_keeps_the_ops(tmp_path, resnet18_checkpoint, decode):
+    path, x, want = resnet18_checkpoint
     out, result = _export(tmp_path, path, "pt2", batch=1)  # traced on one image, the batch stays dynamic
     assert result["max_abs_diff"] <= 1e-4 * result["max_abs_output"]
     program = torch.export.load(out)

@@ -18,8 +18,8 @@ from bgd_det.ops import inference as inf
 from bgd_det.quantization.layers import PQ_LAYER_TYPES, PQConv2d, PQConvTranspose2d, PQLinear
 from bgd_det.quantization.plan import QuantRules, build_plan, execution_order
 from bgd_det.quantization.pq import pq_decode
-from bgd_det.quantization.swap import pq_layers, swap_in_skeleton
-from conftest import compressed_resnet18, random_pq
+from bgd_det.quantization.swap import swap_in_skeleton
+from conftest import fill_random_pq, random_pq
 
 BLOCK_SIZES = (4, 8, 9, 16, 18)
 
@@ -492,17 +492,6 @@ def test_build_disabled_by_env(monkeypatch):
 # ------------------------------------------------------------------------------------------ models
 
 
-@pytest.fixture(scope="module")
-def resnet18_checkpoint(tmp_path_factory):
-    """A saved compressed ResNet-18, its input and the training-time model's logits."""
-    model, x = compressed_resnet18()
-    with torch.no_grad():
-        want = model(x)
-    path = str(tmp_path_factory.mktemp("ckpt") / "resnet18.pth")
-    save_compressed(path, model, arch="resnet18", num_classes=10)
-    return path, x, want
-
-
 @pytest.mark.parametrize("fold_bn", [False, True])
 def test_reloaded_resnet18_same_logits(resnet18_checkpoint, fold_bn):
     path, x, want = resnet18_checkpoint
@@ -586,14 +575,7 @@ def test_fold_bn_partial_tracing_and_shared_outputs():
             QuantRules(n_centroids=8, block_size_kxk=9, block_size_1x1=4),
         ),
     )
-    for layer in pq_layers(model).values():
-        codes, cb = random_pq(
-            layer.codes.shape[0],
-            layer.codes.shape[1] * layer.block_size,
-            layer.block_size,
-            layer.n_centroids,
-        )
-        layer.set_quantization(codes, cb)
+    fill_random_pq(model, seed_by_size=False)
     model.eval()
     with torch.no_grad():
         want = model(x)
@@ -643,10 +625,7 @@ def test_an_arch_that_cannot_be_built_on_meta_loads_for_inference_through_the_cp
     plan = build_plan(model, execution_order(model, lambda m: m(x)),
                       QuantRules(skip=["*.se.*", "stem.*"], min_subvectors_per_centroid=1))
     swap_in_skeleton(model, plan)
-    for layer in pq_layers(model).values():
-        codes, cb = random_pq(layer.codes.shape[0], layer.codes.shape[1] * layer.block_size, layer.block_size,
-                              layer.n_centroids, seed=layer.codes.numel())
-        layer.set_quantization(codes, cb * 0.05)
+    fill_random_pq(model, scale=0.05)
     round_codebooks_to_fp16(model)
     path = str(tmp_path / "regnet.pth")
     save_compressed(path, model, arch="regnet_y_400mf", num_classes=10)
