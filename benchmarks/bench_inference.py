@@ -244,7 +244,17 @@ def bench_resnet50(args) -> List[Dict]:
         f"{size.dense_mib:.1f} MiB dense "
         f"(x{size.ratio:.1f})"
     )
-    models = variants(pq, dense)
+    rows = resnet50_rows(variants(pq, dense), args)
+    print_table(
+        "ResNet-50 (224x224), latency per forward",
+        rows,
+        ["model", "batch", "variant", "median_ms", "min_ms", "ratio", "rounds"],
+    )
+    return rows
+
+
+def resnet50_rows(models: Dict[str, Callable], args) -> List[Dict]:
+    """Batch 1 and 8 at 224x224: every variant checked against "dense eager", then timed (:func:`compare`)."""
     rows = []
     for batch, rounds in ((1, args.rounds), (8, max(4, args.rounds // 3))):
         x = torch.randn(batch, 3, 224, 224)
@@ -254,11 +264,6 @@ def bench_resnet50(args) -> List[Dict]:
                 torch.testing.assert_close(m(x), ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
         for r in compare(models, lambda m: m(x), rounds=rounds):
             rows.append(dict(model="ResNet-50", batch=batch, rounds=rounds, **r))
-    print_table(
-        "ResNet-50 (224x224), latency per forward",
-        rows,
-        ["model", "batch", "variant", "median_ms", "min_ms", "ratio", "rounds"],
-    )
     return rows
 
 
@@ -292,16 +297,7 @@ def bench_onnx(args) -> List[Dict]:
               f"{os.path.getsize(path) / MIB:.2f} MiB, dense fp32 {model_size(pq).dense_mib:.1f} MiB")
         models = {"dense eager": dense_twin(pq, dense), "compiled op + folded BN": folded,
                   "ONNX Runtime": OrtModel(path, torch.get_num_threads())}
-        rows = []
-        for batch, rounds in ((1, args.rounds), (8, max(4, args.rounds // 3))):
-            x = torch.randn(batch, 3, 224, 224)
-            with torch.inference_mode():
-                ref = models["dense eager"](x)
-                for name, m in models.items():
-                    torch.testing.assert_close(m(x), ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
-            fns = {k: (lambda m=m: m(x)) for k, m in models.items()}
-            for r in summarize(interleaved(fns, rounds=rounds), "dense eager"):
-                rows.append(dict(model="ResNet-50", batch=batch, rounds=rounds, **r))
+        rows = resnet50_rows(models, args)
     print_table("ResNet-50 (224x224) exported to ONNX, latency per forward", rows,
                 ["model", "batch", "variant", "median_ms", "min_ms", "ratio", "rounds"])
     return rows
