@@ -109,6 +109,11 @@ def train_detector(model: nn.Module, task: DetectionTask, settings: TrainSetting
     return log
 
 
+def _per_row(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Tensor[C_out] shaped to broadcast over the rows of ``like`` (Tensor[C_out, ...])."""
+    return scale.view(-1, *[1] * (like.dim() - 1))
+
+
 def int8_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Round every float tensor of >= 2 dims to int8 per output channel (symmetric, round to nearest):
     ``name`` -> int8 values and ``name@scale`` -> Tensor[C_out] fp32; other tensors unchanged.
@@ -118,7 +123,7 @@ def int8_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         if v.is_floating_point() and v.dim() >= 2:
             v = v.detach().float().cpu()
             scale = v.flatten(1).abs().amax(1).clamp_min(1e-12) / 127.0
-            out[k] = torch.round(v / scale.view(-1, *[1] * (v.dim() - 1))).to(torch.int8)
+            out[k] = torch.round(v / _per_row(scale, v)).to(torch.int8)
             out[k + "@scale"] = scale
         else:
             out[k] = v.detach().cpu()
@@ -132,6 +137,6 @@ def from_int8(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         if k.endswith("@scale"):
             continue
         scale = state.get(k + "@scale")
-        out[k] = v if scale is None else v.float() * scale.view(-1, *[1] * (v.dim() - 1))
+        out[k] = v if scale is None else v.float() * _per_row(scale, v)
     return out
 
