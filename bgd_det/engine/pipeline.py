@@ -59,8 +59,14 @@ def describe_plan(cfg) -> str:
             f"({total.ratio:.1f}x of {total.dense_mib:.2f} MiB)" + (f"\n\n{fp32}" if fp32 else ""))
 
 
+def _predictions_dir(cfg, model: str) -> str:
+    """Where the evaluation of ``model`` ("uncompressed" / "compressed") writes its raw predictions."""
+    return os.path.join(cfg.OUTPUT_DIR, "predictions", model) if cfg.OUTPUT_DIR else ""
+
+
 def quantize_and_report(cfg, *, resume: bool = False, **quantizer_kwargs) -> Dict:
-    """Compress ``cfg.MODEL`` with ``cfg``; write ``model_final.pth`` and the report to ``cfg.OUTPUT_DIR``.
+    """Compress ``cfg.MODEL`` with ``cfg``; write ``model_final.pth``, the report and both models' raw predictions
+    (``predictions/{uncompressed,compressed}``) to ``cfg.OUTPUT_DIR``.
 
     Returns:
         ``{"size": SizeReport, "metrics": {...}, "timings": {...}, "result": QuantizationResult}``.
@@ -75,7 +81,7 @@ def quantize_and_report(cfg, *, resume: bool = False, **quantizer_kwargs) -> Dic
     timings: Dict[str, float] = {}
     if cfg.TEST.EVAL_TEACHER:
         t0 = time.perf_counter()
-        metrics["uncompressed"] = task.evaluate(teacher)
+        metrics["uncompressed"] = task.evaluate(teacher, output_dir=_predictions_dir(cfg, "uncompressed"))
         timings["eval_uncompressed"] = time.perf_counter() - t0
         logger.info("uncompressed: %s", metrics["uncompressed"])
     result = quantizer.run(resume=resume)
@@ -85,8 +91,8 @@ def quantize_and_report(cfg, *, resume: bool = False, **quantizer_kwargs) -> Dic
         save_compressed(os.path.join(cfg.OUTPUT_DIR, FINAL_CHECKPOINT), result.student, arch=cfg.MODEL.ARCH,
                         num_classes=cfg.MODEL.NUM_CLASSES, config=cfg.dump())
     t0 = time.perf_counter()
-    compare = {"reference": teacher} if task.compares_to_reference else {}
-    metrics["compressed"] = task.evaluate(result.student, **compare)
+    metrics["compressed"] = task.evaluate(result.student, reference=teacher,
+                                          output_dir=_predictions_dir(cfg, "compressed"))
     timings["eval_compressed"] = time.perf_counter() - t0
     if comm.is_main_process():
         text = write_report(cfg.OUTPUT_DIR, size, result.records, metrics, timings, quantizer.unquantized)

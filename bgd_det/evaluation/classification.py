@@ -1,6 +1,9 @@
 """Top-1/top-5 classification evaluator, optionally with the agreement with a reference model."""
 from __future__ import annotations
 
+import json
+import logging
+import os
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -10,7 +13,11 @@ from torch import nn
 from ..utils import comm
 from .evaluator import DatasetEvaluator
 
-__all__ = ["ClassificationEvaluator"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["ClassificationEvaluator", "PREDICTIONS_FILE"]
+
+PREDICTIONS_FILE = "predictions.json"
 
 
 class ClassificationEvaluator(DatasetEvaluator):
@@ -20,18 +27,21 @@ class ClassificationEvaluator(DatasetEvaluator):
     reports ``kl_to_reference``, the mean ``KL(softmax(reference) || softmax(model))`` in nats, and
     ``top1_agreement``, the % of images where both models predict the same class. Unlike accuracy, these
     need no labels and vary smoothly, so they separate close variants on a few hundred images. With
-    ``per_image``, ``top1_per_image`` lists every image's top-1 hit (for paired comparisons of two models).
+    ``per_image``, ``top1_per_image`` lists every image's top-1 hit (for paired comparisons of two models). With
+    ``output_dir``, ``predictions.json`` there receives every image's top-1 class and label (in the dataset's order).
     """
 
     def __init__(self, topk: Sequence[int] = (1, 5), reference: Optional[nn.Module] = None,
-                 per_image: bool = False) -> None:
+                 per_image: bool = False, output_dir: str = "") -> None:
         self.topk = tuple(topk)
         self.reference = reference
         self.per_image = per_image
+        self.output_dir = output_dir
         self.reset()
 
     def reset(self) -> None:
         self._hits: list = []
+        self._predictions: list = []  # (top-1 class, label) per image, this process's share
         self._correct = torch.zeros(len(self.topk), dtype=torch.long)
         self._count = 0
         self._kl_sum = torch.zeros((), dtype=torch.float64)
@@ -46,6 +56,8 @@ class ClassificationEvaluator(DatasetEvaluator):
         self._count += labels.numel()
         if self.per_image:
             self._hits += hit[:, :1].any(1).tolist()
+        if self.output_dir:
+            self._predictions += list(zip(pred[:, 0].tolist(), labels.tolist()))
         if self.reference is not None:
             was_training = self.reference.training
             self.reference.eval()
@@ -69,4 +81,19 @@ class ClassificationEvaluator(DatasetEvaluator):
             if comm.get_world_size() > 1:
                 raise RuntimeError("per-image results are kept in one process only")
             out["top1_per_image"] = [bool(h) for h in self._hits]
+        if self.output_dir:
+            self._write_predictions()
         return out
+
+    def _write_predictions(self) -> None:
+        """``predictions.json``: ``{"top1": [...], "label": [...]}`` in the dataset's order (rank r held the images
+        r, r + world, ...: they are interleaved back)."""
+        shares = comm.gather(self._predictions)
+        if not comm.is_main_process():
+            return
+        ordered = [share[k] for k in range(max(map(len, shares))) for share in shares if k < len(share)]
+        os.makedirs(self.output_dir, exist_ok=True)
+        path = os.path.join(self.output_dir, PREDICTIONS_FILE)
+        with open(path, "w") as f:
+            json.dump({"top1": [p[0] for p in ordered], "label": [p[1] for p in ordered]}, f)
+        logger.info("wrote %d predictions to %s", len(ordered), path)

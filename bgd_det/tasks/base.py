@@ -69,14 +69,14 @@ class Task:
         """Label-free loss that pulls ``student`` towards ``teacher`` on ``batch`` (scalar Tensor)."""
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module) -> Dict[str, float]:
-        """Metrics of ``model`` on ``cfg.DATASETS.TEST``."""
+    def evaluate(self, model: nn.Module, *, reference: Optional[nn.Module] = None,
+                 output_dir: str = "") -> Dict[str, float]:
+        """Metrics of ``model`` on ``cfg.DATASETS.TEST``; with ``reference`` (e.g. the teacher, run on the same
+        inputs) also the label-free agreement with it; ``output_dir`` receives the raw predictions ("" = nowhere)."""
         raise NotImplementedError
 
     #: name of the headline metric in :meth:`evaluate`'s dict (for reports).
     main_metrics: tuple = ()
-    #: whether :meth:`evaluate` accepts ``reference=`` (a model to compare the outputs with, e.g. the teacher).
-    compares_to_reference: bool = False
 
 
 def build_task(cfg) -> Task:

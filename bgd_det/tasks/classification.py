@@ -37,7 +37,6 @@ def mix_images(images: torch.Tensor, alpha: float, rng: np.random.Generator) -> 
 
 class ClassificationTask(Task):
     main_metrics = ("top1", "top5")
-    compares_to_reference = True
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -101,12 +100,13 @@ class ClassificationTask(Task):
         indices = indices[comm.get_rank()::comm.get_world_size()]
         return build_loader(Subset(ds, indices), batch_size=self.cfg.TEST.BATCH_SIZE, cfg=self.cfg)
 
-    def evaluate(self, model: nn.Module, *, reference: Optional[nn.Module] = None,
+    def evaluate(self, model: nn.Module, *, reference: Optional[nn.Module] = None, output_dir: str = "",
                  per_image: bool = False) -> Dict[str, float]:
         """Top-1/top-5 (%) on ``DATASETS.TEST``; with ``reference`` also its KL and top-1 agreement to it; with
-        ``per_image`` also every image's top-1 hit (``top1_per_image``, in the dataset's order)."""
+        ``per_image`` also every image's top-1 hit (``top1_per_image``, in the dataset's order); ``output_dir``
+        receives ``predictions.json`` (every image's top-1 class and label)."""
         device = self.device
-        evaluator = ClassificationEvaluator(reference=reference, per_image=per_image)
+        evaluator = ClassificationEvaluator(reference=reference, per_image=per_image, output_dir=output_dir)
         return inference_on_dataset(model, self.test_loader(), evaluator,
                                     forward=lambda m, b: m(b[0].to(device)), desc=self.cfg.DATASETS.TEST)
 

@@ -505,8 +505,12 @@ class DetectionTask(Task):
         return build_loader(Subset(self.dataset(self.cfg.DATASETS.TEST), indices), batch_size=self.cfg.TEST.BATCH_SIZE,
                             cfg=self.cfg, collate_fn=_collate)
 
-    def evaluate(self, model: nn.Module, *, output_dir: str = "", desc: str = "") -> Dict[str, float]:
-        """COCO box/mask AP (percent) of ``model`` on ``DATASETS.TEST``; ``output_dir`` receives the results json.
+    def evaluate(self, model: nn.Module, *, reference: Optional[nn.Module] = None, output_dir: str = "",
+                 desc: str = "") -> Dict[str, float]:
+        """COCO box/mask AP (percent) of ``model`` on ``DATASETS.TEST``; with ``reference`` (run on the same images)
+        also ``box_AP_vs_reference`` / ``mask_AP_vs_reference``, the AP against the reference's own detections
+        scoring >= ``TEST.AGREEMENT_SCORE`` (``reference_instances`` of them); ``output_dir`` receives the results
+        json.
 
         Raises:
             ValueError: when the model's classes do not fit the dataset's categories.
@@ -514,15 +518,23 @@ class DetectionTask(Task):
         name = self.cfg.DATASETS.TEST
         ds = self.dataset(name)
         labels = ds.label_map(model_num_classes(model))
-        evaluator = COCOEvaluator(ds.coco, {v: k for k, v in labels.items()}, output_dir=output_dir)
         device = self.device
 
         def forward(m: nn.Module, batch: Dict[str, Any]):
             return m([item["image"].to(device) for item in batch["items"]])
 
-        # inference_on_dataset hands the raw batch to the evaluator: give it the image ids.
-        return inference_on_dataset(model, _BatchWithIds(self.test_loader()), evaluator, forward=forward,
-                                    desc=desc or f"COCO eval {name}")
+        evaluator = COCOEvaluator(ds.coco, {v: k for k, v in labels.items()}, output_dir=output_dir,
+                                  reference=None if reference is None else functools.partial(forward, reference),
+                                  reference_score=self.cfg.TEST.AGREEMENT_SCORE)
+        was_training = reference is not None and reference.training
+        if reference is not None:
+            reference.eval()
+        try:  # inference_on_dataset hands the raw batch to the evaluator: give it the image ids.
+            return inference_on_dataset(model, _BatchWithIds(self.test_loader()), evaluator, forward=forward,
+                                        desc=desc or f"COCO eval {name}")
+        finally:
+            if reference is not None:
+                reference.train(was_training)
 
 
 class _BatchWithIds:

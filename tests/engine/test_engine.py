@@ -1,4 +1,5 @@
 """End-to-end engine on a tiny network and real image files: quantize, resume, checkpoint round trip, report."""
+import json
 import os
 import re
 
@@ -149,6 +150,9 @@ def test_pipeline_checkpoint_roundtrip_and_report(tiny_images, tmp_path):
     assert out["metrics"]["compressed"]["n_images"] == 10
     assert out["metrics"]["compressed"]["kl_to_reference"] >= 0.0  # measured against the teacher
     assert 0.0 <= out["metrics"]["compressed"]["top1_agreement"] <= 100.0
+    for model in ("uncompressed", "compressed"):  # both evaluations keep their raw predictions
+        saved = json.loads((tmp_path / "predictions" / model / "predictions.json").read_text())
+        assert len(saved["top1"]) == len(saved["label"]) == 10
 
 
 def test_bad_checkpoints(tmp_path, tiny_images):
@@ -210,7 +214,7 @@ def test_feature_loss_on_dict_and_tuple_outputs():
         feature_loss({"fpn": "x"}, {"fpn": "x"})
 
 
-def test_classification_evaluator_against_reference_model():
+def test_classification_evaluator_against_reference_model(tmp_path):
     """kl_to_reference / top1_agreement against a direct computation over two batches; labels untouched."""
     from bgd_det.evaluation import ClassificationEvaluator
 
@@ -231,11 +235,13 @@ def test_classification_evaluator_against_reference_model():
     assert out["top1_agreement"] == pytest.approx(100.0 * float((p.argmax(1) == q.argmax(1)).double().mean()))
     assert out["top1"] == pytest.approx(100.0 * float((q.argmax(1) == y).double().mean()))
     assert out["n_images"] == 11
-    # the model against itself: zero divergence, full agreement
-    ev = ClassificationEvaluator(topk=(1,), reference=model)
+    # the model against itself: zero divergence, full agreement; predictions.json holds the top-1 of every image
+    ev = ClassificationEvaluator(topk=(1,), reference=model, output_dir=str(tmp_path))
     with torch.no_grad():
         ev.process(batches[0], model(batches[0][0]))
     assert ev.evaluate()["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)
+    saved = json.loads((tmp_path / "predictions.json").read_text())
+    assert saved == {"top1": model(batches[0][0]).argmax(1).tolist(), "label": batches[0][1].tolist()}
 
 
 def test_mix_images_is_a_seeded_per_image_mixup():

@@ -275,3 +275,32 @@ def test_agreement_with_the_reference_models_own_detections(tiny_coco):
     assert half["box_AP_vs_reference"] == pytest.approx(50.0) and "mask_AP_vs_reference" not in half
     none = agreement_with_reference(coco, teacher, teacher, image_ids=[5], score_threshold=0.95)
     assert none["reference_instances"] == 0 and none["box_AP_vs_reference"] != none["box_AP_vs_reference"]  # NaN
+
+
+def test_evaluator_with_a_reference_model_adds_its_agreement(tiny_coco):
+    """The reference is run on the same batch; its agreement equals agreement_with_reference on the two lists."""
+    from bgd_det.evaluation.coco_evaluation import agreement_with_reference
+
+    path, _ = tiny_coco
+    coco = load_coco_api(str(path))
+    to_cat = {1: 3, 2: 7}
+    teacher = {"boxes": torch.tensor([[10.0, 10.0, 60.0, 60.0], [70.0, 5.0, 90.0, 35.0]]),
+               "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 2]),
+               "masks": torch.cat([_mask(coco, 1), _mask(coco, 2)])[:, None]}
+    student = dict(teacher, boxes=teacher["boxes"].clone())
+    student["boxes"][1, [0, 2]] += 20.0  # the dog's box moved 20 px right (its mask did not)
+    seen = []
+
+    def reference(inputs):
+        seen.append(list(inputs["image_ids"]))
+        return [teacher]
+
+    ev = COCOEvaluator(coco, to_cat, reference=reference, reference_score=0.5)
+    ev.process({"image_ids": [5]}, [student])
+    m = ev.evaluate()
+    want = agreement_with_reference(coco, instances_to_coco_json(teacher, 5, to_cat),
+                                    instances_to_coco_json(student, 5, to_cat), image_ids=[5])
+    assert seen == [[5]]
+    assert m["box_AP_vs_reference"] == pytest.approx(want["box_AP_vs_reference"]) == pytest.approx(50.0)
+    assert m["mask_AP_vs_reference"] == pytest.approx(100.0) and m["reference_instances"] == 2
+    assert m["box_AP"] == pytest.approx(50.0)  # against the ground truth, as without a reference

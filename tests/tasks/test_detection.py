@@ -325,6 +325,12 @@ def test_quantize_net_and_eval_coco_on_coco_tiny(assets_dir, tmp_path, monkeypat
     report = json.loads((tmp_path / "report.json").read_text())
     # the teacher is re-created from SEED by eval_coco: same AP as measured while compressing
     assert rows["uncompressed"]["box_AP"] == pytest.approx(report["metrics"]["uncompressed"]["box_AP"])
+    # quantize_net ran the teacher beside the student: the same agreement figure, and both models' detections kept
+    assert report["metrics"]["compressed"]["reference_instances"] == rows["compressed"]["teacher_instances"]
+    assert report["metrics"]["compressed"]["box_AP_vs_reference"] == pytest.approx(
+        rows["compressed"]["box_AP_vs_teacher"], abs=0.5, nan_ok=True)
+    for model in ("uncompressed", "compressed"):
+        assert (tmp_path / "predictions" / model / "coco_instances_results.json").is_file()
     # as deployed: through the compiled CPU ops with FrozenBatchNorm folded, the same AP
     deployed = tool.main(tool.default_argument_parser().parse_args(
         ["--config", demo, *opts, "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"), "TEST.EVAL_TEACHER", "False",
