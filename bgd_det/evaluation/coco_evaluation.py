@@ -120,8 +120,10 @@ def agreement_with_reference(coco_gt: COCO, reference: Sequence[Dict], results: 
         ``{"box_AP_vs_reference": ..., "mask_AP_vs_reference": ..., "reference_instances": n}`` (percent; NaN when
         the reference keeps no detection; mask AP only when both carry masks).
     """
-    kept = [r for r in reference if r["score"] >= score_threshold]
     ids = sorted(int(i) for i in image_ids)
+    inside = set(ids)  # detections on other images are not scored (the pseudo ground truth holds only these)
+    kept = [r for r in reference if r["score"] >= score_threshold and r["image_id"] in inside]
+    results = [r for r in results if r["image_id"] in inside]
     out: Dict[str, float] = {"reference_instances": len(kept)}
     pseudo = {"images": [coco_gt.imgs[i] for i in ids], "categories": copy.deepcopy(coco_gt.dataset["categories"]),
               "annotations": []}

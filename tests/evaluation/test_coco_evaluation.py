@@ -273,6 +273,9 @@ def test_agreement_with_the_reference_models_own_detections(tiny_coco):
     moved = [dict(r, bbox=[r["bbox"][0] + 20, *r["bbox"][1:]]) if r["category_id"] == 7 else r for r in teacher]
     half = agreement_with_reference(coco, teacher, moved, image_ids=[5], iou_types=("bbox",))
     assert half["box_AP_vs_reference"] == pytest.approx(50.0) and "mask_AP_vs_reference" not in half
+    elsewhere = [dict(r, image_id=9) for r in teacher]  # detections on an image outside image_ids are not scored
+    assert agreement_with_reference(coco, teacher + elsewhere, moved + elsewhere, image_ids=[5],
+                                    iou_types=("bbox",)) == half
     none = agreement_with_reference(coco, teacher, teacher, image_ids=[5], score_threshold=0.95)
     assert none["reference_instances"] == 0 and none["box_AP_vs_reference"] != none["box_AP_vs_reference"]  # NaN
 

@@ -55,3 +55,18 @@ def test_evaluator_per_image_hits_follow_the_images():
     ev.process((None, torch.tensor([0, 1, 1])), logits)
     out = ev.evaluate()
     assert out["top1_per_image"] == [True, False, True] and out["top1"] == pytest.approx(200 / 3)
+
+
+def test_student_t_quantiles_and_the_interval_of_a_seed_mean():
+    from bgd_det.evaluation.protocol import student_t_quantile, summarize
+
+    # the textbook table (two-sided 95% and 90%)
+    for df, want in ((1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (10, 2.228), (30, 2.042)):
+        assert student_t_quantile(0.975, df) == pytest.approx(want, abs=1e-3), df
+    assert student_t_quantile(0.95, 5) == pytest.approx(2.015, abs=1e-3)
+    s = summarize([1.0, 2.0, 3.0])
+    assert (s.mean, s.sd) == (2.0, 1.0)
+    assert s.interval() == pytest.approx((2.0 - 4.3027 / 3 ** 0.5, 2.0 + 4.3027 / 3 ** 0.5), abs=1e-3)
+    assert all(v != v for v in summarize([5.0]).interval())  # one seed: no interval
+    with pytest.raises(ValueError, match="p=0.4, df=2; allowed: 0.5 < p < 1, df >= 1"):
+        student_t_quantile(0.4, 2)
