@@ -307,3 +307,43 @@ def test_evaluator_with_a_reference_model_adds_its_agreement(tiny_coco):
     assert m["box_AP_vs_reference"] == pytest.approx(want["box_AP_vs_reference"]) == pytest.approx(50.0)
     assert m["mask_AP_vs_reference"] == pytest.approx(100.0) and m["reference_instances"] == 2
     assert m["box_AP"] == pytest.approx(50.0)  # against the ground truth, as without a reference
+
+
+def test_detection_seeds_benchmark_rescores_the_kept_detections(tiny_coco, tmp_path, capsys):
+    """benchmarks/detection_seeds.py: per-seed AP from each run's predictions, mean +- sd, paired differences."""
+    import importlib.util
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("detection_seeds", REPO / "benchmarks" / "detection_seeds.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    path, _ = tiny_coco
+    coco = load_coco_api(str(path))
+    to_cat = {1: 3, 2: 7}
+    teacher = {"boxes": torch.tensor([[10.0, 10.0, 60.0, 60.0], [70.0, 5.0, 90.0, 35.0]]),
+               "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 2]),
+               "masks": torch.cat([_mask(coco, 1), _mask(coco, 2)])[:, None]}
+
+    def run(name, shift):
+        student = dict(teacher, boxes=teacher["boxes"].clone())
+        student["boxes"][1, [0, 2]] += shift  # the dog's box moved right: box AP 50 once it misses
+        for model, out in (("uncompressed", teacher), ("compressed", student)):
+            (tmp_path / name / "predictions" / model).mkdir(parents=True)
+            (tmp_path / name / "predictions" / model / RESULTS_FILE).write_text(
+                json.dumps(instances_to_coco_json(out, 5, to_cat)))
+        (tmp_path / name / "report.json").write_text(json.dumps({"timings": {"layers": 1.0}}))
+        return str(tmp_path / name)
+
+    good, bad = [run("g0", 0.0), run("g1", 0.0)], [run("b0", 20.0), run("b1", 0.0)]
+    out = bench.main(["--annotations", str(path), "--recipe", "good=" + ",".join(good),
+                      "--recipe", "bad=" + ",".join(bad), "--compare", "good"])
+    entry = out["sets"]["all 1"]["recipes"]
+    assert entry["good"]["box_AP"]["mean"] == pytest.approx(100.0) and entry["good"]["box_AP"]["sd"] == 0.0
+    assert [r["box_AP"] for r in entry["bad"]["per_seed"]] == pytest.approx([50.0, 100.0])
+    assert entry["bad"]["box_AP"]["of_teacher"] == pytest.approx(0.75)
+    assert entry["bad"]["minus_good"]["box_AP"]["per_seed"] == pytest.approx([-50.0, 0.0])
+    assert entry["bad"]["box_AP_vs_teacher"]["mean"] == pytest.approx(75.0)
+    assert "| bad" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--compare 'worse' is not a recipe"):
+        bench.main(["--annotations", str(path), "--recipe", "good=" + good[0], "--compare", "worse"])
