@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from ..quantization.swap import pq_layers
 from ..utils.file_io import one_line
+from ..utils.modes import eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -220,20 +221,13 @@ def verify_model(model: nn.Module, *, num_classes: int, source: str = "model") -
 
     Codebooks are checked finite on import, so the decoded weights (their entries) are finite too.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for name, m in pq_layers(model).items():
-                shape = tuple(m.decoded_weight().shape)
-                if shape != tuple(m.weight_shape):
-                    raise ValueError(
-                        f"{source}: layer {name!r} decodes to {shape}, not {m.weight_shape}"
-                    )
-            device = next(model.parameters()).device
-            out = model(torch.zeros(1, 3, 32, 32, device=device))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for name, m in pq_layers(model).items():
+            shape = tuple(m.decoded_weight().shape)
+            if shape != tuple(m.weight_shape):
+                raise ValueError(f"{source}: layer {name!r} decodes to {shape}, not {m.weight_shape}")
+        device = next(model.parameters()).device
+        out = model(torch.zeros(1, 3, 32, 32, device=device))
     if tuple(out.shape) != (1, num_classes) or not torch.isfinite(out).all():
         raise ValueError(
             f"{source}: forward pass gives {tuple(out.shape)} logits (expected (1, {num_classes})) "

@@ -8,7 +8,6 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..utils import comm
 from .evaluator import DatasetEvaluator
@@ -23,18 +22,16 @@ PREDICTIONS_FILE = "predictions.json"
 class ClassificationEvaluator(DatasetEvaluator):
     """Top-k accuracy (in %) of logits Tensor[B, num_classes] against labels Tensor[B].
 
-    With a ``reference`` model (e.g. the uncompressed teacher), which is run on the same images, it also
-    reports ``kl_to_reference``, the mean ``KL(softmax(reference) || softmax(model))`` in nats, and
+    Given a reference model's logits on the same images (``process(inputs, outputs, reference_outputs)``, e.g. the
+    uncompressed teacher's, from :func:`inference_on_dataset`), it also reports ``kl_to_reference``, the mean ``KL(softmax(reference) || softmax(model))`` in nats, and
     ``top1_agreement``, the % of images where both models predict the same class. Unlike accuracy, these
     need no labels and vary smoothly, so they separate close variants on a few hundred images. With
     ``per_image``, ``top1_per_image`` lists every image's top-1 hit (for paired comparisons of two models). With
     ``output_dir``, ``predictions.json`` there receives every image's top-1 class and label (in the dataset's order).
     """
 
-    def __init__(self, topk: Sequence[int] = (1, 5), reference: Optional[nn.Module] = None,
-                 per_image: bool = False, output_dir: str = "") -> None:
+    def __init__(self, topk: Sequence[int] = (1, 5), per_image: bool = False, output_dir: str = "") -> None:
         self.topk = tuple(topk)
-        self.reference = reference
         self.per_image = per_image
         self.output_dir = output_dir
         self.reset()
@@ -46,8 +43,9 @@ class ClassificationEvaluator(DatasetEvaluator):
         self._count = 0
         self._kl_sum = torch.zeros((), dtype=torch.float64)
         self._agree = torch.zeros((), dtype=torch.long)
+        self._compared = torch.zeros((), dtype=torch.long)  # images that came with reference logits
 
-    def process(self, inputs: Any, outputs: torch.Tensor) -> None:
+    def process(self, inputs: Any, outputs: torch.Tensor, reference_outputs: Optional[torch.Tensor] = None) -> None:
         labels = inputs[1].to(outputs.device)
         pred = outputs.topk(max(self.topk), dim=1).indices
         hit = pred == labels.unsqueeze(1)
@@ -58,11 +56,9 @@ class ClassificationEvaluator(DatasetEvaluator):
             self._hits += hit[:, :1].any(1).tolist()
         if self.output_dir:
             self._predictions += list(zip(pred[:, 0].tolist(), labels.tolist()))
-        if self.reference is not None:
-            was_training = self.reference.training
-            self.reference.eval()
-            ref = self.reference(inputs[0].to(outputs.device)).float()
-            self.reference.train(was_training)
+        if reference_outputs is not None:
+            ref = reference_outputs.float()
+            self._compared += labels.numel()
             self._kl_sum += float(F.kl_div(F.log_softmax(outputs.float(), 1), F.log_softmax(ref, 1),
                                            reduction="sum", log_target=True))
             self._agree += int((ref.argmax(1) == outputs.argmax(1)).sum())
@@ -73,9 +69,13 @@ class ClassificationEvaluator(DatasetEvaluator):
         if count == 0:
             raise ValueError("ClassificationEvaluator received no samples")
         out = {f"top{k}": 100.0 * float(c) / count for k, c in zip(self.topk, correct)}
-        if self.reference is not None:
-            out["kl_to_reference"] = float(comm.all_reduce_sum(self._kl_sum.clone())) / count
-            out["top1_agreement"] = 100.0 * float(comm.all_reduce_sum(self._agree.clone())) / count
+        compared = int(comm.all_reduce_sum(self._compared.clone()))  # on every rank: each takes part in the sums
+        kl, agree = comm.all_reduce_sum(self._kl_sum.clone()), comm.all_reduce_sum(self._agree.clone())
+        if compared:
+            if compared != count:
+                raise ValueError(f"reference logits came with {compared} of {count} images; allowed: all or none")
+            out["kl_to_reference"] = float(kl) / count
+            out["top1_agreement"] = 100.0 * float(agree) / count
         out["n_images"] = count
         if self.per_image:  # in the loader's order (one process: the dataset's order)
             if comm.get_world_size() > 1:

@@ -14,7 +14,7 @@ import itertools
 import json
 import logging
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -155,23 +155,22 @@ class COCOEvaluator(DatasetEvaluator):
         coco_gt: the ground truth (``CocoInstances.coco``). label_to_category: model label -> category id.
         iou_types: subset of ("bbox", "segm"); "segm" is skipped for outputs without masks.
         output_dir: where to write ``coco_instances_results.json`` and ``coco_metrics.json`` ("" = nowhere).
-        reference: ``reference(inputs) -> outputs`` of another model on the same batch (e.g. the teacher): the
-            metrics then add its agreement (:func:`agreement_with_reference` at ``reference_score``).
+        reference_score: the score from which a reference model's detections count as its instances.
 
-    ``process(inputs, outputs)`` takes a batch with ``inputs["image_ids"]`` (list of ints) and the list of
-    per-image output dicts.
+    ``process(inputs, outputs, reference_outputs)`` takes a batch with ``inputs["image_ids"]`` (list of ints), the
+    list of per-image output dicts and, when :func:`inference_on_dataset` runs a reference model (e.g. the teacher),
+    the reference's: the metrics then add the agreement with it (:func:`agreement_with_reference`).
     """
 
     def __init__(self, coco_gt: COCO, label_to_category: Mapping[int, int], *,
                  iou_types: Sequence[str] = ("bbox", "segm"), output_dir: str = "",
-                 reference: Optional[Callable[[Mapping[str, Any]], Sequence[Mapping[str, torch.Tensor]]]] = None,
                  reference_score: float = 0.5) -> None:
         self.coco_gt, self.label_to_category = coco_gt, dict(label_to_category)
         unknown = [t for t in iou_types if t not in _PREFIX]
         if unknown:
             raise ValueError(f"unknown iou types {unknown}; allowed: {list(_PREFIX)}")
         self.iou_types, self.output_dir = tuple(iou_types), output_dir
-        self.reference, self.reference_score = reference, reference_score
+        self.reference_score = reference_score
         self.reset()
 
     def reset(self) -> None:
@@ -179,25 +178,30 @@ class COCOEvaluator(DatasetEvaluator):
         self._reference_results: List[Dict] = []
         self._image_ids: List[int] = []
         self._has_masks = False
+        self._compared = False  # reference outputs came with the batches
 
-    def process(self, inputs: Mapping[str, Any], outputs: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    def process(self, inputs: Mapping[str, Any], outputs: Sequence[Mapping[str, torch.Tensor]],
+                reference_outputs: Optional[Sequence[Mapping[str, torch.Tensor]]] = None) -> None:
         for image_id, output in zip(inputs["image_ids"], outputs):
             self._image_ids.append(int(image_id))
             self._has_masks |= "masks" in output
             self._results.extend(instances_to_coco_json(output, image_id, self.label_to_category))
-        if self.reference is not None:
-            for image_id, output in zip(inputs["image_ids"], self.reference(inputs)):
+        if reference_outputs is not None:
+            self._compared = True
+            for image_id, output in zip(inputs["image_ids"], reference_outputs):
                 self._reference_results.extend(instances_to_coco_json(output, image_id, self.label_to_category))
 
     def evaluate(self) -> Dict[str, float]:
         """Metrics on rank 0 (``{}`` on the others): ``box_AP``, ``box_AP50``, ..., ``mask_AP``, ..., n_images."""
-        gathered = comm.gather((self._results, self._image_ids, self._has_masks, self._reference_results))
+        gathered = comm.gather((self._results, self._image_ids, self._has_masks, self._reference_results,
+                                self._compared))
         if not comm.is_main_process():
             return {}
         results = list(itertools.chain.from_iterable(g[0] for g in gathered))
         image_ids = sorted(set(itertools.chain.from_iterable(g[1] for g in gathered)))
         has_masks = any(g[2] for g in gathered)
         reference = list(itertools.chain.from_iterable(g[3] for g in gathered))
+        compared = any(g[4] for g in gathered)
         if not image_ids:
             raise ValueError("COCOEvaluator received no images")
         if not results:
@@ -213,7 +217,7 @@ class COCOEvaluator(DatasetEvaluator):
                 continue
             stats = evaluate_coco_results(self.coco_gt, results, iou_type=iou_type, image_ids=image_ids)
             metrics.update({f"{_PREFIX[iou_type]}_{k}": v for k, v in stats.items()})
-        if self.reference is not None:
+        if compared:
             metrics.update(agreement_with_reference(self.coco_gt, reference, results, image_ids=image_ids,
                                                     score_threshold=self.reference_score,
                                                     iou_types=self.iou_types))

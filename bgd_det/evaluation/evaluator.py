@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Dict, Iterable
+from typing import Any, Callable, Dict, Iterable, Optional
 
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from ..utils.modes import eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -15,12 +17,14 @@ __all__ = ["DatasetEvaluator", "inference_on_dataset"]
 
 
 class DatasetEvaluator:
-    """Accumulates predictions: ``reset()``, ``process(inputs, outputs)`` per batch, ``evaluate() -> dict``."""
+    """Accumulates predictions: ``reset()``, ``process(inputs, outputs, reference_outputs)`` per batch,
+    ``evaluate() -> dict``. Evaluators never run models: :func:`inference_on_dataset` hands them the model's outputs
+    and, when it is given a reference model, the reference's outputs on the same batch (else ``None``)."""
 
     def reset(self) -> None:
         pass
 
-    def process(self, inputs: Any, outputs: Any) -> None:
+    def process(self, inputs: Any, outputs: Any, reference_outputs: Any = None) -> None:
         raise NotImplementedError
 
     def evaluate(self) -> Dict[str, float]:
@@ -29,24 +33,22 @@ class DatasetEvaluator:
 
 def inference_on_dataset(model: nn.Module, loader: Iterable, evaluator: DatasetEvaluator, *,
                          forward: Callable[[nn.Module, Any], Any] | None = None,
-                         desc: str = "eval") -> Dict[str, float]:
-    """Run ``model`` in eval mode over ``loader`` and return ``evaluator.evaluate()``.
+                         reference: Optional[nn.Module] = None, desc: str = "eval") -> Dict[str, float]:
+    """Run ``model`` (and ``reference``, on the same batches) in eval mode over ``loader`` and return
+    ``evaluator.evaluate()``.
 
     Args:
         forward: ``forward(model, batch) -> outputs``; default ``model(batch[0])``.
+        reference: e.g. the uncompressed teacher: its outputs go to the evaluator beside the model's.
     """
     forward = forward or (lambda m, batch: m(batch[0]))
     evaluator.reset()
-    was_training = model.training
-    model.eval()
     start = time.perf_counter()
     n = 0
-    try:
-        with torch.inference_mode():
-            for batch in tqdm(loader, desc=desc, leave=False):
-                evaluator.process(batch, forward(model, batch))
-                n += 1
-    finally:
-        model.train(was_training)
+    with eval_mode(model, reference), torch.inference_mode():
+        for batch in tqdm(loader, desc=desc, leave=False):
+            outputs = forward(model, batch)
+            evaluator.process(batch, outputs, None if reference is None else forward(reference, batch))
+            n += 1
     logger.info("%s: %d batches in %.1fs", desc, n, time.perf_counter() - start)
     return evaluator.evaluate()

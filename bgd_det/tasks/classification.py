@@ -106,9 +106,9 @@ class ClassificationTask(Task):
         ``per_image`` also every image's top-1 hit (``top1_per_image``, in the dataset's order); ``output_dir``
         receives ``predictions.json`` (every image's top-1 class and label)."""
         device = self.device
-        evaluator = ClassificationEvaluator(reference=reference, per_image=per_image, output_dir=output_dir)
-        return inference_on_dataset(model, self.test_loader(), evaluator,
-                                    forward=lambda m, b: m(b[0].to(device)), desc=self.cfg.DATASETS.TEST)
+        evaluator = ClassificationEvaluator(per_image=per_image, output_dir=output_dir)
+        return inference_on_dataset(model, self.test_loader(), evaluator, forward=lambda m, b: m(b[0].to(device)),
+                                    reference=reference, desc=self.cfg.DATASETS.TEST)
 
 
 TASK_REGISTRY._do_register("classification", ClassificationTask)

@@ -524,17 +524,10 @@ class DetectionTask(Task):
             return m([item["image"].to(device) for item in batch["items"]])
 
         evaluator = COCOEvaluator(ds.coco, {v: k for k, v in labels.items()}, output_dir=output_dir,
-                                  reference=None if reference is None else functools.partial(forward, reference),
                                   reference_score=self.cfg.TEST.AGREEMENT_SCORE)
-        was_training = reference is not None and reference.training
-        if reference is not None:
-            reference.eval()
-        try:  # inference_on_dataset hands the raw batch to the evaluator: give it the image ids.
-            return inference_on_dataset(model, _BatchWithIds(self.test_loader()), evaluator, forward=forward,
-                                        desc=desc or f"COCO eval {name}")
-        finally:
-            if reference is not None:
-                reference.train(was_training)
+        # inference_on_dataset hands the raw batch to the evaluator: give it the image ids.
+        return inference_on_dataset(model, _BatchWithIds(self.test_loader()), evaluator, forward=forward,
+                                    reference=reference, desc=desc or f"COCO eval {name}")
 
 
 class _BatchWithIds:

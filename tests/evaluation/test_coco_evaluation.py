@@ -281,7 +281,9 @@ def test_agreement_with_the_reference_models_own_detections(tiny_coco):
 
 
 def test_evaluator_with_a_reference_model_adds_its_agreement(tiny_coco):
-    """The reference is run on the same batch; its agreement equals agreement_with_reference on the two lists."""
+    """inference_on_dataset runs the reference on the same batch (in eval mode, its training flag given back); the
+    evaluator's agreement equals agreement_with_reference on the two lists."""
+    from bgd_det.evaluation.evaluator import inference_on_dataset
     from bgd_det.evaluation.coco_evaluation import agreement_with_reference
 
     path, _ = tiny_coco
@@ -294,16 +296,22 @@ def test_evaluator_with_a_reference_model_adds_its_agreement(tiny_coco):
     student["boxes"][1, [0, 2]] += 20.0  # the dog's box moved 20 px right (its mask did not)
     seen = []
 
-    def reference(inputs):
-        seen.append(list(inputs["image_ids"]))
-        return [teacher]
+    class Fixed(torch.nn.Module):  # a "model" whose output is fixed; it records the mode it was run in
+        def __init__(self, output):
+            super().__init__()
+            self.output = output
 
-    ev = COCOEvaluator(coco, to_cat, reference=reference, reference_score=0.5)
-    ev.process({"image_ids": [5]}, [student])
-    m = ev.evaluate()
+        def forward(self, batch):
+            seen.append((self.output is teacher, self.training, list(batch["image_ids"])))
+            return [self.output]
+
+    model, reference = Fixed(student), Fixed(teacher).train()
+    ev = COCOEvaluator(coco, to_cat, reference_score=0.5)
+    m = inference_on_dataset(model, [{"image_ids": [5]}], ev, forward=lambda net, batch: net(batch),
+                             reference=reference)
+    assert seen == [(False, False, [5]), (True, False, [5])] and reference.training and model.training
     want = agreement_with_reference(coco, instances_to_coco_json(teacher, 5, to_cat),
                                     instances_to_coco_json(student, 5, to_cat), image_ids=[5])
-    assert seen == [[5]]
     assert m["box_AP_vs_reference"] == pytest.approx(want["box_AP_vs_reference"]) == pytest.approx(50.0)
     assert m["mask_AP_vs_reference"] == pytest.approx(100.0) and m["reference_instances"] == 2
     assert m["box_AP"] == pytest.approx(50.0)  # against the ground truth, as without a reference
