@@ -22,7 +22,8 @@ from bgd_det.quantization.pq import split_subvectors
 from bgd_det.quantization.size import model_size
 from bgd_det.quantization.swap import swap_in_skeleton
 from bgd_det.tasks import build_task
-from bgd_det.tasks.detection import DetectionTask, rpn_stage
+from bgd_det.modeling.rcnn import rpn_stage
+from bgd_det.tasks.detection import DetectionTask
 from conftest import REPO
 
 CONFIG = str(REPO / "configs" / "COCO" / "mask_rcnn_R_50_FPN_small_blocks.yaml")
