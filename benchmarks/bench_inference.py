@@ -48,12 +48,7 @@ from torch import nn
 
 from bgd_det import ops
 from bgd_det.checkpoint import round_codebooks_to_fp16, save_compressed
-from bgd_det.ops.inference import (
-    PQLinearInfer,
-    inference_bytes,
-    max_scratch_bytes,
-    to_inference,
-)
+from bgd_det.inference import PQLinearInfer, inference_bytes, max_scratch_bytes, to_inference
 from bgd_det.quantization.plan import QuantRules, build_plan, execution_order
 from bgd_det.quantization.pq import code_dtype
 from bgd_det.quantization.size import model_size
@@ -399,7 +394,7 @@ def rss_child(mode: str, path: str, batch: int) -> None:
     import bgd_det  # every mode imports what loading needs, so only the model differs
     import bgd_det.config  # noqa: F401
     import bgd_det.modeling  # noqa: F401
-    import bgd_det.ops.inference  # noqa: F401  (torch.fx for BN folding)
+    import bgd_det.inference  # noqa: F401  (torch.fx for BN folding)
 
     ops.ops_available()
     x = torch.randn(batch, 3, 224, 224)

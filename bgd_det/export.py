@@ -1,6 +1,6 @@
 """Deployment files of a compressed model: ``torch.export`` programs (.pt2) and ONNX.
 
-Both start from the inference model (:mod:`bgd_det.ops.inference`: codes + codebooks, BatchNorm folded). The
+Both start from the inference model (:mod:`bgd_det.inference`: codes + codebooks, BatchNorm folded). The
 .pt2 program keeps the ``bgd::`` ops (load it after ``import bgd_det``, which registers them). In ONNX every
 codebook layer is decoded with standard operators — ``Gather`` of the codebook rows by the codes, ``Reshape``, a row
 ``Mul`` for a folded BatchNorm, then ``Conv`` / ``MatMul`` / ``ConvTranspose`` — so ONNX Runtime runs the file

@@ -25,7 +25,7 @@ import json
 from bgd_det.engine import launch
 from bgd_det.engine.defaults import default_argument_parser, default_setup
 from bgd_det.modeling import build_teacher
-from bgd_det.ops.inference import for_evaluation
+from bgd_det.inference import for_evaluation
 from bgd_det.checkpoint import load_checkpoint_model
 from bgd_det.quantization.size import model_size
 from bgd_det.tasks.classification import ClassificationTask

@@ -19,7 +19,7 @@ from torch import nn
 from ..config import get_cfg
 from ..config.defaults import CfgNode
 from ..modeling import build_model, load_weights
-from ..ops.inference import to_inference
+from ..inference import to_inference
 from ..quantization.layers import PQ_LAYER_TYPES
 from ..quantization.plan import LayerPlan
 from ..quantization.pq import check_codes, code_dtype
@@ -32,8 +32,8 @@ from .peers import PEER_FORMATS, check_peer_layer, dense_state_dict, parse_peer,
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_compressed", "compressed_model", "load_compressed_into", "checkpoint_cfg", "check_checkpoint_arch", "import_peer",
-           "import_bgd", "import_pqf", "convert_checkpoint", "load_checkpoint_model"]
+__all__ = ["load_compressed", "compressed_model", "load_compressed_into", "checkpoint_cfg", "check_checkpoint_arch",
+           "import_peer", "import_bgd", "import_pqf", "convert_checkpoint", "load_checkpoint_model"]
 
 
 def load_compressed_into(model: nn.Module, ckpt: Dict[str, Any], *, source: str = "checkpoint",
@@ -137,7 +137,7 @@ def load_compressed(path: str, *, cfg=None, device: str = "cpu", inference: bool
         path: compressed checkpoint. cfg: optional config overriding the one the checkpoint records (see
             :func:`checkpoint_cfg`); ARCH/NUM_CLASSES are always taken from the checkpoint.
         inference: return the inference model instead of the training-layer one: codebook layers that
-            run through the compiled ops and never hold a dense weight (:mod:`bgd_det.ops.inference`).
+            run through the compiled ops and never hold a dense weight (:mod:`bgd_det.inference`).
         fold_bn: with ``inference``, fold BatchNorms that follow codebook convs into them.
     """
     return compressed_model(read_compressed(path), cfg, source=path, device=device, inference=inference,

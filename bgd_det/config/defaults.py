@@ -232,7 +232,7 @@ _C.TEST.EVAL_TEACHER = True
 # as the ground truth of the compressed model's box / mask AP ("box_AP_vs_teacher").
 _C.TEST.AGREEMENT_SCORE = 0.5
 # tools/eval_imagenet.py and tools/eval_coco.py: evaluate a compressed model as it is deployed on CPU, through the
-# compiled bgd:: ops (bgd_det.ops.inference.to_inference), and with BatchNorm folded into the codebook convs.
+# compiled bgd:: ops (bgd_det.inference.to_inference), and with BatchNorm folded into the codebook convs.
 _C.TEST.COMPILED_OP = False
 _C.TEST.FOLD_BN = False  # needs TEST.COMPILED_OP
 

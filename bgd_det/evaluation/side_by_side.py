@@ -15,7 +15,7 @@ from torch import nn
 from ..checkpoint import FORMAT, check_checkpoint_arch, check_compressed, compressed_model
 from ..config.defaults import CfgNode
 from ..modeling import build_teacher
-from ..ops.inference import for_evaluation
+from ..inference import for_evaluation
 from ..quantization.size import model_size
 from ..tasks.detection import DetectionTask
 from ..utils import comm

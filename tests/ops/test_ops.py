@@ -14,7 +14,7 @@ import bgd_det
 from bgd_det import ops
 from bgd_det.checkpoint import round_codebooks_to_fp16, save_compressed
 from bgd_det.config.checks import check_eval_options
-from bgd_det.ops import inference as inf
+from bgd_det import inference as inf
 from bgd_det.quantization.layers import PQ_LAYER_TYPES, PQConv2d, PQConvTranspose2d, PQLinear
 from bgd_det.quantization.plan import QuantRules, build_plan, execution_order
 from bgd_det.quantization.pq import pq_decode

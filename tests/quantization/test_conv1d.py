@@ -9,7 +9,7 @@ from torch import nn
 from bgd_det.checkpoint import load_compressed
 from bgd_det.engine.pipeline import quantize_and_report
 from bgd_det.modeling import ARCH_REGISTRY
-from bgd_det.ops.inference import PQConv1dInfer, to_inference
+from bgd_det.inference import PQConv1dInfer, to_inference
 from bgd_det.quantization.capture import input_rows
 from bgd_det.quantization.layers import PQConv1d
 from conftest import tiny_cfg

@@ -1,52 +1,39 @@
-"""Inference model of a compressed network: codebook layers that run through the compiled ops.
-
-:func:`to_inference` replaces the training-time codebook layers (:mod:`bgd_det.quantization.layers`)
-by inference layers that hold only ``codes`` (uint8/int16) and an fp32 ``codebook`` (converted once
-here, whatever the checkpoint stored) and call :mod:`bgd_det.ops`; no dense weight is ever kept.
-With ``fold_bn=True`` a BatchNorm that directly follows a :class:`PQConv2d` is folded into it: its
-scale multiplies the decoded rows inside the op, its shift becomes the bias, and the BatchNorm
-becomes ``nn.Identity``. Conv -> BN pairs are found by tracing the model with ``torch.fx`` (codebook
-layers and BatchNorms as leaves); parts of a model that cannot be traced are traced child by child,
-and whatever is not found is left unfolded.
-
-``bgd_det.checkpoint.load_compressed(path, inference=True)`` builds the inference model straight from a compressed
-checkpoint, the architecture on the ``meta`` device, so that its dense weights are never allocated.
-"""
-
+"""Inference codebook layers: ``codes`` (uint8/int16) and an fp32 ``codebook`` (converted once, whatever the
+checkpoint stored), run through the one dispatch function of each kind in :mod:`bgd_det.ops` (the compiled op, or
+its reference off CPU / without the build); no dense weight is ever kept. A folded BatchNorm's scale multiplies the
+decoded rows inside the conv op (:mod:`bgd_det.inference.fold_bn` finds the pairs)."""
 from __future__ import annotations
 
-import logging
 import math
-from collections import Counter
 from itertools import chain
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
-import torch
-import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config.checks import check_eval_options
-from ..quantization.bn_correction import BN_TYPES, bn_scale_shift
-from ..quantization.layers import PQ_LAYER_TYPES, PQConv1d, PQConv2d, PQConvTranspose2d, PQLinear
+from ..ops import decode_rows_at_once, decode_weight, pq_conv2d, pq_conv_transpose2d, pq_linear
+from ..quantization.bn_correction import bn_scale_shift
+from ..quantization.layers import PQConv1d, PQConv2d, PQConvTranspose2d, PQLinear
 from ..quantization.pq import check_codes
-from ..quantization.swap import set_module
-from . import decode_rows_at_once, decode_weight, ops_available, pq_conv2d, pq_conv_transpose2d, pq_linear
 
-logger = logging.getLogger(__name__)
+__all__ = ["PQConv2dInfer", "PQConv1dInfer", "PQLinearInfer", "PQConvTranspose2dInfer", "INFER_LAYER_TYPES",
+           "padding_plan", "inference_bytes", "max_scratch_bytes"]
 
-__all__ = [
-    "PQConv2dInfer",
-    "PQConv1dInfer",
-    "PQLinearInfer",
-    "PQConvTranspose2dInfer",
-    "INFER_LAYER_TYPES",
-    "conv_bn_pairs",
-    "to_inference",
-    "inference_bytes",
-    "max_scratch_bytes",
-    "for_evaluation",
-]
+
+def padding_plan(layer: nn.Module) -> Tuple[Optional[Tuple[int, ...]], str, Tuple[int, ...]]:
+    """``(pre_pad, pad_mode, padding)`` of a Conv1d / Conv2d for an op that pads with zeros, symmetrically: a non-zero
+    padding mode or an asymmetric ``"same"`` is applied first (``F.pad(x, pre_pad, mode=pad_mode)``), the rest is
+    the op's ``padding`` (one int per spatial dim)."""
+    reversed_pad = tuple(int(p) for p in layer._reversed_padding_repeated_twice)  # (left, right[, top, bottom])
+    dims = len(reversed_pad) // 2
+    if layer.padding_mode != "zeros":
+        return reversed_pad, layer.padding_mode, (0,) * dims
+    if not isinstance(layer.padding, str):
+        return None, "constant", tuple(int(p) for p in layer.padding)
+    starts, ends = reversed_pad[0::2], reversed_pad[1::2]  # last spatial dim first
+    if starts == ends:
+        return None, "constant", tuple(reversed(starts))
+    return reversed_pad, "constant", (0,) * dims
 
 
 class _PQInfer(nn.Module):
@@ -141,25 +128,11 @@ class PQConv2dInfer(_PQInfer):
         self.pad_mode = pad_mode
         self.out_channels, self.kernel_size = self.weight_shape[0], tuple(self.weight_shape[2:])
         self.in_channels = self.weight_shape[1] * self.groups
-        self._op_shape, self._op_stride = list(self.weight_shape), list(self.stride)
-        self._op_padding, self._op_dilation = list(self.padding), list(self.dilation)
 
     @classmethod
     def from_pq(cls, layer: PQConv2d, *, bn: Optional[nn.Module] = None) -> "PQConv2dInfer":
         """Inference layer of ``layer``; the eval-mode ``bn`` after it is folded in if given."""
-        pre_pad, pad_mode, padding = None, "constant", layer.padding
-        if layer.padding_mode != "zeros":
-            pre_pad, pad_mode, padding = (
-                layer._reversed_padding_repeated_twice,
-                layer.padding_mode,
-                0,
-            )
-        elif isinstance(padding, str):
-            left_w, right_w, top_h, bottom_h = layer._reversed_padding_repeated_twice
-            if left_w == right_w and top_h == bottom_h:
-                padding = (top_h, left_w)
-            else:  # asymmetric "same"
-                pre_pad, padding = layer._reversed_padding_repeated_twice, 0
+        pre_pad, pad_mode, padding = padding_plan(layer)
         bias, scale = layer.bias, None
         if bn is not None:
             affine = bn_scale_shift(bn)
@@ -184,33 +157,8 @@ class PQConv2dInfer(_PQInfer):
     def forward(self, x: Tensor) -> Tensor:
         if self.pre_pad is not None:
             x = F.pad(x, self.pre_pad, mode=self.pad_mode)
-        if (
-            x.device.type == "cpu" and ops_available()
-        ):  # the op directly: no per-call argument juggling
-            return torch.ops.bgd.pq_conv2d.default(
-                x,
-                self.codes,
-                self.codebook,
-                self._op_shape,
-                self.scale,
-                self.bias,
-                self._op_stride,
-                self._op_padding,
-                self._op_dilation,
-                self.groups,
-            )
-        return pq_conv2d(
-            x,
-            self.codes,
-            self.codebook,
-            self.weight_shape,
-            scale=self.scale,
-            bias=self.bias,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups,
-        )
+        return pq_conv2d(x, self.codes, self.codebook, self.weight_shape, scale=self.scale, bias=self.bias,
+                         stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
 
     def extra_repr(self) -> str:
         return (
@@ -236,10 +184,7 @@ class PQConv1dInfer(nn.Module):
 
     @classmethod
     def from_pq(cls, layer: PQConv1d) -> "PQConv1dInfer":
-        pre_pad, pad_mode, padding = None, "constant", layer.padding
-        if layer.padding_mode != "zeros" or isinstance(padding, str):
-            pre_pad, padding = layer._reversed_padding_repeated_twice, (0,)
-            pad_mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+        pre_pad, pad_mode, padding = padding_plan(layer)
         c_out, c_in_g, k = layer.weight_shape
         conv = PQConv2dInfer(layer.codes, layer.codebook, (c_out, c_in_g, 1, k), bias=layer.bias,
                              stride=(1, *layer.stride), padding=(0, *padding), dilation=(1, *layer.dilation),
@@ -275,8 +220,6 @@ class PQLinearInfer(_PQInfer):
         return cls(layer.codes, layer.codebook, layer.weight_shape, bias=layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and ops_available():
-            return torch.ops.bgd.pq_linear.default(x, self.codes, self.codebook, None, self.bias)
         return pq_linear(x, self.codes, self.codebook, bias=self.bias)
 
     def extra_repr(self) -> str:
@@ -358,112 +301,9 @@ class PQConvTranspose2dInfer(_PQInfer):
 INFER_LAYER_TYPES = (PQConv2dInfer, PQConv1dInfer, PQLinearInfer, PQConvTranspose2dInfer)
 
 
-class _LeafTracer(torch.fx.Tracer):
-    """fx tracer that keeps codebook layers and BatchNorms as single call_module nodes."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, PQ_LAYER_TYPES + BN_TYPES) or super().is_leaf_module(m, qualname)
-
-
-def conv_bn_pairs(model: nn.Module) -> List[Tuple[str, str]]:
-    """``(conv, bn)`` module names where a BatchNorm is applied to, and only to, a
-    :class:`PQConv2d`'s output.
-
-    The model is traced with ``torch.fx``; a part that cannot be traced is tried child by child. A
-    pair is kept only if the conv output has no other user and each module is called once in the
-    traced forward.
-    """
-    pairs: List[Tuple[str, str]] = []
-
-    def visit(module: nn.Module, prefix: str) -> None:
-        if isinstance(module, PQ_LAYER_TYPES + BN_TYPES):
-            return
-        if not any(isinstance(m, PQConv2d) for m in module.modules()):
-            return
-        try:
-            graph = _LeafTracer().trace(module)
-        except Exception:  # data-dependent control flow etc.: look inside
-            for name, child in module.named_children():
-                visit(child, f"{prefix}{name}.")
-            return
-        calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
-        for node in graph.nodes:
-            if node.op != "call_module" or not isinstance(
-                module.get_submodule(node.target), PQConv2d
-            ):
-                continue
-            users = list(node.users)
-            if len(users) != 1 or users[0].op != "call_module":
-                continue
-            bn_node = users[0]
-            if not isinstance(module.get_submodule(bn_node.target), BN_TYPES):
-                continue
-            if calls[node.target] != 1 or calls[bn_node.target] != 1:
-                continue
-            if tuple(bn_node.args) != (node,) or bn_node.kwargs:
-                continue
-            pairs.append((prefix + node.target, prefix + bn_node.target))
-
-    visit(model, "")
-    return pairs
-
-
-def to_inference(model: nn.Module, *, fold_bn: bool = False) -> nn.Module:
-    """Replace every codebook layer of ``model`` (in place) by its inference layer; set eval mode.
-
-    Args:
-        model: a model holding :data:`PQ_LAYER_TYPES` layers (e.g. from ``load_compressed``).
-        fold_bn: fold each BatchNorm that directly follows a :class:`PQConv2d` into it (eval
-        statistics).
-
-    Returns:
-        The converted model (the same object, unless ``model`` itself is a codebook layer).
-    """
-    model.eval()
-    ops_available()  # build / log once now rather than at the first forward
-    pairs = []
-    if fold_bn:
-        for conv, bn in conv_bn_pairs(model):
-            if bn_scale_shift(model.get_submodule(bn)) is not None:
-                pairs.append((conv, bn))
-    bn_of = dict(pairs)
-    n_conv = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, PQConv2d):
-            n_conv += 1
-            bn = model.get_submodule(bn_of[name]) if name in bn_of else None
-            new: nn.Module = PQConv2dInfer.from_pq(module, bn=bn)
-        elif isinstance(module, PQConv1d):
-            new = PQConv1dInfer.from_pq(module)
-        elif isinstance(module, PQLinear):
-            new = PQLinearInfer.from_pq(module)
-        elif isinstance(module, PQConvTranspose2d):
-            new = PQConvTranspose2dInfer.from_pq(module)
-        else:
-            continue
-        if not name:
-            return new.eval()
-        set_module(model, name, new)
-    for _, bn in pairs:
-        set_module(model, bn, nn.Identity())
-    if fold_bn:
-        logger.info("folded %d BatchNorms into %d codebook convs", len(pairs), n_conv)
-    return model
-
-
 def inference_bytes(model: nn.Module) -> int:
     """Bytes held by ``model``'s parameters and buffers (what stays resident for inference)."""
     return sum(t.numel() * t.element_size() for t in chain(model.parameters(), model.buffers()))
-
-
-def for_evaluation(model: nn.Module, test_cfg) -> nn.Module:
-    """``model`` as ``cfg.TEST`` asks to evaluate it.
-
-    Itself, or (``TEST.COMPILED_OP``) its inference form through the compiled ops, with BatchNorm
-    folded when ``TEST.FOLD_BN``. Converts in place: compute sizes before.
-    """
-    check_eval_options(test_cfg)
-    return to_inference(model, fold_bn=test_cfg.FOLD_BN) if test_cfg.COMPILED_OP else model
 
 
 def max_scratch_bytes(model: nn.Module) -> int:
