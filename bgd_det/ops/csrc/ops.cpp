@@ -167,11 +167,9 @@ enum class Layer { kConv2d, kLinear, kConvTranspose2d };
 // dense path; the fused kernel writes no weight), for an output of `out_bytes` (-1: any output).
 // Only a conv2d with groups = 1 whose output is at most a quarter of chunk_bytes() decodes in
 // chunks of chunk_rows(): there the decode is most of the layer's memory traffic and a cache-sized
-// scratch pays (ResNet-50 batch 1, outputs <= 392 KiB: 4.5-10.7% faster end to end), while with
-// larger outputs the copies of the chunks' outputs and the extra oneDNN calls cost more (batch 8,
-// outputs >= 784 KiB: up to 4.6% slower; Mask R-CNN at 800x800 slower in 3 of 4 runs). A grouped
-// conv2d (output-channel chunks would cut groups), a linear layer's decode + GEMM (in 2 MiB blocks
-// it ran 7-25% slower) and a transposed conv (its rows are input channels) decode the whole weight.
+// scratch pays; with larger outputs the chunks' copies and extra oneDNN calls cost more (measured in
+// docs/performance.md). A grouped conv2d (chunks would cut groups), a linear layer's decode + GEMM and
+// a transposed conv (its rows are input channels) decode the whole weight.
 int64_t decode_rows_at_once(Layer layer, int64_t rows, int64_t cols, int64_t groups,
                             int64_t out_bytes) {
   if (layer != Layer::kConv2d || groups != 1 || out_bytes < 0) return rows;
