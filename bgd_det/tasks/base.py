@@ -1,8 +1,9 @@
 """Task protocol: what the quantization engine needs to know about a model family.
 
 The engine (capture -> EM -> distillation -> evaluation) is task-agnostic; a task supplies the data, the forward
-call, the distillation loss and the evaluation. Register a task under the ``task`` attribute of architecture
-builders (``build.task = "classification"``) with :data:`TASK_REGISTRY`.
+call, the distillation loss and the evaluation. A task class names itself (``name = "detection"``) and is
+registered with ``@TASK_REGISTRY.register()``; an architecture builder's ``task`` attribute
+(``build.task = "classification"``) picks it by that name.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from ..modeling.stages import Stage, stages_of
 __all__ = ["Task", "TASK_REGISTRY", "build_task"]
 
 TASK_REGISTRY = Registry("TASK")
-TASK_REGISTRY.__doc__ = "Task classes ``cls(cfg) -> Task``, keyed by the architecture builder's ``task`` attribute."
+TASK_REGISTRY.__doc__ = "Task classes ``cls(cfg) -> Task``; :func:`build_task` picks one by its ``name`` attribute."
 
 
 class Task:
@@ -75,6 +76,8 @@ class Task:
         inputs) also the label-free agreement with it; ``output_dir`` receives the raw predictions ("" = nowhere)."""
         raise NotImplementedError
 
+    #: what architecture builders name in their ``task`` attribute to use this task.
+    name: str = ""
     #: name of the headline metric in :meth:`evaluate`'s dict (for reports).
     main_metrics: tuple = ()
 
@@ -82,9 +85,10 @@ class Task:
 def build_task(cfg) -> Task:
     """The task of ``cfg.MODEL.ARCH`` (``task`` attribute of its builder; default "classification")."""
     name = getattr(get_arch(cfg.MODEL.ARCH), "task", "classification")
-    if name not in TASK_REGISTRY:
-        raise KeyError(f"unknown task {name!r}; registered tasks: {sorted(k for k, _ in TASK_REGISTRY)}")
+    tasks = {cls.name: cls for _, cls in TASK_REGISTRY}
+    if name not in tasks:
+        raise KeyError(f"unknown task {name!r}; registered tasks: {sorted(tasks)}")
     unknown = [f"DATASETS.{k} {cfg.DATASETS[k]!r}" for k in ("CALIB", "TEST") if cfg.DATASETS[k] not in DatasetCatalog]
     if unknown:  # before any model is built or evaluated
         raise KeyError(f"unknown dataset {', '.join(unknown)}; registered datasets: {DatasetCatalog.list()}")
-    return TASK_REGISTRY.get(name)(cfg)
+    return tasks[name](cfg)

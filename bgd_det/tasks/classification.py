@@ -35,7 +35,9 @@ def mix_images(images: torch.Tensor, alpha: float, rng: np.random.Generator) -> 
     return lam * images + (1 - lam) * images[perm]
 
 
+@TASK_REGISTRY.register()
 class ClassificationTask(Task):
+    name = "classification"
     main_metrics = ("top1", "top5")
 
     def __init__(self, cfg) -> None:
@@ -110,5 +112,3 @@ class ClassificationTask(Task):
         return inference_on_dataset(model, self.test_loader(), evaluator, forward=lambda m, b: m(b[0].to(device)),
                                     reference=reference, desc=self.cfg.DATASETS.TEST)
 
-
-TASK_REGISTRY._do_register("classification", ClassificationTask)

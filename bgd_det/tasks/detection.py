@@ -191,9 +191,11 @@ def _weights_num_classes(weights: str) -> Optional[Tuple[int, str]]:
     return None
 
 
+@TASK_REGISTRY.register()
 class DetectionTask(Task):
     """Task of torchvision two-stage detectors; see the module docstring for the loss design."""
 
+    name = "detection"
     main_metrics = ("box_AP", "mask_AP")
 
     def __init__(self, cfg) -> None:
@@ -379,5 +381,3 @@ class _BatchWithIds:
         for items in self.loader:
             yield {"items": items, "image_ids": [item["image_id"] for item in items]}
 
-
-TASK_REGISTRY._do_register("detection", DetectionTask)
