@@ -1,6 +1,7 @@
 """Shared fixtures: the offline assets folder, a tiny registered architecture, a tiny image dataset and the tools
 as modules."""
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +176,15 @@ def resnet18_checkpoint(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("ckpt") / "resnet18.pth")
     save_compressed(path, model, arch="resnet18", num_classes=10)
     return path, x, want
+
+
+@pytest.fixture(scope="module")
+def compiled_ops():
+    """The compiled bgd ops, built (skip when BGD_NO_EXT disables them); the SIMD mode restored after the module."""
+    from bgd_det import ops
+
+    if os.environ.get("BGD_NO_EXT", "") not in ("", "0"):
+        pytest.skip("BGD_NO_EXT is set: the compiled ops are disabled")
+    assert ops.ops_available(), f"the bgd ops did not build: {ops.build_status()}"
+    yield
+    ops.simd_mode(1)
