@@ -147,3 +147,40 @@ def test_periodic_validation_runs_every_period_and_at_the_end(tiny_images, tmp_p
     _, q = _quantizer(tmp_path, "a", "FINETUNE.GLOBAL_ITERS", 5, "FINETUNE.EVAL_PERIOD", 2, "FINETUNE.BN", "stats")
     q.run()
     assert seen == [False, False, False]  # steps 2, 4 and 5, every BatchNorm back in eval mode
+
+
+def test_feature_taps_and_loss():
+    from torch import nn
+
+    from bgd_det.engine.finetune import feature_loss, feature_taps
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    other = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    with feature_taps(model, ["0", "2"]) as fa, feature_taps(other, ["0", "2"]) as fb:
+        model(x)
+        other(x)
+    assert not model[0]._forward_hooks and not other[2]._forward_hooks  # removed on exit
+    ref = sum(((model[:i + 1](x) - other[:i + 1](x)) ** 2).sum() / (other[:i + 1](x) ** 2).sum() for i in (0, 2))
+    assert torch.allclose(feature_loss(fa, fb), ref)
+    assert float(feature_loss(fb, fb).detach()) == 0.0
+    with pytest.raises(KeyError, match="no module 'layer9'"):
+        with feature_taps(model, ["layer9"]):
+            pass
+
+
+def test_feature_loss_on_dict_and_tuple_outputs():
+    """A module returning several tensors (an FPN's dict of levels) contributes one term per tensor."""
+    from collections import OrderedDict
+
+    from bgd_det.engine.finetune import feature_loss
+
+    t = OrderedDict(p2=torch.randn(2, 3), p3=torch.randn(4))
+    s = OrderedDict(p2=torch.randn(2, 3), p3=torch.randn(4))
+    pair = (torch.randn(3), [torch.randn(2)])
+    pair_s = (torch.randn(3), [torch.randn(2)])
+    want = sum(((a - b) ** 2).sum() / (b ** 2).sum()
+               for a, b in [(s["p2"], t["p2"]), (s["p3"], t["p3"]), (pair_s[0], pair[0]), (pair_s[1][0], pair[1][0])])
+    assert torch.allclose(feature_loss({"fpn": s, "head": pair_s}, {"fpn": t, "head": pair}), want)
+    with pytest.raises(TypeError, match="'fpn' returned a str; allowed: a tensor, or a dict / list / tuple"):
+        feature_loss({"fpn": "x"}, {"fpn": "x"})
