@@ -23,9 +23,10 @@ class ClassificationEvaluator(DatasetEvaluator):
     """Top-k accuracy (in %) of logits Tensor[B, num_classes] against labels Tensor[B].
 
     Given a reference model's logits on the same images (``process(inputs, outputs, reference_outputs)``, e.g. the
-    uncompressed teacher's, from :func:`inference_on_dataset`), it also reports ``kl_to_reference``, the mean ``KL(softmax(reference) || softmax(model))`` in nats, and
-    ``top1_agreement``, the % of images where both models predict the same class. Unlike accuracy, these
-    need no labels and vary smoothly, so they separate close variants on a few hundred images. With
+    uncompressed teacher's, from :func:`inference_on_dataset`), it also reports ``kl_to_reference``, the mean
+    ``KL(softmax(reference) || softmax(model))`` in nats, and ``top1_agreement``, the % of images where both models
+    predict the same class. Unlike accuracy, these need no labels and vary smoothly, so they separate close variants
+    on a few hundred images. With
     ``per_image``, ``top1_per_image`` lists every image's top-1 hit (for paired comparisons of two models). With
     ``output_dir``, ``predictions.json`` there receives every image's top-1 class and label (in the dataset's order).
     """
