@@ -10,12 +10,11 @@ other tools with ``DATASETS.REGISTER [["composite_train", "coco", "OUT/train/ann
 arguments give the same files.
 """
 import argparse
-import json
 import logging
 import os
 
 from bgd_det.data.catalog import datasets_root
-from bgd_det.data.composite import make_composite, shared_categories, source_instances
+from bgd_det.data.composite import load_sources, make_composite, shared_categories, source_instances
 from bgd_det.data.imagenet import scan_image_folder
 from bgd_det.utils.cli import run_tool
 from bgd_det.utils.logger import setup_logger
@@ -40,11 +39,10 @@ def main(argv=None) -> None:
     root = os.path.join(datasets_root(), args.coco)
     files = [os.path.join(root, "annotations", f"instances_{s}2017.json") for s in ("train", "val")]
     folders = [os.path.join(root, "images", f"{s}2017") for s in ("train", "val")]
-    halves = [source_instances(files, folders, half=h, min_area=args.min_area) for h in (0, 1)]
+    sources = load_sources(files, folders)
+    halves = [source_instances(sources, half=h, min_area=args.min_area) for h in (0, 1)]
     cats = shared_categories(*halves, min_count=args.min_count)
-    with open(files[0]) as f:
-        names = {c["id"]: c["name"] for c in json.load(f)["categories"]}
-    categories = {c: names[c] for c in cats}
+    categories = {c: sources.names[c] for c in cats}
     backgrounds = scan_image_folder(os.path.join(datasets_root(), args.backgrounds))
     for split, half, n in (("train", 0, args.train_images), ("test", 1, args.test_images)):
         pool = [inst for inst in halves[half] if inst.category_id in categories]

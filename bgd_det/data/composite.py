@@ -20,7 +20,7 @@ import os
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -31,7 +31,7 @@ from .coco import decode_segmentation, load_coco_api
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Instance", "source_instances", "shared_categories", "make_composite"]
+__all__ = ["Instance", "Sources", "load_sources", "source_instances", "shared_categories", "make_composite"]
 
 
 @dataclass
@@ -44,21 +44,34 @@ class Instance:
     source: str  # "<file name>#<annotation id>"
 
 
-def source_instances(json_files: Sequence[str], image_roots: Sequence[str], *, half: int,
-                     min_area: float = 576.0) -> List[Instance]:
-    """Non-crowd instances of area >= ``min_area`` from the source images of one half.
+@dataclass
+class Sources:
+    """The source COCO files, read once: ``images`` (image id, its ``COCO``, its image root), sorted by id, and
+    ``names`` (category id -> name)."""
 
-    The source images of all files are sorted by id; ``half`` 0 takes even positions, 1 odd ones.
-    """
-    if half not in (0, 1):
-        raise ValueError(f"half={half!r}; allowed: 0 (train) or 1 (test)")
-    images = []
+    images: List[Tuple[int, Any, str]]
+    names: Dict[int, str]
+
+
+def load_sources(json_files: Sequence[str], image_roots: Sequence[str]) -> Sources:
+    """Read the COCO instances files (``json_files[i]``'s images under ``image_roots[i]``)."""
+    images: List[Tuple[int, Any, str]] = []
+    names: Dict[int, str] = {}
     for json_file, root in zip(json_files, image_roots):
         coco = load_coco_api(json_file)
         images += [(image_id, coco, root) for image_id in coco.imgs]
+        names.update({c: cat["name"] for c, cat in coco.cats.items()})
     images.sort(key=lambda x: x[0])
+    return Sources(images, names)
+
+
+def source_instances(sources: Sources, *, half: int, min_area: float = 576.0) -> List[Instance]:
+    """Non-crowd instances of area >= ``min_area`` from the source images of one half: ``half`` 0 takes the even
+    positions of the sorted images, 1 the odd ones."""
+    if half not in (0, 1):
+        raise ValueError(f"half={half!r}; allowed: 0 (train) or 1 (test)")
     out: List[Instance] = []
-    for image_id, coco, root in images[half::2]:
+    for image_id, coco, root in sources.images[half::2]:
         info = coco.imgs[image_id]
         rgb = np.asarray(open_rgb(os.path.join(root, info["file_name"])))
         for ann in sorted(coco.imgToAnns.get(image_id, []), key=lambda a: a["id"]):

@@ -9,7 +9,7 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 from bgd_det.data.coco import CocoInstances, annotations_to_target
-from bgd_det.data.composite import Instance, make_composite, shared_categories, source_instances
+from bgd_det.data.composite import Instance, load_sources, make_composite, shared_categories, source_instances
 from bgd_det.engine.detector_training import TrainSettings, _lr_factor, from_int8, int8_state_dict, load_backbone
 
 
@@ -77,14 +77,16 @@ def test_composite_bad_arguments(tmp_path):
         make_composite(_instances(), _backgrounds(tmp_path), str(tmp_path / "x"), categories={7: "a"}, n_images=1,
                        seed=0)
     with pytest.raises(ValueError, match="half=2; allowed: 0"):
-        source_instances([], [], half=2)
+        source_instances(load_sources([], []), half=2)
 
 
 def test_source_halves_share_no_image(assets_dir):
     root = assets_dir / "coco-tiny"
     files = [str(root / "annotations" / f"instances_{s}2017.json") for s in ("train", "val")]
     folders = [str(root / "images" / f"{s}2017") for s in ("train", "val")]
-    train, test = (source_instances(files, folders, half=h) for h in (0, 1))
+    sources = load_sources(files, folders)
+    train, test = (source_instances(sources, half=h) for h in (0, 1))
+    assert {sources.names[c] for c in (1, 3, 47, 84)} == {"person", "car", "cup", "book"}
     images = [{i.source.split("#")[0] for i in half} for half in (train, test)]
     assert images[0] and images[1] and not images[0] & images[1]
     assert shared_categories(train, test) == [1, 3, 47, 84]  # person, car, cup, book
