@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
@@ -170,8 +171,6 @@ def _weights_num_classes(weights: str) -> Optional[Tuple[int, str]]:
     if not weights:
         return None
     if "_Weights." in weights and not os.path.exists(weights):
-        import torchvision
-
         try:
             enum = torchvision.models.get_weight(weights)
         except (ValueError, KeyError, AttributeError):
