@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from ..config.checks import CACHE_DTYPE_NAMES, ENGINES
 from ..modeling.stages import Stage, stage_of_layer
-from ..quantization.capture import eval_mode
 from ..tasks.base import Task
+from ..utils.modes import eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ class StreamingSource(CaptureSource):
     def _fill(self, name: str, spec: PassSpec, *, upto: int) -> FrontierCache:
         """A cache of ``spec``'s images run through stages ``[0, upto)`` of both models."""
         cache = FrontierCache(name, dtype=self.dtype, ledger=self.ledger)
-        with eval_mode(self.student, self.teacher):
+        with eval_mode(self.student, self.teacher), torch.no_grad():
             for batch in spec.batches(self.task):
                 xs = xt = self.task.model_input(batch)
                 for stage in self.stages[:upto]:
@@ -312,7 +312,7 @@ class StreamingSource(CaptureSource):
 
     def _advance(self) -> None:
         stage, t0 = self.stages[self.index], time.perf_counter()
-        with eval_mode(self.student, self.teacher):
+        with eval_mode(self.student, self.teacher), torch.no_grad():
             for cache in self._caches():
                 cache.advance(stage, self.student, self.teacher)
         self.index += 1
@@ -395,7 +395,7 @@ def _check_stages(stages: Sequence[Stage], plan_names: Sequence[str]) -> Optiona
 
 def _stages_reproduce(stages: Sequence[Stage], task: Task, model: nn.Module, batch: Any) -> Optional[str]:
     """Why the stages composed do not give the model's own output on ``batch`` (None: they do)."""
-    with eval_mode(model):
+    with eval_mode(model), torch.no_grad():
         y = task.forward(model, batch)
         x = task.model_input(batch)
         for stage in stages:

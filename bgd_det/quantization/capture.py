@@ -9,19 +9,20 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config.checks import METRICS, check_choice
+from ..utils.modes import eval_mode
 from .calls import linear_weight_calls
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["METRICS", "metric_uses_inputs", "input_rows", "has_input_metric", "GramAccumulator", "capture_gram_pool", "for_each_input",
-           "for_each_output", "eval_mode", "capture_gram", "StopForward", "group_rows", "SecondMoments", "capture_second_moments"]
+           "for_each_output", "capture_gram", "StopForward", "group_rows", "SecondMoments", "capture_second_moments"]
 
 
 class StopForward(Exception):
@@ -156,27 +157,13 @@ def for_each_output(model: nn.Module, name: str, batches: Iterable[Any],
     _run_stopped(model, module.register_forward_hook(hook), batches, forward, calls)
 
 
-@contextlib.contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Eval mode and no grad for ``models``; their previous modes are restored whatever happens."""
-    modes = [m.training for m in models]
-    try:
-        for m in models:
-            m.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
-
-
 def _run_stopped(model: nn.Module, handle, batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any],
                  calls: ContextManager = contextlib.nullcontext()) -> None:
     """``forward(model, batch)`` for every batch in eval mode without grad (inside ``calls``: the ``F.linear`` calls
     of a Linear used through ``.weight``), a :class:`StopForward` ending each; ``handle`` (the hook) is removed and
     the training mode restored whatever happens."""
     try:
-        with eval_mode(model), calls:
+        with eval_mode(model), torch.no_grad(), calls:
             for batch in batches:
                 try:
                     forward(model, batch)

@@ -19,6 +19,7 @@ from ..config.checks import INDIVISIBLE_RULES, K_CLAMP_RULES, check_max_unquanti
 from ..utils.hooks import removed_on_exit
 from .calls import linear_weight_calls
 from .layers import PQ_LAYER_TYPES, QUANTIZABLE_TYPES
+from .pq import divisors
 
 logger = logging.getLogger(__name__)
 
@@ -162,10 +163,6 @@ def _pattern_errors(patterns: Iterable[str], names: Sequence[str], what: str) ->
     return errors
 
 
-def _divisors(n: int, limit: int = 32) -> List[int]:
-    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
-
-
 class PlanError(ValueError):
     """Every rule error of a plan at once (one line each; a single error is its own one-line message)."""
 
@@ -219,14 +216,14 @@ def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> Lis
         shape = _weight_shape(module)
         cols = math.prod(shape[1:])
         if d >= 1 and cols % d != 0 and rules.indivisible != "error":
-            d = max([q for q in _divisors(cols, d) if q >= 2] or [0]) if rules.indivisible == "divisor" else 0
+            d = max([q for q in divisors(cols, d) if q >= 2] or [0]) if rules.indivisible == "divisor" else 0
             logger.info("%s: block size %s does not divide the row length %d: %s (QUANT.INDIVISIBLE %s)", name,
                         setting["BLOCK_SIZE"], cols, f"d={d}" if d else "left in fp32", rules.indivisible)
             if not d:
                 continue
         if d < 1 or cols % d != 0:
             errors.append(f"block size {d} for {name!r} does not divide its row length {cols} (weight "
-                          f"{tuple(shape)}); allowed: a divisor of {cols} ({', '.join(map(str, _divisors(cols)))}"
+                          f"{tuple(shape)}); allowed: a divisor of {cols} ({', '.join(map(str, divisors(cols, 32)))}"
                           f"{', ...' if cols > 32 else ''}), set with QUANT.OVERRIDES [[{name!r}, 'BLOCK_SIZE', d]]"
                           f" or skip it in QUANT.SKIP")
             continue

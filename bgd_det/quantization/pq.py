@@ -21,7 +21,8 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-__all__ = ["pq_decode", "check_codes", "code_dtype", "split_subvectors", "PQResult", "em_quantize", "em_quantize_resampled", "assign"]
+__all__ = ["pq_decode", "check_codes", "code_dtype", "split_subvectors", "divisors", "PQResult", "em_quantize",
+           "em_quantize_resampled", "assign"]
 
 
 def code_dtype(n_centroids: int) -> torch.dtype:
@@ -78,12 +79,13 @@ def split_subvectors(weight: Tensor, block_size: int) -> Tensor:
     if cols % block_size != 0:
         raise ValueError(
             f"block_size={block_size} does not divide the layer's row length {cols} "
-            f"(C_in/groups*kh*kw); allowed block sizes for this layer: {_divisors(cols)}"
+            f"(C_in/groups*kh*kw); allowed block sizes for this layer: {divisors(cols, 64)}"
         )
     return flat.reshape(-1, block_size)
 
 
-def _divisors(n: int, limit: int = 64) -> list[int]:
+def divisors(n: int, limit: int) -> List[int]:
+    """The divisors of ``n`` up to ``limit``, ascending (the block sizes a row of ``n`` columns allows)."""
     return [k for k in range(1, min(n, limit) + 1) if n % k == 0]
 
 
