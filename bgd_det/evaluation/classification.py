@@ -26,9 +26,9 @@ class ClassificationEvaluator(DatasetEvaluator):
     uncompressed teacher's, from :func:`inference_on_dataset`), it also reports ``kl_to_reference``, the mean
     ``KL(softmax(reference) || softmax(model))`` in nats, and ``top1_agreement``, the % of images where both models
     predict the same class. Unlike accuracy, these need no labels and vary smoothly, so they separate close variants
-    on a few hundred images. With
-    ``per_image``, ``top1_per_image`` lists every image's top-1 hit (for paired comparisons of two models). With
-    ``output_dir``, ``predictions.json`` there receives every image's top-1 class and label (in the dataset's order).
+    on a few hundred images. With ``per_image``, ``top1_per_image`` lists every image's top-1 hit (for paired
+    comparisons of two models). With ``output_dir``, ``predictions.json`` there receives every image's top-1 class
+    and label (in the dataset's order).
     """
 
     def __init__(self, topk: Sequence[int] = (1, 5), per_image: bool = False, output_dir: str = "") -> None:

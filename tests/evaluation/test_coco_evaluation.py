@@ -280,6 +280,20 @@ def test_agreement_with_the_reference_models_own_detections(tiny_coco):
     assert none["reference_instances"] == 0 and none["box_AP_vs_reference"] != none["box_AP_vs_reference"]  # NaN
 
 
+def _both_objects(coco):
+    """Detections of tiny_coco's two objects, exact boxes and masks (labels 1 = cat, 2 = dog)."""
+    return {"boxes": torch.tensor([[10.0, 10.0, 60.0, 60.0], [70.0, 5.0, 90.0, 35.0]]),
+            "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 2]),
+            "masks": torch.cat([_mask(coco, 1), _mask(coco, 2)])[:, None]}
+
+
+def _dog_moved(detections, shift):
+    """``detections`` with the dog's box moved ``shift`` px right."""
+    moved = dict(detections, boxes=detections["boxes"].clone())
+    moved["boxes"][1, [0, 2]] += shift
+    return moved
+
+
 def test_evaluator_with_a_reference_model_adds_its_agreement(tiny_coco):
     """inference_on_dataset runs the reference on the same batch (in eval mode, its training flag given back); the
     evaluator's agreement equals agreement_with_reference on the two lists."""
@@ -289,11 +303,8 @@ def test_evaluator_with_a_reference_model_adds_its_agreement(tiny_coco):
     path, _ = tiny_coco
     coco = load_coco_api(str(path))
     to_cat = {1: 3, 2: 7}
-    teacher = {"boxes": torch.tensor([[10.0, 10.0, 60.0, 60.0], [70.0, 5.0, 90.0, 35.0]]),
-               "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 2]),
-               "masks": torch.cat([_mask(coco, 1), _mask(coco, 2)])[:, None]}
-    student = dict(teacher, boxes=teacher["boxes"].clone())
-    student["boxes"][1, [0, 2]] += 20.0  # the dog's box moved 20 px right (its mask did not)
+    teacher = _both_objects(coco)
+    student = _dog_moved(teacher, 20.0)  # its mask did not move
     seen = []
 
     class Fixed(torch.nn.Module):  # a "model" whose output is fixed; it records the mode it was run in
@@ -329,13 +340,10 @@ def test_detection_seeds_benchmark_rescores_the_kept_detections(tiny_coco, tmp_p
     path, _ = tiny_coco
     coco = load_coco_api(str(path))
     to_cat = {1: 3, 2: 7}
-    teacher = {"boxes": torch.tensor([[10.0, 10.0, 60.0, 60.0], [70.0, 5.0, 90.0, 35.0]]),
-               "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 2]),
-               "masks": torch.cat([_mask(coco, 1), _mask(coco, 2)])[:, None]}
+    teacher = _both_objects(coco)
 
     def run(name, shift):
-        student = dict(teacher, boxes=teacher["boxes"].clone())
-        student["boxes"][1, [0, 2]] += shift  # the dog's box moved right: box AP 50 once it misses
+        student = _dog_moved(teacher, shift)  # box AP 50 once it misses
         for model, out in (("uncompressed", teacher), ("compressed", student)):
             (tmp_path / name / "predictions" / model).mkdir(parents=True)
             (tmp_path / name / "predictions" / model / RESULTS_FILE).write_text(
