@@ -1,2 +1,2 @@
 from .classification import ClassificationEvaluator  # noqa: F401
-from .evaluator import DatasetEvaluator, inference_on_dataset  # noqa: F401
+from .evaluator import DatasetEvaluator, PairedEvaluator, inference_on_dataset  # noqa: F401

@@ -13,7 +13,7 @@ from ..utils.modes import eval_mode
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DatasetEvaluator", "inference_on_dataset"]
+__all__ = ["DatasetEvaluator", "PairedEvaluator", "inference_on_dataset"]
 
 
 class DatasetEvaluator:
@@ -52,3 +52,26 @@ def inference_on_dataset(model: nn.Module, loader: Iterable, evaluator: DatasetE
             n += 1
     logger.info("%s: %d batches in %.1fs", desc, n, time.perf_counter() - start)
     return evaluator.evaluate()
+
+
+class PairedEvaluator(DatasetEvaluator):
+    """Scores a model and its reference from the same pass: ``model`` gets ``(inputs, outputs,
+    reference_outputs)`` (its metrics and the agreement), ``reference`` gets ``(inputs, reference_outputs)``
+    (the reference's own metrics). ``evaluate()`` returns the model's metrics with the reference's under
+    ``"reference"``."""
+
+    def __init__(self, model: DatasetEvaluator, reference: DatasetEvaluator) -> None:
+        self.model, self.reference = model, reference
+
+    def reset(self) -> None:
+        self.model.reset()
+        self.reference.reset()
+
+    def process(self, inputs: Any, outputs: Any, reference_outputs: Any = None) -> None:
+        if reference_outputs is None:
+            raise ValueError("PairedEvaluator needs the reference's outputs; run inference_on_dataset with reference=")
+        self.model.process(inputs, outputs, reference_outputs)
+        self.reference.process(inputs, reference_outputs)
+
+    def evaluate(self) -> Dict[str, Any]:
+        return {**self.model.evaluate(), "reference": self.reference.evaluate()}

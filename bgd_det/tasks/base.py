@@ -70,10 +70,12 @@ class Task:
         """Label-free loss that pulls ``student`` towards ``teacher`` on ``batch`` (scalar Tensor)."""
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module, *, reference: Optional[nn.Module] = None,
-                 output_dir: str = "") -> Dict[str, float]:
+    def evaluate(self, model: nn.Module, *, reference: Optional[nn.Module] = None, output_dir: str = "",
+                 reference_output_dir: Optional[str] = None) -> Dict[str, Any]:
         """Metrics of ``model`` on ``cfg.DATASETS.TEST``; with ``reference`` (e.g. the teacher, run on the same
-        inputs) also the label-free agreement with it; ``output_dir`` receives the raw predictions ("" = nowhere)."""
+        inputs) also the label-free agreement with it; ``output_dir`` receives the raw predictions ("" = nowhere).
+        With ``reference`` and ``reference_output_dir`` (a path or ""), the reference's own metrics too, from the
+        same pass, under ``"reference"`` (:class:`bgd_det.evaluation.PairedEvaluator`)."""
         raise NotImplementedError
 
     #: what architecture builders name in their ``task`` attribute to use this task.

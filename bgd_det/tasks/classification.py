@@ -12,7 +12,7 @@ from torch.utils.data import Subset
 from ..data import DatasetCatalog
 from ..data.loader import build_loader
 from ..data.imagenet import eval_transform, train_transform
-from ..evaluation import ClassificationEvaluator, inference_on_dataset
+from ..evaluation import ClassificationEvaluator, PairedEvaluator, inference_on_dataset
 from ..utils import comm
 from .base import TASK_REGISTRY, Task
 
@@ -103,12 +103,16 @@ class ClassificationTask(Task):
         return build_loader(Subset(ds, indices), batch_size=self.cfg.TEST.BATCH_SIZE, cfg=self.cfg)
 
     def evaluate(self, model: nn.Module, *, reference: Optional[nn.Module] = None, output_dir: str = "",
-                 per_image: bool = False) -> Dict[str, float]:
+                 reference_output_dir: Optional[str] = None, per_image: bool = False) -> Dict[str, Any]:
         """Top-1/top-5 (%) on ``DATASETS.TEST``; with ``reference`` also its KL and top-1 agreement to it; with
         ``per_image`` also every image's top-1 hit (``top1_per_image``, in the dataset's order); ``output_dir``
-        receives ``predictions.json`` (every image's top-1 class and label)."""
+        receives ``predictions.json`` (every image's top-1 class and label). With ``reference_output_dir`` (a
+        path, or "" for nowhere) the reference is scored too, from the same pass (``"reference"``)."""
         device = self.device
         evaluator = ClassificationEvaluator(per_image=per_image, output_dir=output_dir)
+        if reference is not None and reference_output_dir is not None:
+            evaluator = PairedEvaluator(evaluator, ClassificationEvaluator(per_image=per_image,
+                                                                           output_dir=reference_output_dir))
         return inference_on_dataset(model, self.test_loader(), evaluator, forward=lambda m, b: m(b[0].to(device)),
                                     reference=reference, desc=self.cfg.DATASETS.TEST)
 

@@ -41,7 +41,7 @@ from ..data import DatasetCatalog
 from ..data.loader import build_loader
 from ..data.coco import CocoInstances, annotations_to_target, hflip
 from ..evaluation.coco_evaluation import COCOEvaluator
-from ..evaluation.evaluator import inference_on_dataset
+from ..evaluation.evaluator import PairedEvaluator, inference_on_dataset
 from ..modeling.rcnn import (RPNStage, box_outputs, mask_outputs, model_num_classes, rcnn_stages, rpn_proposals,
                              rpn_stage)
 from ..modeling.stages import Stage
@@ -343,11 +343,12 @@ class DetectionTask(Task):
                             cfg=self.cfg, collate_fn=_collate)
 
     def evaluate(self, model: nn.Module, *, reference: Optional[nn.Module] = None, output_dir: str = "",
-                 desc: str = "") -> Dict[str, float]:
+                 reference_output_dir: Optional[str] = None, desc: str = "") -> Dict[str, Any]:
         """COCO box/mask AP (percent) of ``model`` on ``DATASETS.TEST``; with ``reference`` (run on the same images)
         also ``box_AP_vs_reference`` / ``mask_AP_vs_reference``, the AP against the reference's own detections
         scoring >= ``TEST.AGREEMENT_SCORE`` (``reference_instances`` of them); ``output_dir`` receives the results
-        json.
+        json. With ``reference_output_dir`` (a path, or "" for nowhere) the reference's own AP comes from the same
+        pass (``"reference"``).
 
         Raises:
             ValueError: when the model's classes do not fit the dataset's categories.
@@ -360,8 +361,13 @@ class DetectionTask(Task):
         def forward(m: nn.Module, batch: Dict[str, Any]):
             return m([item["image"].to(device) for item in batch["items"]])
 
-        evaluator = COCOEvaluator(ds.coco, {v: k for k, v in labels.items()}, output_dir=output_dir,
-                                  reference_score=self.cfg.TEST.AGREEMENT_SCORE)
+        def evaluator_to(directory: str) -> COCOEvaluator:
+            return COCOEvaluator(ds.coco, {v: k for k, v in labels.items()}, output_dir=directory,
+                                 reference_score=self.cfg.TEST.AGREEMENT_SCORE)
+
+        evaluator = evaluator_to(output_dir)
+        if reference is not None and reference_output_dir is not None:
+            evaluator = PairedEvaluator(evaluator, evaluator_to(reference_output_dir))
         # inference_on_dataset hands the raw batch to the evaluator: give it the image ids.
         return inference_on_dataset(model, _BatchWithIds(self.test_loader()), evaluator, forward=forward,
                                     reference=reference, desc=desc or f"COCO eval {name}")

@@ -39,3 +39,25 @@ def test_classification_evaluator_against_reference_model(tmp_path):
         ev.process(batches[1], model(batches[1][0]))
     with pytest.raises(ValueError, match="reference logits came with 7 of 11 images; allowed: all or none"):
         ev.evaluate()
+
+
+def test_paired_evaluation_scores_the_reference_from_the_same_pass(tmp_path):
+    """inference_on_dataset with a PairedEvaluator runs each model once per batch; the reference's own metrics and
+    predictions equal those of evaluating it alone, the model's keep their agreement."""
+    from bgd_det.evaluation import ClassificationEvaluator, PairedEvaluator, inference_on_dataset
+
+    torch.manual_seed(0)
+    reference, model = torch.nn.Linear(6, 5), torch.nn.Linear(6, 5)
+    calls = []
+    for net in (reference, model):
+        net.register_forward_hook(lambda m, i, o: calls.append(m))
+    batches = [(torch.randn(7, 6), torch.randint(0, 5, (7,))), (torch.randn(4, 6), torch.randint(0, 5, (4,)))]
+    paired = PairedEvaluator(ClassificationEvaluator(), ClassificationEvaluator(output_dir=str(tmp_path / "ref")))
+    out = inference_on_dataset(model, batches, paired, reference=reference)
+    assert len(calls) == 4 and calls.count(reference) == 2  # one forward of each model per batch
+    alone = inference_on_dataset(reference, batches, ClassificationEvaluator(output_dir=str(tmp_path / "alone")))
+    with_agreement = inference_on_dataset(model, batches, ClassificationEvaluator(), reference=reference)
+    assert out.pop("reference") == alone and out == with_agreement
+    assert (tmp_path / "ref" / "predictions.json").read_text() == (tmp_path / "alone" / "predictions.json").read_text()
+    with pytest.raises(ValueError, match="PairedEvaluator needs the reference's outputs"):
+        inference_on_dataset(model, batches, paired)
