@@ -33,14 +33,21 @@ class DatasetEvaluator:
 
 def inference_on_dataset(model: nn.Module, loader: Iterable, evaluator: DatasetEvaluator, *,
                          forward: Callable[[nn.Module, Any], Any] | None = None,
-                         reference: Optional[nn.Module] = None, desc: str = "eval") -> Dict[str, float]:
+                         reference: Optional[nn.Module] = None,
+                         reference_evaluator: Optional[DatasetEvaluator] = None, desc: str = "eval") -> Dict[str, float]:
     """Run ``model`` (and ``reference``, on the same batches) in eval mode over ``loader`` and return
     ``evaluator.evaluate()``.
 
     Args:
         forward: ``forward(model, batch) -> outputs``; default ``model(batch[0])``.
         reference: e.g. the uncompressed teacher: its outputs go to the evaluator beside the model's.
+        reference_evaluator: scores ``reference``'s outputs of the same pass too (:class:`PairedEvaluator`); the
+            result then holds its metrics under ``"reference"``. Needs ``reference``.
     """
+    if reference_evaluator is not None:
+        if reference is None:
+            raise ValueError("reference_evaluator given without reference=: there are no reference outputs to score")
+        evaluator = PairedEvaluator(evaluator, reference_evaluator)
     forward = forward or (lambda m, batch: m(batch[0]))
     evaluator.reset()
     start = time.perf_counter()

@@ -75,7 +75,8 @@ class Task:
         """Metrics of ``model`` on ``cfg.DATASETS.TEST``; with ``reference`` (e.g. the teacher, run on the same
         inputs) also the label-free agreement with it; ``output_dir`` receives the raw predictions ("" = nowhere).
         With ``reference`` and ``reference_output_dir`` (a path or ""), the reference's own metrics too, from the
-        same pass, under ``"reference"`` (:class:`bgd_det.evaluation.PairedEvaluator`)."""
+        same pass, under ``"reference"`` (:class:`bgd_det.evaluation.PairedEvaluator`); ``reference_output_dir``
+        without ``reference`` is a ValueError."""
         raise NotImplementedError
 
     #: what architecture builders name in their ``task`` attribute to use this task.

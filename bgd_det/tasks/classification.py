@@ -12,7 +12,7 @@ from torch.utils.data import Subset
 from ..data import DatasetCatalog
 from ..data.loader import build_loader
 from ..data.imagenet import eval_transform, train_transform
-from ..evaluation import ClassificationEvaluator, PairedEvaluator, inference_on_dataset
+from ..evaluation import ClassificationEvaluator, inference_on_dataset
 from ..utils import comm
 from .base import TASK_REGISTRY, Task
 
@@ -110,9 +110,9 @@ class ClassificationTask(Task):
         path, or "" for nowhere) the reference is scored too, from the same pass (``"reference"``)."""
         device = self.device
         evaluator = ClassificationEvaluator(per_image=per_image, output_dir=output_dir)
-        if reference is not None and reference_output_dir is not None:
-            evaluator = PairedEvaluator(evaluator, ClassificationEvaluator(per_image=per_image,
-                                                                           output_dir=reference_output_dir))
+        reference_evaluator = (None if reference_output_dir is None
+                               else ClassificationEvaluator(per_image=per_image, output_dir=reference_output_dir))
         return inference_on_dataset(model, self.test_loader(), evaluator, forward=lambda m, b: m(b[0].to(device)),
-                                    reference=reference, desc=self.cfg.DATASETS.TEST)
+                                    reference=reference, reference_evaluator=reference_evaluator,
+                                    desc=self.cfg.DATASETS.TEST)
 

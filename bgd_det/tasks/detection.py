@@ -41,7 +41,7 @@ from ..data import DatasetCatalog
 from ..data.loader import build_loader
 from ..data.coco import CocoInstances, annotations_to_target, hflip
 from ..evaluation.coco_evaluation import COCOEvaluator
-from ..evaluation.evaluator import PairedEvaluator, inference_on_dataset
+from ..evaluation.evaluator import inference_on_dataset
 from ..modeling.rcnn import (RPNStage, box_outputs, mask_outputs, model_num_classes, rcnn_stages, rpn_proposals,
                              rpn_stage)
 from ..modeling.stages import Stage
@@ -365,12 +365,11 @@ class DetectionTask(Task):
             return COCOEvaluator(ds.coco, {v: k for k, v in labels.items()}, output_dir=directory,
                                  reference_score=self.cfg.TEST.AGREEMENT_SCORE)
 
-        evaluator = evaluator_to(output_dir)
-        if reference is not None and reference_output_dir is not None:
-            evaluator = PairedEvaluator(evaluator, evaluator_to(reference_output_dir))
+        reference_evaluator = None if reference_output_dir is None else evaluator_to(reference_output_dir)
         # inference_on_dataset hands the raw batch to the evaluator: give it the image ids.
-        return inference_on_dataset(model, _BatchWithIds(self.test_loader()), evaluator, forward=forward,
-                                    reference=reference, desc=desc or f"COCO eval {name}")
+        return inference_on_dataset(model, _BatchWithIds(self.test_loader()), evaluator_to(output_dir),
+                                    forward=forward, reference=reference, reference_evaluator=reference_evaluator,
+                                    desc=desc or f"COCO eval {name}")
 
 
 class _BatchWithIds:

@@ -52,12 +52,15 @@ def test_paired_evaluation_scores_the_reference_from_the_same_pass(tmp_path):
     for net in (reference, model):
         net.register_forward_hook(lambda m, i, o: calls.append(m))
     batches = [(torch.randn(7, 6), torch.randint(0, 5, (7,))), (torch.randn(4, 6), torch.randint(0, 5, (4,)))]
-    paired = PairedEvaluator(ClassificationEvaluator(), ClassificationEvaluator(output_dir=str(tmp_path / "ref")))
-    out = inference_on_dataset(model, batches, paired, reference=reference)
+    out = inference_on_dataset(model, batches, ClassificationEvaluator(), reference=reference,
+                               reference_evaluator=ClassificationEvaluator(output_dir=str(tmp_path / "ref")))
     assert len(calls) == 4 and calls.count(reference) == 2  # one forward of each model per batch
     alone = inference_on_dataset(reference, batches, ClassificationEvaluator(output_dir=str(tmp_path / "alone")))
     with_agreement = inference_on_dataset(model, batches, ClassificationEvaluator(), reference=reference)
     assert out.pop("reference") == alone and out == with_agreement
     assert (tmp_path / "ref" / "predictions.json").read_text() == (tmp_path / "alone" / "predictions.json").read_text()
+    with pytest.raises(ValueError, match="reference_evaluator given without reference="):
+        inference_on_dataset(model, batches, ClassificationEvaluator(), reference_evaluator=ClassificationEvaluator())
+    paired = PairedEvaluator(ClassificationEvaluator(), ClassificationEvaluator())
     with pytest.raises(ValueError, match="PairedEvaluator needs the reference's outputs"):
         inference_on_dataset(model, batches, paired)
