@@ -105,6 +105,9 @@ def _check_quant(q) -> None:
     check_refine_target(q.REFINE.TARGET)
     check_damping_metric(q.REFINE.DAMPING_METRIC)
     check_gain_floor(q.REFINE.RESIDUAL_GAIN_FLOOR)
+    if q.REFINE.SKIP_PATH_FIRST and not q.REFINE.RESIDUAL:
+        raise ValueError("QUANT.REFINE.SKIP_PATH_FIRST=True with QUANT.REFINE.RESIDUAL=False; allowed: "
+                         "SKIP_PATH_FIRST only with RESIDUAL (it orders layers for the residual target)")
     if q.REFINE.AUGMENTED_VIEWS < 0:
         raise ValueError(f"QUANT.REFINE.AUGMENTED_VIEWS={q.REFINE.AUGMENTED_VIEWS}; allowed: an integer >= 0")
     if q.REFINE.DAMPING < 0 or q.REFINE.DAMPING_PER_COLUMN < 0:

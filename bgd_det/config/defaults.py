@@ -120,6 +120,9 @@ _C.QUANT.REFINE.BN_WEIGHTED = False
 # The last conv of a residual branch (bgd_det/quantization/residual.py) also matches the drift of the student's skip
 # path: its target becomes the teacher's output plus (skip_t - skip_s) / (BatchNorm gain).
 _C.QUANT.REFINE.RESIDUAL = False
+# With RESIDUAL: quantize each block's skip path (downsample) before its branch end, so the branch end also absorbs
+# the compressed skip path's error (bgd_det/quantization/residual.py: skip_path_first). False = execution order.
+_C.QUANT.REFINE.SKIP_PATH_FIRST = False
 # Channels whose gain is below this fraction of the layer's median |gain| get a damped compensation
 # (a / (a^2 + (floor * median)^2) instead of 1 / a): a ResNet-50 bn3 gain of 2e-6 made one conv3 blow up
 # (docs/detection_fidelity.md). 0 = the plain 1 / a.

@@ -20,6 +20,7 @@ from ..utils.hooks import removed_on_exit
 from .calls import linear_weight_calls
 from .layers import PQ_LAYER_TYPES, QUANTIZABLE_TYPES
 from .pq import divisors
+from .residual import skip_path_first
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ class QuantRules:
             <= n_subvectors / this (k_clamp "le": the paper's "min(K, C_out*m/4)", rounded down to a power of two
             so codes take an integral number of bits), or < it ("lt": the paper's released code);
         skip: glob patterns of modules left in fp32; skip_first: the first module in execution order is left in
-        fp32 too; overrides: ``[pattern, KEY, value]`` triples; indivisible: one of :data:`INDIVISIBLE_RULES`;
+        fp32 too; skip_path_first: each block's skip path before its branch end (:func:`.residual.skip_path_first`);
+        overrides: ``[pattern, KEY, value]`` triples; indivisible: one of :data:`INDIVISIBLE_RULES`;
         refine_damping, refine_damping_per_column, refine_rounds: QUANT.REFINE's values (a REFINE.* override replaces
         them per layer).
     """
@@ -87,6 +89,7 @@ class QuantRules:
     min_subvectors_per_centroid: int = 4
     k_clamp: str = "le"
     skip_first: bool = False
+    skip_path_first: bool = False
     skip: Sequence[str] = ()
     overrides: Sequence[Sequence[Any]] = ()
     indivisible: str = "error"
@@ -106,6 +109,7 @@ class QuantRules:
             min_subvectors_per_centroid=qcfg.MIN_SUBVECTORS_PER_CENTROID,
             k_clamp=qcfg.K_CLAMP,
             skip_first=qcfg.SKIP_FIRST,
+            skip_path_first=qcfg.REFINE.SKIP_PATH_FIRST,
             skip=list(qcfg.SKIP),
             overrides=[list(o) if isinstance(o, (list, tuple)) else o for o in qcfg.OVERRIDES],
             indivisible=qcfg.INDIVISIBLE,
@@ -177,13 +181,16 @@ def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> Lis
     """Apply the rules to the modules in ``order``.
 
     Returns:
-        The layers to quantize, in execution order (skipped modules left out).
+        The layers to quantize, in execution order (skipped modules left out; with ``rules.skip_path_first``,
+        each block's skip path before its branch end).
 
     Raises:
         PlanError: every rule error at once (patterns that match nothing, block sizes that do not divide a layer's
             row length, bad K or refinement values).
     """
     modules = dict(model.named_modules())
+    if rules.skip_path_first:
+        order = skip_path_first(model, order)
     errors = _pattern_errors(rules.skip, order, "QUANT.SKIP")
     overrides = []
     for entry in rules.overrides:

@@ -210,3 +210,17 @@ def test_detector_heads_are_captured_on_the_teachers_proposals(assets_dir, monke
     own = capture_second_moments(student, teacher, name, list(quantizer.plain_pass.batches(quantizer.task)),
                                  quantizer.task.forward)  # each model on its own proposals
     assert not torch.allclose(own.ss, own.tt)
+
+
+def test_skip_path_first_orders_the_plan_and_streams_like_recompute(tiny_images, tmp_path):
+    """QUANT.REFINE.SKIP_PATH_FIRST quantizes layer2.0's downsample before its branch end (whose residual target
+    then holds the compressed skip path: test_residual_rules_and_skip_capture); the streaming cache serves that
+    order with the recompute path's codes."""
+    opts = [*RESNET, "QUANT.REFINE.SKIP_PATH_FIRST", True]
+    quantizer, streamed = _run(tmp_path, *opts, "QUANT.ENGINE", "streaming")
+    names = [layer.name for layer in quantizer.plan]
+    assert names.index("layer2.0.downsample.0") == names.index("layer2.0.conv2") - 1
+    assert [n for n in names if "downsample" not in n] == [n for n in quantizer.order if n in names and
+                                                           "downsample" not in n]
+    _, reference = _run(tmp_path, *opts, "QUANT.ENGINE", "recompute")
+    _assert_same(_state(streamed.student), _state(reference.student))

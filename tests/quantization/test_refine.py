@@ -463,3 +463,19 @@ def test_projected_capture_gives_the_full_capture_objective(rows_per_image):
         assert ob.value(w_hat) == pytest.approx(oa.value(w_hat), rel=1e-5)  # const - 2 b.w + w.h.w cancels
     with pytest.raises(ValueError, match="with and without a projection"):
         full[0].merged(proj[1])
+
+
+def test_skip_path_first_moves_each_downsample_before_its_branch_end():
+    from torchvision.models import resnet18
+
+    from bgd_det.config import load_config
+    from bgd_det.quantization.residual import skip_path_first
+
+    net = resnet18(num_classes=4)
+    order = ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv1", "layer2.0.conv2",
+             "layer2.0.downsample.0", "layer2.1.conv1", "fc"]
+    assert skip_path_first(net, order) == ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv1",
+                                           "layer2.0.downsample.0", "layer2.0.conv2", "layer2.1.conv1", "fc"]
+    assert skip_path_first(net, order[:5] + order[6:]) == order[:5] + order[6:]  # downsample skipped: no change
+    with pytest.raises(ValueError, match="SKIP_PATH_FIRST=True with QUANT.REFINE.RESIDUAL=False; allowed"):
+        load_config("", ["QUANT.REFINE.SKIP_PATH_FIRST", "True"])
