@@ -61,7 +61,7 @@ class LayerRecord:
     rel_error: float = 0.0
     distill_loss: float = float("nan")
     seconds: float = 0.0
-    output_error: float = float("nan")  # relative output error after QUANT.REFINE (nan: not refined)
+    output_error: float = float("nan")  # squared, relative, damping left out (nan: not refined)
     capture_seconds: float = 0.0  # of ``seconds``: capturing Gram / moments / BatchNorm statistics
 
 

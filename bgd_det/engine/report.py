@@ -45,8 +45,9 @@ def format_report(size: SizeReport, records: Sequence = (), metrics: Optional[Di
     """Markdown report: per-layer table, then uncompressed vs compressed size/ratio/metrics, then the weights left
     in fp32 with their reasons.
 
-    Per layer: "rel. err" is ``||W_hat - W||^2 / ||W||^2``; "out. err" the refined layer's output error relative
-    to the teacher's output energy (QUANT.REFINE), "-" where the layer was not refined.
+    Per layer: "rel. err" is ``||W_hat - W||^2 / ||W||^2``; "out. err" the refined layer's squared output error on
+    the captured rows relative to its target's energy, without the damping (QUANT.REFINE), "-" where the layer was
+    not refined.
     """
     per_layer = tabulate(_layer_rows(size, records),
                          headers=["layer", "kind", "d", "K", "dense KiB", "compressed KiB", "ratio", "rel. err",

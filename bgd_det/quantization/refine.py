@@ -54,6 +54,8 @@ class OutputObjective:
             output channel ``o`` (the error is then measured after it).
         const (float): ``sum tr(W T W^T)`` plus the damping's constant, so ``f >= 0``.
         scale (float): ``sum tr(W T W^T)``, the teacher's output energy (for relative errors).
+        weight (Tensor[g, m, D] float64), ridge (Tensor[g, D, D] float64): the layer's own weight and
+            ``lambda * M``, for the damping's share of ``f`` (:meth:`output_error`).
     """
 
     h: Tensor
@@ -61,12 +63,20 @@ class OutputObjective:
     row_weight: Tensor
     const: float
     scale: float
+    weight: Tensor
+    ridge: Tensor
 
     def value(self, w_hat: Tensor) -> float:
         """``f`` at ``w_hat`` (Tensor[g, m, D])."""
         w_hat = w_hat.double()
         quad = (w_hat @ self.h * w_hat * self.row_weight).sum()
         return float(quad - 2 * (w_hat * self.b * self.row_weight).sum()) + self.const
+
+    def output_error(self, w_hat: Tensor) -> float:
+        """``f`` at ``w_hat`` (Tensor[g, m, D]) without the damping: the (row-weighted) squared output error
+        on the captured rows, ``E||W_hat x_s - target||^2``."""
+        delta = w_hat.double() - self.weight
+        return self.value(w_hat) - float((delta @ self.ridge * delta * self.row_weight).sum())
 
 
 def residual_ridge(gain: Optional[Tensor], floor: float) -> float:
@@ -143,7 +153,7 @@ def output_objective(weight: Tensor, moments: SecondMoments, *, damping: float =
         scale += float(2 * (td_w * inv.squeeze(1) * r.squeeze(2)).sum()
                        + (moments.dd.to(w) * inv.squeeze(1) ** 2 * r.squeeze(2)).sum())
     const = scale + float((w_ridge * w * r).sum())
-    return OutputObjective(h, b, r, const, scale)
+    return OutputObjective(h, b, r, const, scale, w, ridge)
 
 
 def _decode(codes: Tensor, codebook: Tensor, g: int) -> Tensor:
@@ -227,11 +237,13 @@ def refine_pq(obj: OutputObjective, codes: Tensor, codebook: Tensor, *, rounds: 
         rounds: sweep + solve alternations; a round that does not lower ``f`` (evaluated in float64) ends it.
         cg_iters: conjugate-gradient iterations per codebook solve.
         dtype: of the ``C_out x D x D`` products of the sweeps and solves (float32 halves their time).
-        label: names the layer in the log line (relative output error before -> after, rounds kept).
+        label: names the layer in the log line (relative squared output error and ``f / scale`` before ->
+            after, rounds kept).
 
     Returns:
-        PQResult with the refined codes (initial dtype), codebook (float32) and ``objective = f / scale``
-        (output error relative to the teacher's output energy).
+        PQResult with the refined codes (initial dtype), codebook (float32) and ``objective``: the squared
+        output error on the captured rows relative to the target's energy (``f`` without the damping, over
+        ``scale``).
     """
     g, m, dim = obj.b.shape
     if codes.shape[0] != g * m or codes.shape[1] * codebook.shape[1] != dim:
@@ -240,7 +252,7 @@ def refine_pq(obj: OutputObjective, codes: Tensor, codebook: Tensor, *, rounds: 
     code_dtype = codes.dtype
     cb = codebook.double()
     best = obj.value(_decode(codes, cb, g))
-    start = best
+    start, start_codes, start_cb = best, codes, cb
     kept = 0
     for _ in range(rounds):
         new_codes = _sweep_codes(obj, codes, cb, dtype)
@@ -250,6 +262,7 @@ def refine_pq(obj: OutputObjective, codes: Tensor, codebook: Tensor, *, rounds: 
             break
         codes, cb, best, kept = new_codes.to(code_dtype), new_cb, value, kept + 1
     scale = max(obj.scale, 1e-30)
-    logger.info("%s: relative output error %.4f -> %.4f (%d of %d rounds kept)", label, start / scale,
-                best / scale, kept, rounds)
-    return PQResult(codes=codes, codebook=cb.float().contiguous(), objective=best / scale)
+    errors = [obj.output_error(_decode(c, book, g)) / scale for c, book in ((start_codes, start_cb), (codes, cb))]
+    logger.info("%s: relative squared output error %.4f -> %.4f (with the damping %.4f -> %.4f; %d of %d rounds "
+                "kept)", label, *errors, start / scale, best / scale, kept, rounds)
+    return PQResult(codes=codes, codebook=cb.float().contiguous(), objective=errors[1])

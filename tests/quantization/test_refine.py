@@ -49,6 +49,10 @@ def test_objective_matches_explicit_output_error(target):
     lam = 0.05 * (xs.double().transpose(1, 2) @ xs.double() / xs.shape[1]).diagonal(dim1=1, dim2=2).mean(1)
     ref = _explicit_f(weight, w_hat, xs, xs if target == "weights" else xt, lam, rows)
     assert obj.value(w_hat) == pytest.approx(ref, rel=1e-9)
+    # the reported output error leaves the damping out
+    plain = _explicit_f(weight, w_hat, xs, xs if target == "weights" else xt, torch.zeros_like(lam), rows)
+    assert obj.output_error(w_hat) == pytest.approx(plain, rel=1e-9)
+    assert plain < ref
 
 
 @pytest.mark.parametrize("metric", ["identity", "diagonal", "channel"])
@@ -131,12 +135,13 @@ def test_refine_lowers_output_error_of_the_em_and_keeps_layout():
     moments = _moments(xs, xt)
     init = em_quantize(weight, None, block_size=9, n_centroids=16, n_iter=20, seed=0)
     obj = output_objective(weight, moments)
-    before = obj.value(_decode(init.codes, init.codebook.double(), 1)) / obj.scale
+    before = obj.output_error(_decode(init.codes, init.codebook.double(), 1)) / obj.scale
     out = refine_pq(obj, init.codes, init.codebook, rounds=4)
     assert out.codes.dtype == init.codes.dtype and out.codes.shape == init.codes.shape
     assert out.objective < 0.8 * before
-    w_hat = pq_decode(out.codes, out.codebook, weight.shape)
-    assert obj.value(w_hat.double().unsqueeze(0)) / obj.scale == pytest.approx(out.objective, rel=1e-5)
+    w_hat = pq_decode(out.codes, out.codebook, weight.shape).double().unsqueeze(0)
+    assert obj.output_error(w_hat) / obj.scale == pytest.approx(out.objective, rel=1e-5)  # the damping left out
+    assert obj.value(w_hat) / obj.scale > out.objective
 
 
 def test_refine_stops_at_the_first_round_that_does_not_lower_the_error(caplog):
@@ -145,7 +150,7 @@ def test_refine_stops_at_the_first_round_that_does_not_lower_the_error(caplog):
     obj = output_objective(weight, _moments(xs, xt))
     with caplog.at_level(logging.INFO, logger="bgd_det.quantization.refine"):
         long = refine_pq(obj, init.codes, init.codebook, rounds=200, label="probe")
-    kept = int(re.search(r"probe: .* \((\d+) of 200 rounds kept\)", caplog.text).group(1))
+    kept = int(re.search(r"probe: .* (\d+) of 200 rounds kept\)", caplog.text).group(1))
     assert 0 < kept < 200  # converged: a later round did not lower the error and ended the refinement
     short = refine_pq(obj, init.codes, init.codebook, rounds=kept)
     assert torch.equal(short.codes, long.codes) and torch.equal(short.codebook, long.codebook)
@@ -159,7 +164,8 @@ def test_refine_with_groups_treats_each_group_with_its_own_inputs():
     out = refine_pq(obj, init.codes, init.codebook, rounds=3)
     lam = 0.01 * obj.h.diagonal(dim1=1, dim2=2).mean(1) / 1.01
     w_hat = pq_decode(out.codes, out.codebook, weight.shape).reshape(2, 8, 18)
-    assert out.objective * obj.scale == pytest.approx(_explicit_f(weight, w_hat, xs, xt, lam), rel=1e-4)
+    assert obj.value(w_hat) == pytest.approx(_explicit_f(weight, w_hat, xs, xt, lam), rel=1e-4)
+    assert out.objective * obj.scale == pytest.approx(_explicit_f(weight, w_hat, xs, xt, 0 * lam), rel=1e-4)
 
 
 def test_capture_second_moments_pairs_student_and_teacher_positions():
