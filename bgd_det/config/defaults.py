@@ -121,7 +121,8 @@ _C.QUANT.REFINE.BN_WEIGHTED = False
 # path: its target becomes the teacher's output plus (skip_t - skip_s) / (BatchNorm gain).
 _C.QUANT.REFINE.RESIDUAL = False
 # With RESIDUAL: quantize each block's skip path (downsample) before its branch end, so the branch end also absorbs
-# the compressed skip path's error (bgd_det/quantization/residual.py: skip_path_first). False = execution order.
+# the compressed skip path's error (bgd_det/quantization/residual.py: skip_path_first). False = execution order
+# (ResNet-50 worse with it: docs/scoreboard.md, "The skip path before the branch end").
 _C.QUANT.REFINE.SKIP_PATH_FIRST = False
 # Channels whose gain is below this fraction of the layer's median |gain| get a damped compensation
 # (a / (a^2 + (floor * median)^2) instead of 1 / a): a ResNet-50 bn3 gain of 2e-6 made one conv3 blow up
