@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import torch
 from tabulate import tabulate
@@ -22,22 +22,17 @@ from torch import Tensor, nn
 from bgd_det.checkpoint import load_checkpoint_model
 from bgd_det.config import get_cfg
 from bgd_det.data import DatasetCatalog
-from bgd_det.modeling import build_model, load_weights
-from bgd_det.utils.hooks import removed_on_exit
+from bgd_det.modeling import build_teacher
+from bgd_det.quantization.capture import for_each_input
 from bgd_det.utils.logger import setup_logger
 
 logger = logging.getLogger("bgd_det.layer_drift")
 
 
-def layer_inputs(model: nn.Module, names: Sequence[str], images: Tensor, batch_size: int) -> Dict[str, List[Tensor]]:
-    """``{name: [Tensor[B, C_in, H, W] per batch]}``: what each named layer receives when ``model`` runs."""
-    seen: Dict[str, List[Tensor]] = {n: [] for n in names}
-    with removed_on_exit() as handles, torch.no_grad():
-        for n in names:
-            handles.append(model.get_submodule(n).register_forward_pre_hook(
-                lambda _m, args, n=n: seen[n].append(args[0])))
-        for batch in images.split(batch_size):
-            model(batch)
+def layer_inputs(model: nn.Module, name: str, images: Tensor, batch_size: int) -> List[Tensor]:
+    """What layer ``name`` receives when ``model`` runs on ``images``: [Tensor[B, C_in, ...] per batch]."""
+    seen: List[Tensor] = []
+    for_each_input(model, name, images.split(batch_size), lambda m, batch: m(batch), lambda _m, x: seen.append(x))
     return seen
 
 
@@ -50,14 +45,13 @@ def _centered(y: Tensor) -> Tensor:
 def drift_table(student: nn.Module, teacher: nn.Module, names: Sequence[str], images: Tensor,
                 batch_size: int = 25) -> List[List]:
     """``[[layer, drift-only error, compressed error]]`` for ``names`` on ``images`` Tensor[N, 3, H, W]."""
-    s_in = layer_inputs(student, names, images, batch_size)
-    t_in = layer_inputs(teacher, names, images, batch_size)
     rows = []
     for n in names:
         t_layer, s_layer = teacher.get_submodule(n), student.get_submodule(n)
+        s_in, t_in = (layer_inputs(model, n, images, batch_size) for model in (student, teacher))
         ref = drift = own = 0.0
         with torch.no_grad():
-            for xs, xt in zip(s_in[n], t_in[n]):
+            for xs, xt in zip(s_in, t_in):
                 yt = _centered(t_layer(xt))
                 ref += float(yt.square().sum())
                 drift += float((_centered(t_layer(xs)) - yt).square().sum())
@@ -79,9 +73,8 @@ def main(argv=None) -> List[List]:
     if not path:
         raise SystemExit(f"--teacher expects ARCH:PATH, got {args.teacher!r}")
     cfg = get_cfg()
-    cfg.MODEL.ARCH = arch
-    teacher = build_model(cfg)
-    load_weights(teacher, arch, path)
+    cfg.MODEL.ARCH, cfg.MODEL.WEIGHTS = arch, path
+    teacher = build_teacher(cfg)
     student = load_checkpoint_model(args.checkpoint)[0]
     dataset = DatasetCatalog.get(args.split)
     step = max(1, len(dataset) // args.images)

@@ -23,12 +23,21 @@ ASSETS = REPO.parent / "shared" / "assets"
 TOOLS = REPO / "tools"
 
 
-def load_tool(name: str):
-    """``tools/<name>.py`` as a module (its ``main`` is the command line's)."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", TOOLS / f"{name}.py")
+def _load_script(path: Path, module_name: str):
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_tool(name: str):
+    """``tools/<name>.py`` as a module (its ``main`` is the command line's)."""
+    return _load_script(TOOLS / f"{name}.py", f"tool_{name}")
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module."""
+    return _load_script(REPO / "benchmarks" / f"{name}.py", f"benchmark_{name}")
 
 
 @pytest.fixture

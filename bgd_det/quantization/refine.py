@@ -72,11 +72,15 @@ class OutputObjective:
         quad = (w_hat @ self.h * w_hat * self.row_weight).sum()
         return float(quad - 2 * (w_hat * self.b * self.row_weight).sum()) + self.const
 
+    def penalty(self, w_hat: Tensor) -> float:
+        """The damping's share of ``f`` at ``w_hat`` (Tensor[g, m, D]): ``lambda * ||W_hat - W||_M^2``."""
+        delta = w_hat.double() - self.weight
+        return float((delta @ self.ridge * delta * self.row_weight).sum())
+
     def output_error(self, w_hat: Tensor) -> float:
         """``f`` at ``w_hat`` (Tensor[g, m, D]) without the damping: the (row-weighted) squared output error
         on the captured rows, ``E||W_hat x_s - target||^2``."""
-        delta = w_hat.double() - self.weight
-        return self.value(w_hat) - float((delta @ self.ridge * delta * self.row_weight).sum())
+        return self.value(w_hat) - self.penalty(w_hat)
 
 
 def residual_ridge(gain: Optional[Tensor], floor: float) -> float:
@@ -251,8 +255,8 @@ def refine_pq(obj: OutputObjective, codes: Tensor, codebook: Tensor, *, rounds: 
                          f"[{g * m}, {dim}] weight")
     code_dtype = codes.dtype
     cb = codebook.double()
-    best = obj.value(_decode(codes, cb, g))
-    start, start_codes, start_cb = best, codes, cb
+    start_w = _decode(codes, cb, g)
+    best = start = obj.value(start_w)
     kept = 0
     for _ in range(rounds):
         new_codes = _sweep_codes(obj, codes, cb, dtype)
@@ -262,7 +266,7 @@ def refine_pq(obj: OutputObjective, codes: Tensor, codebook: Tensor, *, rounds: 
             break
         codes, cb, best, kept = new_codes.to(code_dtype), new_cb, value, kept + 1
     scale = max(obj.scale, 1e-30)
-    errors = [obj.output_error(_decode(c, book, g)) / scale for c, book in ((start_codes, start_cb), (codes, cb))]
+    errors = [(f - obj.penalty(w)) / scale for f, w in ((start, start_w), (best, _decode(codes, cb, g)))]
     logger.info("%s: relative squared output error %.4f -> %.4f (with the damping %.4f -> %.4f; %d of %d rounds "
                 "kept)", label, *errors, start / scale, best / scale, kept, rounds)
     return PQResult(codes=codes, codebook=cb.float().contiguous(), objective=errors[1])

@@ -330,13 +330,9 @@ def test_evaluator_with_a_reference_model_adds_its_agreement(tiny_coco):
 
 def test_detection_seeds_benchmark_rescores_the_kept_detections(tiny_coco, tmp_path, capsys):
     """benchmarks/detection_seeds.py: per-seed AP from each run's predictions, mean +- sd, paired differences."""
-    import importlib.util
+    from tests.conftest import load_benchmark
 
-    from tests.conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("detection_seeds", REPO / "benchmarks" / "detection_seeds.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("detection_seeds")
     path, _ = tiny_coco
     coco = load_coco_api(str(path))
     to_cat = {1: 3, 2: 7}
