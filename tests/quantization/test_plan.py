@@ -185,6 +185,7 @@ SHIPPED_SIZES = {
     "ImageNet/demo_resnet50_d18_d16_sample.yaml": (2.60, 37.5),
     "ImageNet/frozen_resnet18_large_blocks_sample.yaml": (1.03, 43.3),
     "ImageNet/frozen_resnet50_large_blocks_sample.yaml": (3.19, 30.6),
+    "ImageNet/resnet50_mixed_blocks_sample.yaml": (3.19, 30.5),
     "ImageNet/resnet18_large_blocks.yaml": (1.03, 43.3),
     "ImageNet/resnet18_small_blocks.yaml": (1.54, 28.9),
     "ImageNet/resnet50_large_blocks.yaml": (3.19, 30.6),
