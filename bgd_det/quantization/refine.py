@@ -255,18 +255,19 @@ def refine_pq(obj: OutputObjective, codes: Tensor, codebook: Tensor, *, rounds: 
                          f"[{g * m}, {dim}] weight")
     code_dtype = codes.dtype
     cb = codebook.double()
-    start_w = _decode(codes, cb, g)
+    start_w = best_w = _decode(codes, cb, g)
     best = start = obj.value(start_w)
     kept = 0
     for _ in range(rounds):
         new_codes = _sweep_codes(obj, codes, cb, dtype)
         new_cb = _solve_codebook(obj, new_codes, cb, cg_iters, dtype)
-        value = obj.value(_decode(new_codes, new_cb, g))
+        new_w = _decode(new_codes, new_cb, g)
+        value = obj.value(new_w)
         if value >= best:  # rounding noise only: keep the better one
             break
-        codes, cb, best, kept = new_codes.to(code_dtype), new_cb, value, kept + 1
+        codes, cb, best, best_w, kept = new_codes.to(code_dtype), new_cb, value, new_w, kept + 1
     scale = max(obj.scale, 1e-30)
-    errors = [(f - obj.penalty(w)) / scale for f, w in ((start, start_w), (best, _decode(codes, cb, g)))]
+    errors = [(f - obj.penalty(w)) / scale for f, w in ((start, start_w), (best, best_w))]
     logger.info("%s: relative squared output error %.4f -> %.4f (with the damping %.4f -> %.4f; %d of %d rounds "
                 "kept)", label, *errors, start / scale, best / scale, kept, rounds)
     return PQResult(codes=codes, codebook=cb.float().contiguous(), objective=errors[1])
