@@ -1,16 +1,21 @@
 """End-to-end job behind ``tools/quantize_net.py``: teacher -> compressed model -> checkpoint + report."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import fnmatch
+import glob
 import logging
 import os
 import time
-from typing import Dict
+from typing import Dict, Sequence
 
 from tabulate import tabulate
+from torch import nn
 
 from ..checkpoint import save_compressed
 from ..modeling import build_model, build_teacher
+from ..quantization.plan import LayerPlan, QuantRules, build_plan
 from ..quantization.size import model_size
 from ..quantization.swap import swap_in_skeleton
 from ..tasks import build_task
@@ -26,10 +31,24 @@ __all__ = ["quantize_and_report", "describe_plan", "FINAL_CHECKPOINT"]
 FINAL_CHECKPOINT = "model_final.pth"
 
 
+def _halved_bytes(cfg, model: nn.Module, order: Sequence[str], plan: Sequence[LayerPlan]) -> Dict[str, float]:
+    """Bytes each planned layer of the dense ``model`` would take at half its block size (K clamped by the same
+    rules), for the layers whose d is even: where this is not more than the bytes at d, a finer d costs nothing."""
+    halved = {layer.name: layer.block_size // 2 for layer in plan if layer.block_size % 2 == 0}
+    if not halved:
+        return {}
+    rules = QuantRules.from_cfg(cfg.QUANT)
+    extra = [[glob.escape(name), "BLOCK_SIZE", d] for name, d in halved.items()]  # later overrides win
+    half_plan = build_plan(model, order, dataclasses.replace(rules, overrides=list(rules.overrides) + extra))
+    sizes = model_size(swap_in_skeleton(copy.deepcopy(model), half_plan)).by_name()
+    return {name: sizes[name].bytes for name in halved}
+
+
 def describe_plan(cfg) -> str:
     """The plan of ``cfg`` as a markdown table (``tools/quantize_net.py --plan-only``): every quantizable layer in
-    execution order with its weight shape, d, K, sub-vectors and compressed bytes, or why it is skipped; then the
-    model's size. Builds the model without loading weights; raises :class:`PlanError` with every rule error."""
+    execution order with its weight shape, d, K, sub-vectors and compressed bytes (and the bytes at d/2 where d is
+    even), or why it is skipped; then the model's size. Builds the model without loading weights; raises
+    :class:`PlanError` with every rule error."""
     task = build_task(cfg)
     model = build_model(cfg).eval()
     quantizer = Quantizer(cfg, model, task)  # checks every QUANT / FINETUNE value and builds the plan
@@ -37,6 +56,7 @@ def describe_plan(cfg) -> str:
     plan = {layer.name: layer for layer in quantizer.plan}
     shapes = {name: tuple(model.get_submodule(name).weight.shape) for name in order}
     types = {name: type(model.get_submodule(name)).__name__ for name in order}  # before the skeleton swap
+    halved = _halved_bytes(cfg, model, order, quantizer.plan)
     sizes = model_size(swap_in_skeleton(model, plan.values())).by_name()
     rows = []
     for name in order:
@@ -47,11 +67,12 @@ def describe_plan(cfg) -> str:
                 rules.insert(0, "QUANT.SKIP_FIRST (the first layer)")
             what = ", ".join(rules) or "a QUANT.OVERRIDES SKIP entry"
             rows.append([name, types[name], str(shapes[name]), "-", "-", "-",
-                         f"{sizes[name].bytes:.0f}", f"skipped: {what}"])
+                         f"{sizes[name].bytes:.0f}", "-", f"skipped: {what}"])
         else:
-            rows.append([name, types[name], str(shapes[name]), str(layer.block_size),
-                         str(layer.n_centroids), str(layer.n_subvectors), f"{sizes[name].bytes:.0f}", "quantized"])
-    table = tabulate(rows, ["layer", "type", "weight", "d", "K", "sub-vectors", "bytes", "status"],
+            half = f"{halved[name]:.0f} ({halved[name] - sizes[name].bytes:+.0f})" if name in halved else "-"
+            rows.append([name, types[name], str(shapes[name]), str(layer.block_size), str(layer.n_centroids),
+                         str(layer.n_subvectors), f"{sizes[name].bytes:.0f}", half, "quantized"])
+    table = tabulate(rows, ["layer", "type", "weight", "d", "K", "sub-vectors", "bytes", "bytes at d/2", "status"],
                      tablefmt="github", disable_numparse=True)
     total = model_size(model)
     fp32 = format_unquantized(quantizer.unquantized)

@@ -153,6 +153,16 @@ def test_plan_only_lists_every_layer_with_its_bytes_and_skips(tmp_path):
     assert any(line.startswith("| layer4.1.conv2 ") and "| Conv2d " in line and "| 18 " in line and "| 256 " in line
                for line in lines)
     assert "1.03 MiB" in text and "43.3x" in text
+    # bytes at d/2 (codes at log2(K) bits + K * d fp16 + fp32 bias): layer1.0.conv2 at d=9 has 4096 sub-vectors,
+    # 4096 + 256 * 9 * 2 = 8704 bytes against 2048 + 256 * 18 * 2 = 11264 at d=18; fc at d=2 (K=2048):
+    # 256000 * 11 / 8 + 2048 * 2 * 2 + 1000 * 4 = 364192
+    row = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]
+           if line.startswith("| ")}
+    assert row["layer1.0.conv2"][5:7] == ["11264", "8704 (-2560)"]
+    assert row["fc"][5:7] == ["196384", "364192 (+167808)"]
+    assert row["conv1"][6] == "-"
+    odd = describe_plan(load_config("configs/ImageNet/resnet18_small_blocks.yaml", ["MODEL.WEIGHTS", ""]))
+    assert any(line.startswith("| layer1.0.conv2 ") and "| 9 " in line and "| - " in line for line in odd.splitlines())
 
 
 def _plan_and_size(cfg):
