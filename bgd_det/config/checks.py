@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-__all__ = ["METRICS", "BN_CORRECTION_MODES", "FINETUNE_BN_MODES", "K_CLAMP_RULES", "INDIVISIBLE_RULES", "ENGINES",
-           "CACHE_DTYPE_NAMES", "OPTIMIZERS", "CENTROID_GRADS", "LR_SCHEDULES", "DAMPING_METRICS", "REFINE_TARGETS",
-           "DETECTION_LOSSES", "BAD_IMAGE_POLICIES", "check_config", "check_choice", "check_rounds",
-           "check_damping_metric", "check_refine_target", "check_gain_floor", "check_max_unquantized", "check_optim", "check_eval_options"]
+__all__ = ["METRICS", "BN_CORRECTION_MODES", "FINETUNE_BN_MODES", "K_CLAMP_RULES", "INDIVISIBLE_RULES",
+           "HALVE_BLOCKS_RULES", "ENGINES", "CACHE_DTYPE_NAMES", "OPTIMIZERS", "CENTROID_GRADS", "LR_SCHEDULES",
+           "DAMPING_METRICS", "REFINE_TARGETS", "DETECTION_LOSSES", "BAD_IMAGE_POLICIES", "check_config",
+           "check_choice", "check_rounds", "check_damping_metric", "check_refine_target", "check_gain_floor",
+           "check_max_unquantized", "check_optim", "check_eval_options"]
 
 #: QUANT.METRIC: the E-step's Gram ("shared": the paper's E[x x^T]; "centered": without each block's mean input;
 #: "identity": plain k-means on the weights).
@@ -28,6 +29,9 @@ K_CLAMP_RULES = ("le", "lt")
 #: QUANT.INDIVISIBLE: a block size that does not divide a layer's row length: refuse the plan, use the largest
 #: divisor >= 2 below it, or leave the layer fp32.
 INDIVISIBLE_RULES = ("error", "divisor", "skip")
+#: QUANT.HALVE_BLOCKS: keep the rules' block sizes, halve them where that costs no bytes, or also spend what that
+#: saved halving further layers in execution order.
+HALVE_BLOCKS_RULES = ("off", "free", "within_size")
 #: QUANT.ENGINE
 ENGINES = ("streaming", "recompute")
 #: QUANT.STREAM.DTYPE
@@ -116,6 +120,7 @@ def _check_quant(q) -> None:
     check_choice("QUANT.BN_CORRECTION", q.BN_CORRECTION, BN_CORRECTION_MODES)
     check_choice("QUANT.K_CLAMP", q.K_CLAMP, K_CLAMP_RULES)
     check_choice("QUANT.INDIVISIBLE", q.INDIVISIBLE, INDIVISIBLE_RULES, quote=False)
+    check_choice("QUANT.HALVE_BLOCKS", q.HALVE_BLOCKS, HALVE_BLOCKS_RULES)
     if q.EM_RESAMPLE_IMAGES < 0 or (q.EM_RESAMPLE_IMAGES and q.METRIC != "shared"):
         raise ValueError(f"QUANT.EM_RESAMPLE_IMAGES={q.EM_RESAMPLE_IMAGES} with QUANT.METRIC={q.METRIC!r}; allowed: "
                          f"0, or an integer > 0 with the 'shared' metric")

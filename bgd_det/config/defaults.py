@@ -80,6 +80,11 @@ _C.QUANT.BLOCK_SIZE.CONV1D = 4
 # A layer whose row length the block size does not divide (5x5 depthwise at d=9, an SE fc2 of 110 columns at d=4):
 # "error" (the plan refuses, listing the divisors), "divisor" (the largest divisor >= 2 below d), "skip" (fp32).
 _C.QUANT.INDIVISIBLE = "error"
+# Halve the block size of layers where the finer d pays for itself (a K=256 codebook of long centroids costs more than
+# the codes in small layers, e.g. ResNet layer1): "off"; "free" (every layer whose bytes do not grow at d/2);
+# "within_size" ("free", then the bytes it saved spent halving further layers in execution order, earliest first:
+# the model is never larger than with "off"). Odd d and d set by a BLOCK_SIZE override are kept. docs/scoreboard.md.
+_C.QUANT.HALVE_BLOCKS = "off"
 # Glob patterns of modules kept in fp32.
 _C.QUANT.SKIP = []
 # Keep the first quantizable layer in execution order in fp32 (the paper's rule for ResNet's conv1: its 3 input

@@ -71,7 +71,8 @@ def describe_plan(cfg) -> str:
         else:
             half = f"{halved[name]:.0f} ({halved[name] - sizes[name].bytes:+.0f})" if name in halved else "-"
             rows.append([name, types[name], str(shapes[name]), str(layer.block_size), str(layer.n_centroids),
-                         str(layer.n_subvectors), f"{sizes[name].bytes:.0f}", half, "quantized"])
+                         str(layer.n_subvectors), f"{sizes[name].bytes:.0f}", half,
+                         f"quantized, d halved ({cfg.QUANT.HALVE_BLOCKS})" if layer.halved else "quantized"])
     table = tabulate(rows, ["layer", "type", "weight", "d", "K", "sub-vectors", "bytes", "bytes at d/2", "status"],
                      tablefmt="github", disable_numparse=True)
     total = model_size(model)

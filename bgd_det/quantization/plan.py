@@ -5,27 +5,29 @@ nowhere else. Execution order comes from running the model with hooks, never fro
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Union
 
 import torch
 from torch import nn
 
-from ..config.checks import INDIVISIBLE_RULES, K_CLAMP_RULES, check_max_unquantized
+from ..config.checks import HALVE_BLOCKS_RULES, INDIVISIBLE_RULES, K_CLAMP_RULES, check_max_unquantized
 from ..utils.hooks import removed_on_exit
 from .calls import linear_weight_calls
 from .layers import PQ_LAYER_TYPES, QUANTIZABLE_TYPES
 from .pq import divisors
 from .residual import skip_path_first
+from .size import pq_bytes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LayerPlan", "QuantRules", "execution_order", "build_plan", "clamp_power", "OVERRIDE_KEYS", "K_CLAMP_RULES",
-           "PlanError", "INDIVISIBLE_RULES", "Unquantized", "unquantized_weights", "check_unquantized"]
+__all__ = ["LayerPlan", "QuantRules", "execution_order", "build_plan", "halve_blocks", "clamp_power", "OVERRIDE_KEYS",
+           "K_CLAMP_RULES", "PlanError", "INDIVISIBLE_RULES", "Unquantized", "unquantized_weights", "check_unquantized"]
 
 #: override keys that replace a QUANT.REFINE value for the matching layers (LayerPlan.damping, .damping_per_column,
 #: .rounds), in LayerPlan's field order.
@@ -41,7 +43,8 @@ class LayerPlan:
     Attributes:
         name: module name in the model; block_size: sub-vector size d; n_centroids: K (after clamping);
         n_subvectors: C_out * n_blocks; damping, damping_per_column, rounds: this layer's refinement ridge and rounds
-        (QUANT.REFINE.DAMPING / DAMPING_PER_COLUMN / ROUNDS, or an override's value: resolved here, read nowhere else).
+        (QUANT.REFINE.DAMPING / DAMPING_PER_COLUMN / ROUNDS, or an override's value: resolved here, read nowhere else);
+        halved: d is half the rules' value (QUANT.HALVE_BLOCKS).
     """
 
     name: str
@@ -51,6 +54,7 @@ class LayerPlan:
     damping: float = 0.0
     damping_per_column: float = 0.0
     rounds: int = 0
+    halved: bool = False
 
     def refine_damping(self, dim: int, n_rows: int) -> float:
         """Ridge of the refinement: ``damping + damping_per_column * dim / n_rows`` (dim input columns, n_rows
@@ -75,7 +79,8 @@ class QuantRules:
             so codes take an integral number of bits), or < it ("lt": the paper's released code);
         skip: glob patterns of modules left in fp32; skip_first: the first module in execution order is left in
         fp32 too; skip_path_first: each block's skip path before its branch end (:func:`.residual.skip_path_first`);
-        overrides: ``[pattern, KEY, value]`` triples; indivisible: one of :data:`INDIVISIBLE_RULES`;
+        overrides: ``[pattern, KEY, value]`` triples; indivisible: one of :data:`INDIVISIBLE_RULES`; halve_blocks:
+        one of :data:`HALVE_BLOCKS_RULES` (:func:`halve_blocks`);
         refine_damping, refine_damping_per_column, refine_rounds: QUANT.REFINE's values (a REFINE.* override replaces
         them per layer).
     """
@@ -93,6 +98,7 @@ class QuantRules:
     skip: Sequence[str] = ()
     overrides: Sequence[Sequence[Any]] = ()
     indivisible: str = "error"
+    halve_blocks: str = "off"
     refine_damping: float = 0.01
     refine_damping_per_column: float = 0.0
     refine_rounds: int = 0
@@ -113,6 +119,7 @@ class QuantRules:
             skip=list(qcfg.SKIP),
             overrides=[list(o) if isinstance(o, (list, tuple)) else o for o in qcfg.OVERRIDES],
             indivisible=qcfg.INDIVISIBLE,
+            halve_blocks=qcfg.HALVE_BLOCKS,
             refine_damping=qcfg.REFINE.DAMPING,
             refine_damping_per_column=qcfg.REFINE.DAMPING_PER_COLUMN,
             refine_rounds=qcfg.REFINE.ROUNDS,
@@ -182,7 +189,7 @@ def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> Lis
 
     Returns:
         The layers to quantize, in execution order (skipped modules left out; with ``rules.skip_path_first``,
-        each block's skip path before its branch end).
+        each block's skip path before its branch end), block sizes halved by ``rules.halve_blocks``.
 
     Raises:
         PlanError: every rule error at once (patterns that match nothing, block sizes that do not divide a layer's
@@ -203,8 +210,12 @@ def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> Lis
     errors += _pattern_errors([o[0] for o in overrides], order, "QUANT.OVERRIDES")
     if rules.indivisible not in INDIVISIBLE_RULES:
         errors.append(f"QUANT.INDIVISIBLE={rules.indivisible!r}; allowed: {', '.join(INDIVISIBLE_RULES)}")
+    if rules.halve_blocks not in HALVE_BLOCKS_RULES:
+        errors.append(f"QUANT.HALVE_BLOCKS={rules.halve_blocks!r}; allowed: {', '.join(HALVE_BLOCKS_RULES)}")
 
     plan: List[LayerPlan] = []
+    requested_k: Dict[str, int] = {}  # K before the clamp
+    fixed_d: Set[str] = set()  # d set by a BLOCK_SIZE override: never halved
     for name in order:
         module = modules[name]
         setting: Dict[str, Any] = {
@@ -217,6 +228,8 @@ def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> Lis
         for pattern, key, value in overrides:  # later overrides win
             if fnmatch.fnmatchcase(name, pattern):
                 setting[key] = value
+                if key == "BLOCK_SIZE":
+                    fixed_d.add(name)
         if setting["SKIP"]:
             continue
         d, k = int(setting["BLOCK_SIZE"]), int(setting["N_CENTROIDS"])
@@ -250,9 +263,53 @@ def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> Lis
             errors.append(str(e))
             continue
         plan.append(LayerPlan(name, d, clamped, n_sub, *refine))
+        requested_k[name] = k
     if errors:
         raise PlanError(errors)
-    return plan
+    if rules.halve_blocks == "off":
+        return plan
+    return halve_blocks(plan, rules, requested_k, fixed_d)
+
+
+def _halved(layer: LayerPlan, n_centroids: int, rules: QuantRules) -> Optional[LayerPlan]:
+    """``layer`` at d/2, K = ``n_centroids`` clamped at its doubled sub-vector count; None for an odd d."""
+    if layer.block_size % 2:
+        return None
+    n_sub = 2 * layer.n_subvectors
+    k = min(n_centroids, clamp_power(n_sub, rules.min_subvectors_per_centroid, rules.k_clamp))
+    return dataclasses.replace(layer, block_size=layer.block_size // 2, n_centroids=k, n_subvectors=n_sub,
+                               halved=True)
+
+
+def _bytes(layer: LayerPlan) -> float:
+    return pq_bytes(layer.n_subvectors, layer.n_centroids, layer.block_size)
+
+
+def halve_blocks(plan: Sequence[LayerPlan], rules: QuantRules, requested_k: Dict[str, int],
+                 fixed_d: Set[str] = frozenset()) -> List[LayerPlan]:
+    """QUANT.HALVE_BLOCKS: halve d in every layer whose bytes do not grow at d/2 ("free"); with "within_size",
+    then spend the bytes that saved halving more layers in execution order (each one that still fits), so the
+    model is never larger than ``plan``. Odd d and the layers in ``fixed_d`` (a BLOCK_SIZE override) are kept.
+
+    Args:
+        plan: the rules' plan, in execution order; requested_k: each layer's K before the clamp.
+    """
+    options = {}
+    for layer in plan:
+        half = None if layer.name in fixed_d else _halved(layer, requested_k[layer.name], rules)
+        if half is not None:
+            options[layer.name] = (half, _bytes(half) - _bytes(layer))
+    chosen = [name for name, (_, delta) in options.items() if delta <= 0]
+    budget = -sum(options[name][1] for name in chosen)
+    if rules.halve_blocks == "within_size":
+        for name, (_, delta) in options.items():
+            if name not in chosen and delta <= budget:
+                chosen.append(name)
+                budget -= delta
+    saved = sum(options[name][1] for name in chosen)
+    logger.info("QUANT.HALVE_BLOCKS %s: d halved in %d of %d layers (%s), %+.0f bytes", rules.halve_blocks,
+                len(chosen), len(plan), ", ".join(chosen) or "none", saved)
+    return [options[layer.name][0] if layer.name in chosen else layer for layer in plan]
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from .layers import PQ_LAYER_TYPES
 
-__all__ = ["LayerSize", "SizeReport", "model_size"]
+__all__ = ["LayerSize", "SizeReport", "model_size", "pq_bytes"]
 
 MIB = 2.0**20
 
@@ -76,6 +76,11 @@ class SizeReport:
         return {layer.name: layer for layer in self.layers}
 
 
+def pq_bytes(n_subvectors: int, n_centroids: int, block_size: int) -> float:
+    """Bytes of a quantized weight: ``log2(K)`` bits per code plus ``K * d`` fp16 centroids."""
+    return n_subvectors * math.log2(n_centroids) / 8.0 + 2.0 * n_centroids * block_size
+
+
 def model_size(model: nn.Module) -> SizeReport:
     """Size report of ``model`` (dense or holding codebook layers).
 
@@ -90,10 +95,9 @@ def model_size(model: nn.Module) -> SizeReport:
         if isinstance(module, PQ_LAYER_TYPES):
             k, d = module.n_centroids, module.block_size
             n_weights = math.prod(module.weight_shape)
-            n_sub = module.codes.numel()
             others = [p for pname, p in own if pname != "codebook"]
             fp32 = 4.0 * sum(p.numel() for p in others)
-            packed = n_sub * math.log2(k) / 8.0 + 2.0 * k * d + fp32
+            packed = pq_bytes(module.codes.numel(), k, d) + fp32
             report.layers.append(LayerSize(name, "pq", 4.0 * n_weights + fp32, packed, d, k))
         elif own:
             fp32 = 4.0 * sum(p.numel() for _, p in own)

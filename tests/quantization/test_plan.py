@@ -254,6 +254,78 @@ def test_mixed_blocks_demo_spends_exactly_the_large_blocks_bytes():
     assert mixed_cfg.QUANT.OVERRIDES[:len(base)] == base
 
 
+class Widening(nn.Module):
+    """Layers sized like ResNet-18's layer1-2: where a K=256 codebook of 18-dim centroids costs more than the codes."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+        self.c2 = nn.Conv2d(64, 128, 3, padding=1, bias=False)
+        self.c3 = nn.Conv2d(128, 128, 3, padding=1, bias=False)
+        self.fc = nn.Linear(128, 10, bias=False)
+        self.c4 = nn.Conv2d(128, 128, 1, bias=False)
+
+    def forward(self, x):
+        x = self.c3(self.c2(self.c1(x)))
+        return self.fc(x.mean((2, 3))), self.c4(x)
+
+
+def _halving(mode, **kwargs):
+    model = Widening()
+    order = execution_order(model, lambda m: m(torch.zeros(1, 64, 4, 4)))
+    rules = QuantRules(**{"block_size_kxk": 18, "block_size_1x1": 4, "block_size_linear": 4, "halve_blocks": mode,
+                          **kwargs})
+    plan = build_plan(model, order, rules)
+    return {p.name: (p.block_size, p.n_centroids, p.halved) for p in plan}, model_size(swap_in_skeleton(model, plan))
+
+
+def test_halve_blocks_free_and_within_size_against_hand_counted_bytes():
+    # bytes = sub-vectors * log2(K) / 8 + K * d * 2 (d -> d/2):
+    # c1 (64 x 576): 2048 + 9216 = 11264 -> 4096 + 4608 = 8704 (-2560); c2 (128 x 576): 13312 -> 12800 (-512);
+    # c3 (128 x 1152): 17408 -> 20992 (+3584); fc (10 x 128, 320 sub-vectors, K clamped to 64): 240 + 512 = 752
+    # -> 640 sub-vectors, K 128: 560 + 512 = 1072 (+320); c4 (128 x 128): 4096 + 2048 = 6144 -> 9216 (+3072).
+    off, off_size = _halving("off")
+    assert off == {"c1": (18, 256, False), "c2": (18, 256, False), "c3": (18, 256, False), "fc": (4, 64, False),
+                   "c4": (4, 256, False)}
+    assert off_size.compressed_bytes == 11264 + 13312 + 17408 + 752 + 6144
+    free, free_size = _halving("free")
+    assert {n for n, (_, _, h) in free.items() if h} == {"c1", "c2"}
+    assert free_size.compressed_bytes == off_size.compressed_bytes - 2560 - 512
+    # within_size: the 3072 saved go in execution order: c3 (+3584) does not fit, fc (+320, K 64 -> 128) does,
+    # then c4 (+3072) no longer fits.
+    within, within_size = _halving("within_size")
+    assert within == {"c1": (9, 256, True), "c2": (9, 256, True), "c3": (18, 256, False), "fc": (2, 128, True),
+                      "c4": (4, 256, False)}
+    assert within_size.compressed_bytes == off_size.compressed_bytes - 3072 + 320
+    # a BLOCK_SIZE override is the user's choice: never halved (c2 at 18 frees only 2560, which c4 cannot use either)
+    fixed, _ = _halving("within_size", overrides=[["c2", "BLOCK_SIZE", 18]])
+    assert fixed["c2"] == (18, 256, False) and fixed["fc"] == (2, 128, True) and not fixed["c4"][2]
+    # odd d stays: at d=9 the 3x3 convs free nothing, so nothing is spent either
+    odd, odd_size = _halving("within_size", block_size_kxk=9)
+    _, odd_off_size = _halving("off", block_size_kxk=9)
+    assert not any(h for _, _, h in odd.values())
+    assert odd_size.compressed_bytes == odd_off_size.compressed_bytes
+    with pytest.raises(PlanError, match="QUANT.HALVE_BLOCKS='all'; allowed: off, free, within_size"):
+        _halving("all")
+
+
+def test_halve_blocks_within_size_on_resnet18_large_blocks():
+    """On ResNet-18 at the large-blocks rules, "within_size" halves layer1 and the start of layer2 (the mixed
+    demo's allocation, chosen by the rule) and never costs more than the rules' plan."""
+    large = load_config("configs/ImageNet/resnet18_large_blocks.yaml", ["MODEL.WEIGHTS", ""])
+    _, _, large_size = _plan_and_size(large)
+    within = load_config("configs/ImageNet/resnet18_large_blocks.yaml",
+                         ["MODEL.WEIGHTS", "", "QUANT.HALVE_BLOCKS", "within_size"])
+    _, plan, size = _plan_and_size(within)
+    halved = [p.name for p in plan if p.halved]
+    assert halved == [f"layer1.{b}.conv{c}" for b in (0, 1) for c in (1, 2)] + [
+        "layer2.0.conv1", "layer2.0.conv2", "layer2.0.downsample.0", "layer2.1.conv1"]
+    # saved: 4 x 2560 + 512; spent: 3584 + 1024 + 3584; layer2.1.conv2 (+3584) does not fit in the 2560 left
+    assert size.compressed_bytes == large_size.compressed_bytes - 10752 + 8192
+    with pytest.raises(ValueError, match="QUANT.HALVE_BLOCKS='on'; allowed: 'off', 'free', 'within_size'"):
+        load_config("configs/ImageNet/resnet18_large_blocks.yaml", ["QUANT.HALVE_BLOCKS", "on"])
+
+
 def test_any_torchvision_classifier_by_name_and_unknown_names():
     from bgd_det.modeling import get_arch
 
