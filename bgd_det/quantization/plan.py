@@ -26,7 +26,7 @@ from .size import pq_bytes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LayerPlan", "QuantRules", "execution_order", "build_plan", "halve_blocks", "clamp_power", "OVERRIDE_KEYS",
+__all__ = ["LayerPlan", "QuantRules", "execution_order", "build_plan", "clamp_power", "OVERRIDE_KEYS",
            "K_CLAMP_RULES", "PlanError", "INDIVISIBLE_RULES", "Unquantized", "unquantized_weights", "check_unquantized"]
 
 #: override keys that replace a QUANT.REFINE value for the matching layers (LayerPlan.damping, .damping_per_column,
@@ -80,7 +80,7 @@ class QuantRules:
         skip: glob patterns of modules left in fp32; skip_first: the first module in execution order is left in
         fp32 too; skip_path_first: each block's skip path before its branch end (:func:`.residual.skip_path_first`);
         overrides: ``[pattern, KEY, value]`` triples; indivisible: one of :data:`INDIVISIBLE_RULES`; halve_blocks:
-        one of :data:`HALVE_BLOCKS_RULES` (:func:`halve_blocks`);
+        one of :data:`HALVE_BLOCKS_RULES` (:func:`_halve_blocks`);
         refine_damping, refine_damping_per_column, refine_rounds: QUANT.REFINE's values (a REFINE.* override replaces
         them per layer).
     """
@@ -268,7 +268,7 @@ def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> Lis
         raise PlanError(errors)
     if rules.halve_blocks == "off":
         return plan
-    return halve_blocks(plan, rules, requested_k, fixed_d)
+    return _halve_blocks(plan, rules, requested_k, fixed_d)
 
 
 def _halved(layer: LayerPlan, n_centroids: int, rules: QuantRules) -> Optional[LayerPlan]:
@@ -285,8 +285,8 @@ def _bytes(layer: LayerPlan) -> float:
     return pq_bytes(layer.n_subvectors, layer.n_centroids, layer.block_size)
 
 
-def halve_blocks(plan: Sequence[LayerPlan], rules: QuantRules, requested_k: Dict[str, int],
-                 fixed_d: Set[str] = frozenset()) -> List[LayerPlan]:
+def _halve_blocks(plan: Sequence[LayerPlan], rules: QuantRules, requested_k: Dict[str, int],
+                  fixed_d: Set[str]) -> List[LayerPlan]:
     """QUANT.HALVE_BLOCKS: halve d in every layer whose bytes do not grow at d/2 ("free"); with "within_size",
     then spend the bytes that saved halving more layers in execution order (each one that still fits), so the
     model is never larger than ``plan``. Odd d and the layers in ``fixed_d`` (a BLOCK_SIZE override) are kept.
@@ -306,9 +306,9 @@ def halve_blocks(plan: Sequence[LayerPlan], rules: QuantRules, requested_k: Dict
             if name not in chosen and delta <= budget:
                 chosen.append(name)
                 budget -= delta
-    saved = sum(options[name][1] for name in chosen)
+    change = sum(options[name][1] for name in chosen)
     logger.info("QUANT.HALVE_BLOCKS %s: d halved in %d of %d layers (%s), %+.0f bytes", rules.halve_blocks,
-                len(chosen), len(plan), ", ".join(chosen) or "none", saved)
+                len(chosen), len(plan), ", ".join(chosen) or "none", change)
     return [options[layer.name][0] if layer.name in chosen else layer for layer in plan]
 
 
