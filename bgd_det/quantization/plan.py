@@ -132,6 +132,10 @@ class QuantRules:
         """
         return [o[2] for o in self.overrides if _is_override_entry(o) and o[1] == key]
 
+    def clamp_k(self, k: int, n_subvectors: int) -> int:
+        """K of a layer of ``n_subvectors``: ``k`` clamped by :func:`clamp_power` (below 2: no codebook fits)."""
+        return min(k, clamp_power(n_subvectors, self.min_subvectors_per_centroid, self.k_clamp))
+
     def default_block_size(self, module: nn.Module) -> int:
         if isinstance(module, nn.ConvTranspose2d):
             return self.block_size_transpose
@@ -251,7 +255,7 @@ def build_plan(model: nn.Module, order: Sequence[str], rules: QuantRules) -> Lis
             errors.append(f"N_CENTROIDS={k} for {name!r} must be a power of two >= 2")
             continue
         n_sub = shape[0] * cols // d
-        clamped = min(k, clamp_power(n_sub, rules.min_subvectors_per_centroid, rules.k_clamp))
+        clamped = rules.clamp_k(k, n_sub)
         if clamped < 2:
             errors.append(f"{name!r} has only {n_sub} sub-vectors of size {d}; skip it in QUANT.SKIP")
             continue
@@ -276,9 +280,8 @@ def _halved(layer: LayerPlan, n_centroids: int, rules: QuantRules) -> Optional[L
     if layer.block_size % 2:
         return None
     n_sub = 2 * layer.n_subvectors
-    k = min(n_centroids, clamp_power(n_sub, rules.min_subvectors_per_centroid, rules.k_clamp))
-    return dataclasses.replace(layer, block_size=layer.block_size // 2, n_centroids=k, n_subvectors=n_sub,
-                               halved=True)
+    return dataclasses.replace(layer, block_size=layer.block_size // 2, n_centroids=rules.clamp_k(n_centroids, n_sub),
+                               n_subvectors=n_sub, halved=True)
 
 
 def _bytes(layer: LayerPlan) -> float:
