@@ -18,8 +18,10 @@ Rows: the dense teachers (ResNet-18 from ``teachers/``; ResNet-50 decoded from P
 dicts (e.g. a de-structured teacher), the peers' checkpoints imported by :mod:`bgd_det.checkpoint.peers`, and every ``--ours
 NAME=PATH[,PATH...]`` (bgd_det compressed checkpoints; several paths are seeds of one recipe: the row gives the
 per-seed top-1, their mean +- sd and, against every row named by ``--compare``, the seed-averaged top-1
-difference with a paired bootstrap 95% interval over the images, :mod:`bgd_det.evaluation.protocol`). Size and
-ratio come from the one size function, :func:`bgd_det.quantization.size.model_size`.
+difference with a paired bootstrap 95% interval over the images, :mod:`bgd_det.evaluation.protocol`). A
+checkpoint whose run scored it on the same images (``tools/quantize_net.py`` saves its report and every image's
+top-1 beside ``model_final.pth``) is not evaluated again unless ``--re-evaluate``. Size and ratio come from the one
+size function, :func:`bgd_det.quantization.size.model_size`.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ import torch
 from tabulate import tabulate
 
 from bgd_det.config import get_cfg
+from bgd_det.data.catalog import DatasetCatalog
+from bgd_det.engine.pipeline import saved_metrics
 from bgd_det.evaluation.protocol import paired_bootstrap, seed_summary
 from bgd_det.modeling import build_model, load_weights
 from bgd_det.checkpoint import dense_state_dict, import_peer, load_checkpoint_model
@@ -77,29 +81,38 @@ def _dense_r50(assets: Path) -> torch.nn.Module:
 
 
 def candidates(assets: Path, ours, teachers=()):
-    """``(name, method, loaders)`` for every row; a loader builds a model when called (several: seeds)."""
+    """``(name, method, loaders, checkpoints)`` for every row; a loader builds a model when called (several:
+    seeds); ``checkpoints`` are the ``--ours`` paths (empty for the other rows)."""
     rows = [
-        ("ResNet-18 dense teacher", "dense", [lambda: _dense("resnet18", str(assets / R18_TEACHER))]),
-        ("ResNet-50 dense (decoded PQF R50)", "dense", [lambda: _dense_r50(assets)]),
+        ("ResNet-18 dense teacher", "dense", [lambda: _dense("resnet18", str(assets / R18_TEACHER))], []),
+        ("ResNet-50 dense (decoded PQF R50)", "dense", [lambda: _dense_r50(assets)], []),
     ]
     for spec in teachers:
         label, _, rest = spec.partition("=")
         arch, _, path = rest.partition(":")
         if not path:
             raise SystemExit(f"--teacher expects NAME=ARCH:PATH, got {spec!r}")
-        rows.append((label, "dense", [lambda a=arch, p=path: _dense(a, p)]))
+        rows.append((label, "dense", [lambda a=arch, p=path: _dense(a, p)], []))
     for name, method, rel in PEERS:
-        rows.append((name, method, [lambda p=str(assets / rel), m=method: import_peer(p, m.lower())[0]]))
+        rows.append((name, method, [lambda p=str(assets / rel), m=method: import_peer(p, m.lower())[0]], []))
     for spec in ours:
         label, _, paths = spec.partition("=")
         if not paths:
             raise SystemExit(f"--ours expects NAME=PATH[,PATH...], got {spec!r}")
         rows.append((f"bgd_det {label}", "bgd_det",
-                     [lambda p=p: load_checkpoint_model(p)[0] for p in paths.split(",")]))
+                     [lambda p=p: load_checkpoint_model(p)[0] for p in paths.split(",")], paths.split(",")))
     return rows
 
 
-def evaluate(model: torch.nn.Module, split: str, max_images: int) -> dict:
+def evaluate(model: torch.nn.Module, split: str, max_images: int, checkpoint: str = "") -> dict:
+    """Top-1 / top-5 and every image's top-1 hit of ``model`` on ``split``; for a bgd_det ``checkpoint`` whose run
+    scored it on the same images, what that run saved (:func:`bgd_det.engine.pipeline.saved_metrics`)."""
+    if checkpoint:
+        labels = [label for _, label in DatasetCatalog.get(split).items]
+        saved = saved_metrics(checkpoint, split, max_images, labels[:max_images] if max_images else labels)
+        if saved is not None:
+            logger.info("%s on %s: the run's own evaluation (%d images)", checkpoint, split, saved["n_images"])
+            return saved
     cfg = get_cfg()
     cfg.DATASETS.TEST, cfg.DATASETS.TEST_MAX_IMAGES = split, max_images
     return ClassificationTask(cfg).evaluate(model, per_image=True)
@@ -129,6 +142,8 @@ def main(argv=None) -> list:
         "--only", default="", help="comma-separated substrings: evaluate only matching rows"
     )
     p.add_argument("--max-images", type=int, default=0, help="cap per split (0: all)")
+    p.add_argument("--re-evaluate", action="store_true",
+                   help="evaluate --ours checkpoints even where their run saved its evaluation of the same images")
     p.add_argument(
         "--output", default="", help="also write the table (markdown) and rows (.json) here"
     )
@@ -145,7 +160,7 @@ def main(argv=None) -> list:
     if args.all and "imagenet_sample" not in splits:
         splits.append("imagenet_sample")
     rows = []
-    for name, method, loaders in candidates(assets, args.ours, args.teacher):
+    for name, method, loaders, checkpoints in candidates(assets, args.ours, args.teacher):
         if args.only and not any(s.strip().lower() in name.lower() for s in args.only.split(",")):
             continue
         t0 = time.perf_counter()
@@ -160,7 +175,8 @@ def main(argv=None) -> list:
         row = {"model": name, "method": method, "size_mib": size.compressed_mib, "ratio": size.ratio,
                "seeds": len(models)}
         for split in splits:
-            per_seed = [evaluate(model, split, args.max_images) for model in models]
+            saved = [""] * len(models) if args.re_evaluate or not checkpoints else checkpoints
+            per_seed = [evaluate(model, split, args.max_images, ckpt) for model, ckpt in zip(models, saved)]
             hits = torch.tensor([m["top1_per_image"] for m in per_seed])
             row[split] = {"top1": float(sum(m["top1"] for m in per_seed) / len(per_seed)),
                           "top5": float(sum(m["top5"] for m in per_seed) / len(per_seed)),

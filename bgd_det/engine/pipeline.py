@@ -6,14 +6,16 @@ import dataclasses
 import fnmatch
 import glob
 import logging
+import json
 import os
 import time
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 from tabulate import tabulate
 from torch import nn
 
-from ..checkpoint import save_compressed
+from ..checkpoint import checkpoint_cfg, read_compressed, save_compressed
+from ..evaluation.classification import PREDICTIONS_FILE
 from ..modeling import build_model, build_teacher
 from ..quantization.plan import LayerPlan, QuantRules, build_plan
 from ..quantization.size import model_size
@@ -22,11 +24,11 @@ from ..tasks import build_task
 from ..utils import comm
 from .distributed import build_collectives
 from .quantizer import Quantizer
-from .report import format_unquantized, write_report
+from .report import REPORT_JSON, format_unquantized, write_report
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["quantize_and_report", "describe_plan", "FINAL_CHECKPOINT"]
+__all__ = ["quantize_and_report", "describe_plan", "saved_metrics", "FINAL_CHECKPOINT"]
 
 FINAL_CHECKPOINT = "model_final.pth"
 
@@ -81,9 +83,40 @@ def describe_plan(cfg) -> str:
             f"({total.ratio:.1f}x of {total.dense_mib:.2f} MiB)" + (f"\n\n{fp32}" if fp32 else ""))
 
 
-def _predictions_dir(cfg, model: str) -> str:
+def _predictions_dir(output_dir: str, model: str) -> str:
     """Where the evaluation of ``model`` ("uncompressed" / "compressed") writes its raw predictions."""
-    return os.path.join(cfg.OUTPUT_DIR, "predictions", model) if cfg.OUTPUT_DIR else ""
+    return os.path.join(output_dir, "predictions", model) if output_dir else ""
+
+
+def saved_metrics(checkpoint: str, split: str, max_images: int = 0,
+                  labels: Optional[Sequence[int]] = None) -> Optional[Dict]:
+    """What the run that wrote ``checkpoint`` (its ``model_final.pth``) measured for it on ``split``:
+    ``{"top1", "top5", "n_images", "top1_per_image"}`` from the run's report and raw predictions beside it, so a
+    scoreboard need not evaluate it again. None where those files are missing, older than the checkpoint, or
+    record another test set (``DATASETS.TEST`` / ``TEST_MAX_IMAGES`` in the checkpoint's config). ``labels``
+    (the split's, in the dataset's order) must equal the saved ones; files that disagree raise a ValueError."""
+    out_dir = os.path.dirname(os.path.abspath(checkpoint))
+    report, preds = os.path.join(out_dir, REPORT_JSON), os.path.join(_predictions_dir(out_dir, "compressed"),
+                                                                     PREDICTIONS_FILE)
+    if not (os.path.isfile(report) and os.path.isfile(preds)):
+        return None
+    if os.path.getmtime(preds) < os.path.getmtime(checkpoint):
+        logger.warning("%s is older than %s: not the checkpoint's evaluation", preds, checkpoint)
+        return None
+    cfg = checkpoint_cfg(read_compressed(checkpoint), source=checkpoint)
+    if (cfg.DATASETS.TEST, cfg.DATASETS.TEST_MAX_IMAGES) != (split, max_images):
+        return None
+    with open(report) as f:
+        metrics = json.load(f)["metrics"]["compressed"]
+    with open(preds) as f:
+        saved = json.load(f)
+    hits = [p == y for p, y in zip(saved["top1"], saved["label"])]
+    if labels is not None and list(labels) != saved["label"]:
+        raise ValueError(f"{preds}: its {len(saved['label'])} labels are not {split}'s {len(labels)} in order")
+    if len(hits) != metrics["n_images"] or abs(100.0 * sum(hits) / len(hits) - metrics["top1"]) > 1e-6:
+        raise ValueError(f"{preds} ({sum(hits)} of {len(hits)} right) disagrees with {report} "
+                         f"(top-1 {metrics['top1']} on {metrics['n_images']} images)")
+    return {"top1": metrics["top1"], "top5": metrics["top5"], "n_images": len(hits), "top1_per_image": hits}
 
 
 def quantize_and_report(cfg, *, resume: bool = False, **quantizer_kwargs) -> Dict:
@@ -107,8 +140,9 @@ def quantize_and_report(cfg, *, resume: bool = False, **quantizer_kwargs) -> Dic
                         num_classes=cfg.MODEL.NUM_CLASSES, config=cfg.dump())
     t0 = time.perf_counter()
     # One pass over the test set: the teacher's outputs give both the agreement and (TEST.EVAL_TEACHER) its own score.
-    compressed = task.evaluate(result.student, reference=teacher, output_dir=_predictions_dir(cfg, "compressed"),
-                               reference_output_dir=(_predictions_dir(cfg, "uncompressed")
+    compressed = task.evaluate(result.student, reference=teacher,
+                               output_dir=_predictions_dir(cfg.OUTPUT_DIR, "compressed"),
+                               reference_output_dir=(_predictions_dir(cfg.OUTPUT_DIR, "uncompressed")
                                                      if cfg.TEST.EVAL_TEACHER else None))
     timings["eval"] = time.perf_counter() - t0
     metrics: Dict[str, Dict] = {}

@@ -13,7 +13,9 @@ from ..quantization.size import SizeReport
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["format_report", "format_unquantized", "write_report"]
+__all__ = ["REPORT_JSON", "format_report", "format_unquantized", "write_report"]
+
+REPORT_JSON = "report.json"
 
 
 def _layer_rows(size: SizeReport, records: Sequence) -> List[list]:
@@ -75,7 +77,7 @@ def _fmt(m: Optional[Dict], key: str) -> str:
 def write_report(output_dir: str, size: SizeReport, records: Sequence = (),
                  metrics: Optional[Dict[str, Dict]] = None, timings: Optional[Dict[str, float]] = None,
                  unquantized: Sequence[Unquantized] = ()) -> str:
-    """Write ``report.md``, ``report.json`` and ``layer_sizes.png`` to ``output_dir``; returns the markdown."""
+    """Write ``report.md``, :data:`REPORT_JSON` and ``layer_sizes.png`` to ``output_dir``; returns the markdown."""
     text = format_report(size, records, metrics, timings, unquantized)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "report.md"), "w") as f:
@@ -84,7 +86,7 @@ def write_report(output_dir: str, size: SizeReport, records: Sequence = (),
             "metrics": metrics or {}, "timings": timings or {},
             "layers": [vars(layer) for layer in size.layers],
             "records": [vars(r) for r in records], "unquantized": [vars(u) for u in unquantized]}
-    with open(os.path.join(output_dir, "report.json"), "w") as f:
+    with open(os.path.join(output_dir, REPORT_JSON), "w") as f:
         json.dump(data, f, indent=1)
     _plot(size, os.path.join(output_dir, "layer_sizes.png"))
     return text

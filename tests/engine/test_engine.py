@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from bgd_det.checkpoint import load_compressed, read_compressed, save_compressed
-from bgd_det.engine.pipeline import quantize_and_report
+from bgd_det.data.catalog import DatasetCatalog
+from bgd_det.engine.pipeline import FINAL_CHECKPOINT, quantize_and_report, saved_metrics
 from bgd_det.engine.quantizer import PROGRESS_FILE, Quantizer, QuantizerHook
 from bgd_det.modeling import build_teacher
 from bgd_det.quantization.layers import PQ_LAYER_TYPES
@@ -233,3 +234,33 @@ def test_empty_calibration_split_fails_at_once(tmp_path, monkeypatch):
     task = build_task(tiny_cfg(tmp_path / "a"))
     with pytest.raises(ValueError, match=r"DATASETS.CALIB 'imagenet_sample_even' holds no images"):
         next(task.calib_batches(n_images=4, batch_size=2, augment=False, seed=0))
+
+
+def test_saved_metrics_are_the_runs_own_evaluation(tiny_images, tmp_path):
+    cfg = tiny_cfg(tmp_path / "run")
+    out = quantize_and_report(cfg)
+    ckpt = str(tmp_path / "run" / FINAL_CHECKPOINT)
+    labels = [label for _, label in DatasetCatalog.get("imagenet_sample_odd").items]
+    saved = saved_metrics(ckpt, "imagenet_sample_odd", labels=labels)
+    # what evaluating the reloaded checkpoint again gives, image by image
+    again = ClassificationTask(cfg).evaluate(load_compressed(ckpt), per_image=True)
+    assert saved["top1_per_image"] == again["top1_per_image"]
+    assert (saved["top1"], saved["top5"], saved["n_images"]) == (again["top1"], again["top5"], again["n_images"])
+    assert saved["top1"] == out["metrics"]["compressed"]["top1"]
+    # another test set, or the same one capped: not this run's evaluation
+    assert saved_metrics(ckpt, "imagenet_sample_even") is None
+    assert saved_metrics(ckpt, "imagenet_sample_odd", max_images=3) is None
+    with pytest.raises(ValueError, match=r"its 10 labels are not imagenet_sample_odd's 10 in order"):
+        saved_metrics(ckpt, "imagenet_sample_odd", labels=labels[::-1])
+    preds = tmp_path / "run" / "predictions" / "compressed" / "predictions.json"
+    raw = json.loads(preds.read_text())
+    assert saved["top1"] < 100.0  # a random teacher's student
+    raw["top1"] = raw["label"]  # every image a hit: no longer what the report says
+    preds.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"\(10 of 10 right\) disagrees with .*report\.json"):
+        saved_metrics(ckpt, "imagenet_sample_odd")
+    later = os.path.getmtime(preds) + 10  # a checkpoint written after the evaluation: another model
+    os.utime(ckpt, (later, later))
+    assert saved_metrics(ckpt, "imagenet_sample_odd") is None
+    preds.unlink()
+    assert saved_metrics(ckpt, "imagenet_sample_odd") is None
