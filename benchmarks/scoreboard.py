@@ -44,6 +44,7 @@ from bgd_det.modeling import build_model, load_weights
 from bgd_det.checkpoint import dense_state_dict, import_peer, load_checkpoint_model
 from bgd_det.quantization.size import model_size
 from bgd_det.tasks.classification import ClassificationTask
+from bgd_det.utils.cli import run_tool
 from bgd_det.utils.logger import setup_logger
 
 logger = logging.getLogger("bgd_det.scoreboard")
@@ -142,6 +143,7 @@ def main(argv=None) -> list:
         "--only", default="", help="comma-separated substrings: evaluate only matching rows"
     )
     p.add_argument("--max-images", type=int, default=0, help="cap per split (0: all)")
+    p.add_argument("--debug", action="store_true", help="a traceback instead of a one-line error")
     p.add_argument("--re-evaluate", action="store_true",
                    help="evaluate --ours checkpoints even where their run saved its evaluation of the same images")
     p.add_argument(
@@ -233,4 +235,4 @@ def format_table(rows: list, splits: list, compare: str = "") -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)
