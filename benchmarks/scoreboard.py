@@ -107,16 +107,17 @@ def candidates(assets: Path, ours, teachers=()):
 
 def evaluate(model: torch.nn.Module, split: str, max_images: int, checkpoint: str = "") -> dict:
     """Top-1 / top-5 and every image's top-1 hit of ``model`` on ``split``; for a bgd_det ``checkpoint`` whose run
-    scored it on the same images, what that run saved (:func:`bgd_det.engine.pipeline.saved_metrics`)."""
+    scored it on the same images, what that run saved (:func:`bgd_det.engine.pipeline.saved_metrics`;
+    ``from_run`` says which)."""
     if checkpoint:
         labels = [label for _, label in DatasetCatalog.get(split).items]
         saved = saved_metrics(checkpoint, split, max_images, labels[:max_images] if max_images else labels)
         if saved is not None:
             logger.info("%s on %s: the run's own evaluation (%d images)", checkpoint, split, saved["n_images"])
-            return saved
+            return {**saved, "from_run": True}
     cfg = get_cfg()
     cfg.DATASETS.TEST, cfg.DATASETS.TEST_MAX_IMAGES = split, max_images
-    return ClassificationTask(cfg).evaluate(model, per_image=True)
+    return {**ClassificationTask(cfg).evaluate(model, per_image=True), "from_run": False}
 
 
 def main(argv=None) -> list:
@@ -183,7 +184,8 @@ def main(argv=None) -> list:
             row[split] = {"top1": float(sum(m["top1"] for m in per_seed) / len(per_seed)),
                           "top5": float(sum(m["top5"] for m in per_seed) / len(per_seed)),
                           "n_images": per_seed[0]["n_images"], "top1_per_seed": [m["top1"] for m in per_seed],
-                          "top1_sd": seed_summary(hits).sd, "hits": hits.int().tolist()}
+                          "top1_sd": seed_summary(hits).sd, "hits": hits.int().tolist(),
+                          "from_run": [m["from_run"] for m in per_seed]}
         row["seconds"] = time.perf_counter() - t0
         logger.info("%s: %s", name, json.dumps({k: v for k, v in row.items() if k not in splits}))
         rows.append(row)
