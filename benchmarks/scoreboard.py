@@ -109,14 +109,14 @@ def evaluate(model: torch.nn.Module, split: str, max_images: int, checkpoint: st
     """Top-1 / top-5 and every image's top-1 hit of ``model`` on ``split``; for a bgd_det ``checkpoint`` whose run
     scored it on the same images, what that run saved (:func:`bgd_det.engine.pipeline.saved_metrics`;
     ``from_run`` says which)."""
+    cfg = get_cfg()
+    cfg.DATASETS.TEST, cfg.DATASETS.TEST_MAX_IMAGES = split, max_images
     if checkpoint:
         labels = [label for _, label in DatasetCatalog.get(split).items]
-        saved = saved_metrics(checkpoint, split, max_images, labels[:max_images] if max_images else labels)
+        saved = saved_metrics(checkpoint, cfg, labels[:max_images] if max_images else labels)
         if saved is not None:
             logger.info("%s on %s: the run's own evaluation (%d images)", checkpoint, split, saved["n_images"])
             return {**saved, "from_run": True}
-    cfg = get_cfg()
-    cfg.DATASETS.TEST, cfg.DATASETS.TEST_MAX_IMAGES = split, max_images
     return {**ClassificationTask(cfg).evaluate(model, per_image=True), "from_run": False}
 
 

@@ -21,6 +21,7 @@ from ..quantization.plan import LayerPlan, QuantRules, build_plan
 from ..quantization.size import model_size
 from ..quantization.swap import swap_in_skeleton
 from ..tasks import build_task
+from ..tasks.classification import ClassificationTask
 from ..utils import comm
 from .distributed import build_collectives
 from .quantizer import Quantizer
@@ -88,23 +89,29 @@ def _predictions_dir(output_dir: str, model: str) -> str:
     return os.path.join(output_dir, "predictions", model) if output_dir else ""
 
 
-def saved_metrics(checkpoint: str, split: str, max_images: int = 0,
-                  labels: Optional[Sequence[int]] = None) -> Optional[Dict]:
-    """What the run that wrote ``checkpoint`` (its ``model_final.pth``) measured for it on ``split``:
-    ``{"top1", "top5", "n_images", "top1_per_image"}`` from the run's report and raw predictions beside it, so a
-    scoreboard need not evaluate it again. None where those files are missing, older than the checkpoint, or
-    record another test set (``DATASETS.TEST`` / ``TEST_MAX_IMAGES`` in the checkpoint's config). ``labels``
-    (the split's, in the dataset's order) must equal the saved ones; files that disagree raise a ValueError."""
+def _value(cfg, key: str):
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def saved_metrics(checkpoint: str, cfg, labels: Optional[Sequence[int]] = None) -> Optional[Dict]:
+    """What the run that wrote ``checkpoint`` (its ``model_final.pth``) measured for it, if that is what a
+    classification evaluation under ``cfg`` would score: ``{"top1", "top5", "n_images", "top1_per_image"}`` from
+    the run's report and raw predictions beside it, so a scoreboard need not evaluate it again. None where those
+    files are missing, older than the checkpoint, or the checkpoint's config differs from ``cfg`` in a key of
+    ``ClassificationTask.eval_keys`` (images, preprocessing). ``labels`` (the test set's, in the dataset's order)
+    must equal the saved ones; files that disagree raise a ValueError."""
     out_dir = os.path.dirname(os.path.abspath(checkpoint))
-    report, preds = os.path.join(out_dir, REPORT_JSON), os.path.join(_predictions_dir(out_dir, "compressed"),
-                                                                     PREDICTIONS_FILE)
+    report = os.path.join(out_dir, REPORT_JSON)
+    preds = os.path.join(_predictions_dir(out_dir, "compressed"), PREDICTIONS_FILE)
     if not (os.path.isfile(report) and os.path.isfile(preds)):
         return None
     if os.path.getmtime(preds) < os.path.getmtime(checkpoint):
         logger.warning("%s is older than %s: not the checkpoint's evaluation", preds, checkpoint)
         return None
-    cfg = checkpoint_cfg(read_compressed(checkpoint), source=checkpoint)
-    if (cfg.DATASETS.TEST, cfg.DATASETS.TEST_MAX_IMAGES) != (split, max_images):
+    recorded = checkpoint_cfg(read_compressed(checkpoint), source=checkpoint)
+    if any(_value(recorded, key) != _value(cfg, key) for key in ClassificationTask.eval_keys):
         return None
     with open(report) as f:
         metrics = json.load(f)["metrics"]["compressed"]
@@ -112,7 +119,8 @@ def saved_metrics(checkpoint: str, split: str, max_images: int = 0,
         saved = json.load(f)
     hits = [p == y for p, y in zip(saved["top1"], saved["label"])]
     if labels is not None and list(labels) != saved["label"]:
-        raise ValueError(f"{preds}: its {len(saved['label'])} labels are not {split}'s {len(labels)} in order")
+        raise ValueError(f"{preds}: its {len(saved['label'])} labels are not {cfg.DATASETS.TEST}'s {len(labels)} "
+                         f"in order")
     if len(hits) != metrics["n_images"] or abs(100.0 * sum(hits) / len(hits) - metrics["top1"]) > 1e-6:
         raise ValueError(f"{preds} ({sum(hits)} of {len(hits)} right) disagrees with {report} "
                          f"(top-1 {metrics['top1']} on {metrics['n_images']} images)")

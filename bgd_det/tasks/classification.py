@@ -39,6 +39,8 @@ def mix_images(images: torch.Tensor, alpha: float, rng: np.random.Generator) -> 
 class ClassificationTask(Task):
     name = "classification"
     main_metrics = ("top1", "top5")
+    #: the config keys that decide what :meth:`evaluate` scores (the images and their preprocessing)
+    eval_keys = ("DATASETS.TEST", "DATASETS.TEST_MAX_IMAGES", "INPUT.RESIZE", "INPUT.CROP")
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

@@ -241,26 +241,29 @@ def test_saved_metrics_are_the_runs_own_evaluation(tiny_images, tmp_path):
     out = quantize_and_report(cfg)
     ckpt = str(tmp_path / "run" / FINAL_CHECKPOINT)
     labels = [label for _, label in DatasetCatalog.get("imagenet_sample_odd").items]
-    saved = saved_metrics(ckpt, "imagenet_sample_odd", labels=labels)
+    saved = saved_metrics(ckpt, cfg, labels=labels)
     # what evaluating the reloaded checkpoint again gives, image by image
     again = ClassificationTask(cfg).evaluate(load_compressed(ckpt), per_image=True)
     assert saved["top1_per_image"] == again["top1_per_image"]
     assert (saved["top1"], saved["top5"], saved["n_images"]) == (again["top1"], again["top5"], again["n_images"])
     assert saved["top1"] == out["metrics"]["compressed"]["top1"]
-    # another test set, or the same one capped: not this run's evaluation
-    assert saved_metrics(ckpt, "imagenet_sample_even") is None
-    assert saved_metrics(ckpt, "imagenet_sample_odd", max_images=3) is None
+    # other images or another preprocessing: not this run's evaluation
+    for key, value in (("DATASETS.TEST", "imagenet_sample_even"), ("DATASETS.TEST_MAX_IMAGES", 3),
+                       ("INPUT.CROP", 28), ("INPUT.RESIZE", 40)):
+        other = cfg.clone()
+        other.merge_from_list([key, value])
+        assert saved_metrics(ckpt, other) is None, key
     with pytest.raises(ValueError, match=r"its 10 labels are not imagenet_sample_odd's 10 in order"):
-        saved_metrics(ckpt, "imagenet_sample_odd", labels=labels[::-1])
+        saved_metrics(ckpt, cfg, labels=labels[::-1])
     preds = tmp_path / "run" / "predictions" / "compressed" / "predictions.json"
     raw = json.loads(preds.read_text())
     assert saved["top1"] < 100.0  # a random teacher's student
     raw["top1"] = raw["label"]  # every image a hit: no longer what the report says
     preds.write_text(json.dumps(raw))
     with pytest.raises(ValueError, match=r"\(10 of 10 right\) disagrees with .*report\.json"):
-        saved_metrics(ckpt, "imagenet_sample_odd")
+        saved_metrics(ckpt, cfg)
     later = os.path.getmtime(preds) + 10  # a checkpoint written after the evaluation: another model
     os.utime(ckpt, (later, later))
-    assert saved_metrics(ckpt, "imagenet_sample_odd") is None
+    assert saved_metrics(ckpt, cfg) is None
     preds.unlink()
-    assert saved_metrics(ckpt, "imagenet_sample_odd") is None
+    assert saved_metrics(ckpt, cfg) is None
