@@ -5,8 +5,8 @@ import copy
 import dataclasses
 import fnmatch
 import glob
-import logging
 import json
+import logging
 import os
 import time
 from typing import Dict, Optional, Sequence
@@ -90,6 +90,7 @@ def _predictions_dir(output_dir: str, model: str) -> str:
 
 
 def _value(cfg, key: str):
+    """``cfg``'s value at a dotted ``key`` ("INPUT.CROP")."""
     for part in key.split("."):
         cfg = cfg[part]
     return cfg
