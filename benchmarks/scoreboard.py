@@ -31,6 +31,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Optional
 
 
 import torch
@@ -105,15 +106,21 @@ def candidates(assets: Path, ours, teachers=()):
     return rows
 
 
-def evaluate(model: torch.nn.Module, split: str, max_images: int, checkpoint: str = "") -> dict:
+def split_labels(split: str, max_images: int) -> list:
+    """The labels of ``split``'s first ``max_images`` images (0: all), in the dataset's order."""
+    labels = [label for _, label in DatasetCatalog.get(split).items]
+    return labels[:max_images] if max_images else labels
+
+
+def evaluate(model: torch.nn.Module, split: str, max_images: int, checkpoint: str = "",
+             labels: Optional[list] = None) -> dict:
     """Top-1 / top-5 and every image's top-1 hit of ``model`` on ``split``; for a bgd_det ``checkpoint`` whose run
-    scored it on the same images, what that run saved (:func:`bgd_det.engine.pipeline.saved_metrics`;
-    ``from_run`` says which)."""
+    scored it on the same images (``labels``: :func:`split_labels`), what that run saved
+    (:func:`bgd_det.engine.pipeline.saved_metrics`; ``from_run`` says which)."""
     cfg = get_cfg()
     cfg.DATASETS.TEST, cfg.DATASETS.TEST_MAX_IMAGES = split, max_images
     if checkpoint:
-        labels = [label for _, label in DatasetCatalog.get(split).items]
-        saved = saved_metrics(checkpoint, cfg, labels[:max_images] if max_images else labels)
+        saved = saved_metrics(checkpoint, cfg, labels if labels is not None else split_labels(split, max_images))
         if saved is not None:
             logger.info("%s on %s: the run's own evaluation (%d images)", checkpoint, split, saved["n_images"])
             return {**saved, "from_run": True}
@@ -162,7 +169,7 @@ def main(argv=None) -> list:
         raise SystemExit(f"--splits {args.splits!r}; allowed: {', '.join(short)}")
     if args.all and "imagenet_sample" not in splits:
         splits.append("imagenet_sample")
-    rows = []
+    rows, labels = [], {}
     for name, method, loaders, checkpoints in candidates(assets, args.ours, args.teacher):
         if args.only and not any(s.strip().lower() in name.lower() for s in args.only.split(",")):
             continue
@@ -179,7 +186,10 @@ def main(argv=None) -> list:
                "seeds": len(models)}
         for split in splits:
             saved = [""] * len(models) if args.re_evaluate or not checkpoints else checkpoints
-            per_seed = [evaluate(model, split, args.max_images, ckpt) for model, ckpt in zip(models, saved)]
+            if any(saved) and split not in labels:  # the image folder is scanned once per split
+                labels[split] = split_labels(split, args.max_images)
+            per_seed = [evaluate(model, split, args.max_images, ckpt, labels.get(split))
+                        for model, ckpt in zip(models, saved)]
             hits = torch.tensor([m["top1_per_image"] for m in per_seed])
             row[split] = {"top1": float(sum(m["top1"] for m in per_seed) / len(per_seed)),
                           "top5": float(sum(m["top5"] for m in per_seed) / len(per_seed)),
