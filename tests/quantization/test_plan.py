@@ -186,6 +186,7 @@ CONFIG_DIR = REPO / "configs"
 #: Every shipped config (not the Base-* ones) with its compressed size in MiB and ratio (as documented).
 SHIPPED_SIZES = {
     "COCO/composite_mask_rcnn_R_50_FPN.yaml": (6.45, 26.0),
+    "COCO/composite_mask_rcnn_R_50_FPN_cpu.yaml": (6.45, 26.0),
     "COCO/composite_mask_rcnn_R_50_FPN_refined.yaml": (6.45, 26.0),
     "COCO/demo_mask_rcnn_coco_tiny.yaml": (6.65, 25.5),
     "COCO/faster_rcnn_R_50_FPN_small_blocks.yaml": (6.22, 25.6),
