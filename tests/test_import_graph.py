@@ -1,6 +1,7 @@
 """The package's import graph: no cycles among module-level imports, and no function-level import of a bgd_det
 module except the two deliberate lazy ones (issue 25: no imports inside functions that exist to dodge a cycle)."""
 import ast
+import graphlib
 from pathlib import Path
 from typing import Dict, List, Set
 
@@ -55,57 +56,32 @@ def _module_level(tree: ast.Module) -> List[ast.AST]:
     return out
 
 
-def find_cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
-    """The strongly connected components of ``graph`` with more than one node (Tarjan), each sorted."""
-    index: Dict[str, int] = {}
-    low: Dict[str, int] = {}
-    stack: List[str] = []
-    on_stack: Set[str] = set()
-    cycles: List[List[str]] = []
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        on_stack.add(v)
-        for w in sorted(graph.get(v, ())):
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on_stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            component = []
-            while True:
-                w = stack.pop()
-                on_stack.discard(w)
-                component.append(w)
-                if w == v:
-                    break
-            if len(component) > 1:
-                cycles.append(sorted(component))
-
-    for v in sorted(graph):
-        if v not in index:
-            visit(v)
-    return cycles
+def find_cycle(graph: Dict[str, Set[str]]) -> List[str]:
+    """One cycle of ``graph`` (``[a, b, ..., a]``, from :mod:`graphlib`), or [] when it has none."""
+    try:
+        tuple(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as err:
+        return list(err.args[1])
+    return []
 
 
 def test_cycle_finder_reports_a_cycle_and_not_a_chain():
-    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
-    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+    cycle = find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}})
+    assert cycle[0] == cycle[-1] and sorted(cycle[1:]) == ["a", "b", "c"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) == []
 
 
 def test_module_level_imports_have_no_cycle():
     modules = _modules()
     graph = {m: _edges(m, p, _module_level(ast.parse(p.read_text())), modules) for m, p in modules.items()}
     assert len(graph) > 40 and sum(map(len, graph.values())) > 100  # the walk saw the package
-    assert find_cycles(graph) == []
+    assert find_cycle(graph) == []
 
 
 def test_no_function_level_import_of_the_package_but_the_lazy_ones():
     modules = _modules()
     found = set()
-    for module, path in modules.items():
+    for path in modules.values():
         tree = ast.parse(path.read_text())
         for fn in ast.walk(tree):
             if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
